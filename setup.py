@@ -1,0 +1,32 @@
+"""Build citer: the C++ page manager (citer._C) plus three package roots.
+
+The public API lives in python/citer; the runtime (engine/) and the Triton kernels
+(kernels/) sit at the top level of the repository and are mapped into the package
+as citer.engine and citer.kernels.
+"""
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+packages = ["citer." + p for p in find_packages("python/citer")] + ["citer"]
+packages += ["citer.engine"] + ["citer.engine." + p for p in find_packages("engine")]
+packages += ["citer.kernels"] + ["citer.kernels." + p for p in find_packages("kernels")]
+package_dir = {"citer": "python/citer", "citer.engine": "engine", "citer.kernels": "kernels"}
+
+ext_modules = [
+    Pybind11Extension(
+        "citer._C",
+        sources=["csrc/block_manager.cpp", "csrc/bindings.cpp"],
+        include_dirs=["csrc"],
+        cxx_std=17,
+        extra_compile_args=["-O2"],
+    )
+]
+
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"citer": ["assets/**/*"]},
+    include_package_data=True,
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+)
