@@ -1,0 +1,1 @@
+"""citer.engine: the runtime (sequences, KV pools, model runner, routed decode loop)."""

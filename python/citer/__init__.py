@@ -1,0 +1,1 @@
+"""citer: token-level collaborative decoding between a small and a large language model."""
