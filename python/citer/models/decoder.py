@@ -1,0 +1,115 @@
+"""One decoder for the Llama / Qwen2 / Qwen3 families on a paged KV cache.
+
+Activations are packed: [T, H] for all new tokens of all sequences in the batch.
+q/k/v and gate/up projections are fused at load time (one GEMM each).
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .attention import AttentionMetadata, KVCache, paged_attention
+from .config import ModelConfig
+from .rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, ops, x, residual=None):
+        return ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, ops, x, positions, rope: RotaryEmbedding, kv, meta: AttentionMetadata):
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(ops, q.reshape(-1, self.head_dim))[0].view_as(q)
+            k = self.k_norm(ops, k.reshape(-1, self.head_dim))[0].view_as(k)
+        q, k = rope(positions, q, k)
+        o = paged_attention(ops, q, k, v.contiguous(), kv, meta, self.scale)
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, ops, x, residual, positions, rope, kv, meta):
+        h, residual = self.input_layernorm(ops, x, residual)
+        if residual is None:  # first layer: the embedding is the residual stream
+            residual = x
+        h = self.self_attn(ops, h, positions, rope, kv, meta)
+        h, residual = self.post_attention_layernorm(ops, h, residual)
+        return self.mlp(h), residual
+
+
+class DecoderLM(nn.Module):
+    """Embeddings, decoder layers, final norm and lm_head.
+
+    `forward` returns the last layer's output *before* the final norm (h + residual
+    folded together), so the head (final norm + lm_head + router, fused on GPU) can run
+    only on the rows that need a token.
+    """
+
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(cfg, max_positions)
+
+    def forward(self, ops, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [T] -> pre-norm hidden states [T, H]."""
+        x = self.embed_tokens(input_ids)
+        residual: Optional[torch.Tensor] = None
+        for layer, kv in zip(self.layers, kv_cache):
+            x, residual = layer(ops, x, residual, positions, self.rotary, kv, meta)
+        return x + residual
+
+    def final_norm(self, ops, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(ops, hidden)[0]
+
+    def logits(self, ops, hidden: torch.Tensor) -> torch.Tensor:
+        """Pre-norm hidden [B, H] -> float32 logits [B, V]."""
+        return self.lm_head(self.final_norm(ops, hidden)).float()

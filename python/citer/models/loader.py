@@ -1,0 +1,117 @@
+"""Load a Hugging Face checkpoint folder (single or sharded safetensors) into DecoderLM."""
+import json
+import os
+from typing import Dict, Iterator, Tuple
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig, load_model_config
+from .decoder import DecoderLM
+from .rope import RotaryEmbedding
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unsupported dtype {dtype!r}; choose one of {list(DTYPES)}")
+
+
+def safetensors_files(path: str) -> list:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise FileNotFoundError(f"shards listed in {index} are missing: {missing}")
+        return [os.path.join(path, s) for s in shards]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in model folder {path!r}")
+    return [os.path.join(path, f) for f in files]
+
+
+def _iter_tensors(files) -> Iterator[Tuple[str, torch.Tensor]]:
+    for fn in files:
+        with safe_open(fn, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+# HF name suffix -> (our parameter suffix, shard index within a fused parameter)
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+def _fused_offsets(cfg: ModelConfig, target: str):
+    if target.endswith("qkv_proj"):
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        return [0, q, q + kv, q + 2 * kv]
+    i = cfg.intermediate_size
+    return [0, i, 2 * i]
+
+
+def load_weights(model: DecoderLM, files) -> None:
+    cfg = model.cfg
+    params: Dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    loaded = set()
+    for name, tensor in _iter_tensors(files):
+        if name.startswith("model."):
+            name = name[len("model."):]
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if "rotary_emb" in name:
+            continue
+        target, rows = name, None
+        for hf, (ours, shard) in _FUSED.items():
+            if f".{hf}." in name:
+                target = name.replace(hf, ours)
+                off = _fused_offsets(cfg, ours)
+                rows = (off[shard], off[shard + 1])
+                break
+        if target not in params:
+            raise ValueError(f"unexpected weight {name!r} in checkpoint for {cfg.architecture}")
+        dst = params[target] if rows is None else params[target][rows[0]:rows[1]]
+        if dst.shape != tensor.shape:
+            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+        with torch.no_grad():
+            dst.copy_(tensor)
+        loaded.add(target if rows is None else f"{target}[{rows[0]}]")
+    expected = set()
+    for pname, p in params.items():
+        if pname == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if pname.endswith(("qkv_proj.weight", "qkv_proj.bias", "gate_up_proj.weight", "gate_up_proj.bias")):
+            for start in _fused_offsets(cfg, pname.rsplit(".", 1)[0])[:-1]:
+                expected.add(f"{pname}[{start}]")
+        else:
+            expected.add(pname)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+
+def load_model(path: str, device="cpu", dtype="float32", max_positions: int = 4096):
+    """-> (DecoderLM in eval mode on device/dtype, ModelConfig)."""
+    cfg = load_model_config(path)
+    files = safetensors_files(path)
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = DecoderLM(cfg, 1)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary = RotaryEmbedding(cfg, max_positions).to(device)
+    load_weights(model, files)
+    return model.eval().requires_grad_(False), cfg
