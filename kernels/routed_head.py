@@ -32,7 +32,7 @@ def router_mlp_ref(
 def gumbel_noise(seed: int, vocab: int) -> torch.Tensor:  # [V] float32
     g = torch.Generator().manual_seed(int(seed))
     u = torch.rand(vocab, generator=g, dtype=torch.float32).clamp_(min=1e-20)
-    return -torch.log(-torch.log(u).clamp_(min=1e-20))
+    return -torch.log((-torch.log(u)).clamp_(min=1e-20))
 
 
 def routed_head_ref(

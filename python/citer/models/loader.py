@@ -65,7 +65,8 @@ def load_weights(model: DecoderLM, files) -> None:
     cfg = model.cfg
     params: Dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     loaded = set()
-    for name, tensor in _iter_tensors(files):
+    for hf_name, tensor in _iter_tensors(files):
+        name = hf_name
         if name.startswith("model."):
             name = name[len("model."):]
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -80,10 +81,10 @@ def load_weights(model: DecoderLM, files) -> None:
                 rows = (off[shard], off[shard + 1])
                 break
         if target not in params:
-            raise ValueError(f"unexpected weight {name!r} in checkpoint for {cfg.architecture}")
+            raise ValueError(f"unexpected weight {hf_name!r} in checkpoint for {cfg.architecture}")
         dst = params[target] if rows is None else params[target][rows[0]:rows[1]]
         if dst.shape != tensor.shape:
-            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+            raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
         with torch.no_grad():
             dst.copy_(tensor)
         loaded.add(target if rows is None else f"{target}[{rows[0]}]")

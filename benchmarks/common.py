@@ -1,0 +1,81 @@
+"""Shared pieces of the CPU/GPU end-to-end benchmarks: random models at real shapes, timing."""
+import os
+import statistics
+import tempfile
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+QWEN2_SHAPES = {
+    # ~100M parameters: the issue's mid-size model (hidden 768, 12 layers, vocab 32000)
+    "qwen2-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4, vocab_size=32000),
+    # ~10M parameters: a tenth of the above, the SLM of the routed benchmark
+    "qwen2-10m": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=32000),
+    # ~1M non-embedding parameters: per-step overhead dominates
+    "qwen2-tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=32000),
+}
+
+
+def build_random_qwen2(name: str, root: str, seed: int = 0, dtype=torch.float32) -> str:
+    """Save a random-weight Qwen2 model of a named shape under root; -> folder."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = os.path.join(root, name)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    cfg = Qwen2Config(**QWEN2_SHAPES[name], tie_word_embeddings=True, max_position_embeddings=2048,
+                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(cfg).to(dtype).save_pretrained(path)
+    return path
+
+
+def num_params(path: str) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for f in os.listdir(path):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(path, f), "pt") as sf:
+                n += sum(_prod(sf.get_slice(k).get_shape()) for k in sf.keys())
+    return n
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], float]], repeats: int, progress=None) -> Dict[str, List[float]]:
+    """Run each fn once per round, in turn, `repeats` rounds -> name -> list of results.
+
+    Interleaving spreads machine noise (other processes, thermal) across all contenders."""
+    results: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            results[name].append(fn())
+            if progress is not None:
+                progress.update(1)
+    return results
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median(xs: List[float]) -> float:
+    return statistics.median(xs)
+
+
+def scratch_dir() -> str:
+    root = os.environ.get("CITER_BENCH_DIR") or os.path.join(tempfile.gettempdir(), "citer-bench-models")
+    os.makedirs(root, exist_ok=True)
+    return root

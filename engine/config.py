@@ -1,0 +1,30 @@
+"""EngineConfig: sizes and switches of one engine, fixed at construction."""
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "cpu"
+    dtype: str = "float32"
+    block_size: int = 16
+    num_blocks: Optional[int] = None  # None: from kv_cache_memory
+    kv_cache_memory: Optional[int] = None  # bytes for both models' KV caches; None: a default
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192  # prompt tokens admitted per step (at least one request)
+    backend: Optional[str] = None  # "torch" | "triton"; None: CITER_BACKEND or by device
+    enforce_eager: bool = False
+    profile: bool = False  # per-phase timers (SLM step, router, LLM catch-up, rest)
+    seed: int = 0  # seeds requests that give no seed of their own
+
+    def __post_init__(self):
+        for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
+            raise ValueError(f"num_blocks must be a positive int, got {self.num_blocks!r}")
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)

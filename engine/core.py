@@ -1,0 +1,181 @@
+"""EngineCore: the step loop of routed decoding (add_request / step / abort).
+
+One step, for every running sequence:
+  1. SLM: one varlen forward over each sequence's positions the SLM has not computed
+     (the whole prompt on the first step, else the one new token), then the head:
+     the SLM's proposal, its top probability and the router score.
+  2. Routing: per sequence, keep the SLM's token or hand this position to the LLM.
+  3. LLM catch-up: one varlen forward over every position the LLM has not seen yet, for
+     all routed sequences together; the LLM's token replaces the proposal.
+  4. Append, check stop conditions, free finished sequences' blocks.
+The SLM never sees its rejected proposal: it reads the chosen token as its next input,
+so routing needs no rollback and no position is computed twice by the same model.
+"""
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from citer.outputs import RequestOutput, TokenEvent
+
+from .detokenizer import Detokenizer
+from .model_runner import ModelRunner
+from .profiler import PhaseTimer
+from .routing import needs_slm, route_to_llm
+from .sampler import run_head
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+class EngineCore:
+    def __init__(self, config, block_manager, slm: Optional[ModelRunner], llm: Optional[ModelRunner],
+                 router, tokenizer, eos_token_ids, vocab_limit: int):
+        self.config = config
+        self.bm = block_manager
+        self.slm, self.llm, self.router = slm, llm, router
+        self.scheduler = Scheduler(config, block_manager)
+        self.detok = Detokenizer(tokenizer)
+        self.eos_token_ids = set(eos_token_ids)
+        self.vocab_limit = vocab_limit
+        sync = torch.cuda.synchronize if torch.device(config.device).type == "cuda" else None
+        self.timer = PhaseTimer(config.profile, sync)
+
+    # ---- requests -------------------------------------------------------------------
+    def validate(self, seq: Sequence) -> None:
+        """Raise if this engine cannot serve the request; changes nothing."""
+        if seq.policy != "llm" and self.slm is None:
+            raise ValueError(f"policy {seq.policy!r} needs an SLM")
+        if seq.policy != "slm" and self.llm is None:
+            raise ValueError(f"policy {seq.policy!r} needs an LLM, and this engine has none")
+        if seq.policy == "router" and self.router is None:
+            raise ValueError("policy 'router' needs a router, and this engine has none")
+        if seq.policy == "router" and seq.threshold is None:
+            raise ValueError("policy 'router' needs a threshold")
+        self.scheduler.check_fits(seq.num_prompt_tokens, seq.params.max_tokens)
+
+    def add_request(self, seq: Sequence) -> None:
+        self.validate(seq)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> Optional[RequestOutput]:
+        seq = self.scheduler.by_id.get(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self.output(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get(self, request_id: str) -> Optional[Sequence]:
+        return self.scheduler.by_id.get(request_id)
+
+    # ---- the step -------------------------------------------------------------------
+    def step(self) -> List[TokenEvent]:
+        running = list(self.scheduler.schedule())
+        if not running:
+            return []
+        try:
+            return self._step(running)
+        except BaseException:
+            for seq in running:  # leave nothing half-done: these requests fail, blocks come back
+                if seq.finish_reason is None:
+                    self.scheduler.finish(seq, "error")
+            raise
+
+    def _step(self, running: List[Sequence]) -> List[TokenEvent]:
+        t_step = time.perf_counter()
+        self.timer.reset()
+        for seq in running:
+            self.scheduler.ensure_slots(seq)
+
+        slm_seqs = [s for s in running if needs_slm(s)]
+        proposal: Dict[int, tuple] = {}
+        if slm_seqs:
+            with self.timer.phase("slm"):
+                hidden = self._forward(self.slm, slm_seqs, "slm")
+                use_router = self.router is not None and any(s.policy == "router" for s in slm_seqs)
+                fused = use_router and not self.config.profile
+                head = run_head(self.slm.ops, self.slm.model, hidden, slm_seqs, self.vocab_limit,
+                                self.router.params if fused else None)
+            score = head.router_score
+            if use_router and not fused:
+                with self.timer.phase("router"):
+                    h = self.slm.model.final_norm(self.slm.ops, hidden)
+                    score = self.router.score(h)
+            for i, seq in enumerate(slm_seqs):
+                proposal[id(seq)] = (head.tokens[i], float(head.top_prob[i]), float(score[i]))
+
+        routed = [s for s in running
+                  if route_to_llm(s, *proposal.get(id(s), (None, float("nan"), float("nan")))[1:])]
+        llm_tokens: Dict[int, int] = {}
+        if routed:
+            with self.timer.phase("llm"):
+                hidden = self._forward(self.llm, routed, "llm")
+                head = run_head(self.llm.ops, self.llm.model, hidden, routed, self.vocab_limit)
+            for seq, tok in zip(routed, head.tokens):
+                llm_tokens[id(seq)] = tok
+                seq.stats["llm_calls"] += 1
+
+        events = []
+        for seq in running:
+            from_llm = id(seq) in llm_tokens
+            token = llm_tokens[id(seq)] if from_llm else proposal[id(seq)][0]
+            score = proposal.get(id(seq), (None, None, float("nan")))[2]
+            score = None if score != score else score  # nan -> None
+            events.append(self._append(seq, token, from_llm, score))
+        self._attribute_time(running, slm_seqs, routed, time.perf_counter() - t_step)
+        return events
+
+    def _forward(self, runner: ModelRunner, seqs: List[Sequence], which: str) -> torch.Tensor:
+        attr = f"{which}_computed"
+        starts = [getattr(s, attr) for s in seqs]
+        ends = [len(s) for s in seqs]
+        hidden = runner.forward(seqs, starts, ends)
+        for s, a, b in zip(seqs, starts, ends):
+            setattr(s, attr, b)
+            s.stats[f"{which}_forward_tokens"] += b - a
+        return hidden
+
+    def _append(self, seq: Sequence, token: int, from_llm: bool, score) -> TokenEvent:
+        seq.token_ids.append(token)
+        seq.from_llm.append(from_llm)
+        seq.router_scores.append(score)
+        p = seq.params
+        stop_id = (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids
+        length = seq.num_output_tokens >= p.max_tokens or len(seq) >= self.config.max_model_len
+        delta, stop_str = self.detok.update(seq, finishing=stop_id or length)
+        reason = "stop" if (stop_str or stop_id) else "length" if length else None
+        if reason is None:
+            return TokenEvent(seq.request_id, token, delta, from_llm, score)
+        self.scheduler.finish(seq, reason)
+        return TokenEvent(seq.request_id, token, delta, from_llm, score, reason, self.output(seq))
+
+    def _attribute_time(self, running, slm_seqs, routed, total: float) -> None:
+        if not self.config.profile:
+            return
+        t = self.timer.last
+        share = {"slm": slm_seqs, "router": slm_seqs, "llm": routed}
+        for phase, seqs in share.items():
+            for s in seqs:
+                s.stats[f"{phase}_time"] = s.stats.get(f"{phase}_time", 0.0) + t.get(phase, 0.0) / len(seqs)
+        other = max(total - sum(t.values()), 0.0)
+        for s in running:
+            s.stats["other_time"] = s.stats.get("other_time", 0.0) + other / len(running)
+
+    # ---- outputs --------------------------------------------------------------------
+    def output(self, seq: Sequence) -> RequestOutput:
+        stats = dict(seq.stats)
+        n = seq.num_output_tokens
+        stats["llm_tokens"] = sum(seq.from_llm)
+        stats["llm_share"] = stats["llm_tokens"] / n if n else 0.0
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=list(seq.prompt_token_ids),
+            token_ids=seq.output_token_ids,
+            text=seq.text if self.detok.tokenizer is not None else None,
+            finish_reason=seq.finish_reason,
+            from_llm=list(seq.from_llm),
+            router_scores=list(seq.router_scores),
+            stats=stats,
+        )

@@ -1,0 +1,60 @@
+"""The head step: final norm + lm_head + token choice (+ router score) for a batch.
+
+Rows that are greedy or plain temperature sampling go through ops.routed_head (one pass
+over the lm_head weight on GPU, no [B, vocab] logits). Rows with top-k / top-p need the
+whole logits row, so a batch containing one takes the full-logits path. Both paths draw
+temperature samples with the Gumbel-max trick from a per-step seed that each sequence's
+own generator provides, so a seeded request gives the same tokens in any batch.
+"""
+from dataclasses import dataclass
+from typing import List, Optional, Sequence as Seq, Tuple
+
+import torch
+
+from citer.kernels.routed_head import gumbel_noise, router_mlp_ref
+
+
+@dataclass
+class HeadOutput:
+    tokens: List[int]
+    top_prob: torch.Tensor  # [B] float32: the model's max softmax probability
+    router_score: torch.Tensor  # [B] float32; nan where no router ran
+
+
+def run_head(ops, model, hidden: torch.Tensor, seqs: Seq, vocab_limit: int,
+             router: Optional[Tuple[torch.Tensor, ...]] = None) -> HeadOutput:
+    """hidden [B, H] (pre-final-norm, one row per sequence) -> tokens, top_prob, router score."""
+    device = hidden.device
+    params = [s.params for s in seqs]
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    seeds = torch.tensor([0 if p.greedy else s.next_sampling_seed() for s, p in zip(seqs, params)],
+                         dtype=torch.int64, device=device)
+    lm_head = model.lm_head.weight[:vocab_limit]
+    if not any(p.filtered for p in params):
+        tokens, top_prob, score = ops.routed_head(
+            hidden, model.norm.weight, model.norm.eps, lm_head, router, temperature, seeds)
+        return HeadOutput(tokens.tolist(), top_prob, score)
+    h = model.final_norm(ops, hidden)
+    logits = (h @ lm_head.t()).float()
+    top_prob = torch.softmax(logits, dim=-1).amax(dim=-1)
+    score = router_mlp_ref(h, *router) if router is not None else torch.full_like(top_prob, float("nan"))
+    tokens = [sample_row(logits[b], p, int(seeds[b])) for b, p in enumerate(params)]
+    return HeadOutput(tokens, top_prob, score)
+
+
+def sample_row(logits: torch.Tensor, params, seed: int) -> int:
+    """logits [V] float32 -> token id under params (greedy, temperature, top-k, top-p)."""
+    if params.greedy:
+        return int(logits.argmax())
+    scaled = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < scaled.numel():
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= params.top_p  # keep the first
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    noise = gumbel_noise(seed, scaled.numel()).to(scaled.device)
+    return int((scaled + noise).argmax())

@@ -1,0 +1,92 @@
+"""Admission and block accounting for the step loop.
+
+A request is admitted only when the blocks it may ever need (prompt + max_tokens,
+capped at max_model_len) fit beside what the running requests may still claim. Blocks
+are then allocated lazily as tokens arrive, so memory comes back early when a request
+stops, and a running request can never hit a full cache mid-generation (no preemption,
+no recomputation: each model computes each position once). Requests that cannot fit
+now wait; a request that could never fit is refused at add time.
+"""
+from collections import deque
+from typing import Deque, Dict, List
+
+from .config import EngineConfig
+from .sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager):
+        self.config = config
+        self.bm = block_manager
+        self.waiting: Deque[Sequence] = deque()
+        self.running: List[Sequence] = []
+        self.by_id: Dict[str, Sequence] = {}
+
+    def max_len(self, seq: Sequence) -> int:
+        return min(seq.num_prompt_tokens + seq.params.max_tokens, self.config.max_model_len)
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise if a request could never be served by this pool."""
+        need = self.config.blocks_for(min(num_prompt_tokens + max_tokens, self.config.max_model_len))
+        if need > self.bm.num_blocks:
+            raise ValueError(
+                f"KV cache too small for this request: it needs {need} blocks of {self.config.block_size} "
+                f"tokens ({num_prompt_tokens} prompt + up to {max_tokens} new), the pool has "
+                f"{self.bm.num_blocks}; raise num_blocks / kv_cache_memory or lower max_tokens"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.by_id:
+            raise ValueError(f"request id {seq.request_id!r} is already in the engine")
+        self.check_fits(seq.num_prompt_tokens, seq.params.max_tokens)
+        self.waiting.append(seq)
+        self.by_id[seq.request_id] = seq
+
+    def _outstanding(self) -> int:
+        """Blocks the running requests may still claim beyond what they hold."""
+        return sum(s.reserved_blocks - self.config.blocks_for(self.bm.num_tokens(s.handle))
+                   for s in self.running)
+
+    def schedule(self) -> List[Sequence]:
+        """Admit waiting requests (FIFO) that fit; -> the running list."""
+        budget = self.config.max_num_batched_tokens
+        free = self.bm.num_free_blocks - self._outstanding()
+        admitted_any = False
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            need = self.config.blocks_for(self.max_len(seq))
+            if need > free or (admitted_any and seq.num_prompt_tokens > budget):
+                break
+            self.waiting.popleft()
+            seq.handle = self.bm.create_sequence()
+            seq.reserved_blocks = need
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            free -= need
+            budget -= seq.num_prompt_tokens
+            admitted_any = True
+        return self.running
+
+    def ensure_slots(self, seq: Sequence) -> None:
+        """Grow the sequence's block table to cover every token it holds."""
+        grow = len(seq) - self.bm.num_tokens(seq.handle)
+        if grow > 0:
+            self.bm.append_slots(seq.handle, grow)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.status = Status.FINISHED
+        if seq.handle is not None:
+            self.bm.free_sequence(seq.handle)
+            seq.handle = None
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.by_id.pop(seq.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)

@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny random-weight Hugging Face models saved to temp folders.
+
+transformers is the reference: citer loads the same folders and must match it.
+TRITON_INTERPRET=1 is set here (CPU only) before anything imports Triton kernels.
+"""
+import os
+import string
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+import pytest  # noqa: E402
+
+VOCAB = 128  # tokenizer below has 99 tokens; config vocab padded like real checkpoints
+
+
+def make_tokenizer():
+    """A character-level tokenizer (99 tokens) saved as tokenizer.json.
+
+    It carries "<|endoftext|>" because transformers' Qwen2 tokenizer class adds that token
+    when missing, and the Qwen2 SLM and Llama LLM of the tests must share one vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for c in string.printable[:95]:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    vocab_end = len(vocab)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+    assert len(fast) == vocab_end + 1
+    return fast
+
+
+MODEL_CONFIGS = {
+    # Qwen2 with tied embeddings (attention biases): the usual SLM
+    "qwen2": dict(arch="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    # Llama with GQA and llama3 rope scaling: the usual LLM
+    "llama": dict(arch="llama", hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                  num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # Qwen3: q/k norms and an explicit head_dim that differs from hidden/heads
+    "qwen3": dict(arch="qwen3", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=24, tie_word_embeddings=True),
+}
+
+
+def build_hf_model(path, arch, seed=0, vocab_size=VOCAB, with_tokenizer=True, dtype=torch.float32,
+                   init_std=0.2, **kw):
+    """Build a random transformers model, save it (+ tokenizer) to path; -> the HF model (eval)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
+
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
+               "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    cfg_cls, model_cls = classes[arch]
+    kw.setdefault("max_position_embeddings", 512)
+    # larger-than-default init makes logits spread out, so greedy choices are not near-ties
+    cfg = cfg_cls(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  initializer_range=init_std, **kw)
+    torch.manual_seed(seed)
+    model = model_cls(cfg).to(dtype).eval()
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(path)
+    if with_tokenizer:
+        make_tokenizer().save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """name -> (folder, transformers model) for each config in MODEL_CONFIGS."""
+    out = {}
+    for i, (name, conf) in enumerate(MODEL_CONFIGS.items()):
+        conf = dict(conf)
+        arch = conf.pop("arch")
+        path = str(tmp_path_factory.mktemp(name))
+        out[name] = (path, build_hf_model(path, arch, seed=i, **conf))
+    return out
+
+
+def hf_greedy(model, prompt_ids, max_new_tokens):
+    """transformers' own greedy generate (no EOS stop) -> new token ids."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, min_new_tokens=max_new_tokens)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def random_prompts(n, lo, hi, seed=0, vocab=98):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(3, vocab, (L,), generator=g).tolist() for L in lens]
