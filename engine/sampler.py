@@ -35,7 +35,7 @@ def run_head(ops, model, hidden: torch.Tensor, seqs: Seq, vocab_limit: int,
             hidden, model.norm.weight, model.norm.eps, lm_head, router, temperature, seeds)
         return HeadOutput(tokens.tolist(), top_prob, score)
     h = model.final_norm(ops, hidden)
-    logits = (h @ lm_head.t()).float()
+    logits = torch.nn.functional.linear(h, lm_head).float()
     top_prob = torch.softmax(logits, dim=-1).amax(dim=-1)
     score = router_mlp_ref(h, *router) if router is not None else torch.full_like(top_prob, float("nan"))
     tokens = [sample_row(logits[b], p, int(seeds[b])) for b, p in enumerate(params)]

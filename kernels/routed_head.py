@@ -45,7 +45,7 @@ def routed_head_ref(
     seeds: torch.Tensor,  # [B] int64, per-row sampling seed for this step
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # token [B] int64, top_prob [B], score [B]
     h, _ = rms_norm_ref(hidden, norm_weight, eps)
-    logits = (h @ lm_head.t()).float()  # [B, V]
+    logits = torch.nn.functional.linear(h, lm_head).float()  # [B, V]
     top_prob = torch.softmax(logits, dim=-1).amax(dim=-1)
     tokens = logits.argmax(dim=-1)
     for b in torch.nonzero(temperature > 0).flatten().tolist():
