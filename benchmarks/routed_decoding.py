@@ -1,0 +1,102 @@
+"""Routed decoding cost on CPU: does the LLM catch-up cost what it should?
+
+Random-weight Qwen2-shaped models (LLM ~100M parameters, SLM ~10M), batch 1, greedy,
+prompt 32, 48 new tokens, median of several interleaved runs:
+  transformers generate (LLM) | citer policy=llm | citer policy=slm | citer policy=random @ 0.15
+Efficiency of the routed run = ideal / measured, ideal = SLM time + 0.15 x LLM time
+(the cost if switching were free). Router overhead: the folded router MLP as a share of
+one SLM decode step. Run: .venv/bin/python benchmarks/routed_decoding.py
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import build_random_qwen2, interleaved_medians, median, num_params, scratch_dir, timed  # noqa: E402
+
+
+def make_router(hidden: int, path: str) -> str:
+    from citer.router import RouterMLP, save_router
+
+    torch.manual_seed(0)
+    save_router(RouterMLP(hidden).eval(), path)
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--llm", default="qwen2-100m")
+    ap.add_argument("--slm", default="qwen2-10m")
+    ap.add_argument("--fraction", type=float, default=0.15)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM
+
+    from citer import Engine, SamplingParams
+
+    root = scratch_dir()
+    llm_path = build_random_qwen2(args.llm, root, seed=1)
+    slm_path = build_random_qwen2(args.slm, root, seed=2)
+    router_path = make_router(AutoModelForCausalLM.from_pretrained(slm_path).config.hidden_size,
+                              tempfile.mkdtemp(prefix="citer-router-"))
+    hf = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32).eval()
+    engine = Engine(slm_path, llm_path, router_path, max_model_len=512, num_blocks=64)
+    prompt = torch.randint(3, 30000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    n = args.new_tokens
+
+    def citer(policy, **kw):
+        def run():
+            out = engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True, policy=policy, **kw))[0]
+            assert len(out.token_ids) == n
+            return out
+        return run
+
+    def run_hf():
+        with torch.inference_mode():
+            hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    routed = citer("random", llm_fraction=args.fraction, seed=0)
+    fns = {
+        "transformers LLM": lambda: timed(run_hf),
+        "citer llm": lambda: timed(citer("llm")),
+        "citer slm": lambda: timed(citer("slm")),
+        f"citer random {args.fraction}": lambda: timed(routed),
+    }
+    for fn in fns.values():
+        fn()
+    with tqdm(total=len(fns) * args.repeats, desc="routed decoding") as bar:
+        res = interleaved_medians(fns, args.repeats, bar)
+    t = {k: median(v) for k, v in res.items()}
+    out = routed()
+    share = sum(out.from_llm) / n
+
+    # router overhead: folded router MLP at batch 1 vs one SLM decode step (measured by the profiler)
+    prof = Engine(slm_path, llm_path, router_path, max_model_len=512, num_blocks=64, profile=True)
+    stats = [prof.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True, policy="router", threshold=0.0))[0]
+             .stats for _ in range(args.repeats)]
+    router_share = median([s["router_time"] / s["slm_time"] for s in stats])
+
+    ideal = t["citer slm"] + share * t["citer llm"]
+    routed_t = t[f"citer random {args.fraction}"]
+    print(f"\nLLM {args.llm} ({num_params(llm_path) / 1e6:.0f}M), SLM {args.slm} ({num_params(slm_path) / 1e6:.0f}M); "
+          f"batch 1, prompt {args.prompt_len}, {n} new tokens, greedy fp32, {args.threads} threads, "
+          f"median of {args.repeats} interleaved runs")
+    print(f"{'run':<22} {'ms/token':>9} {'vs transformers':>16}")
+    for k, v in t.items():
+        print(f"{k:<22} {v / n * 1e3:>9.2f} {t['transformers LLM'] / v:>15.2f}x")
+    print(f"routed run: LLM made {share:.1%} of tokens; ideal (SLM + share x LLM) {ideal / n * 1e3:.2f} ms/token; "
+          f"efficiency {ideal / routed_t:.2f}; speed-up over transformers LLM {t['transformers LLM'] / routed_t:.2f}x")
+    print(f"router MLP time / SLM step time: {router_share:.2%}")
+
+
+if __name__ == "__main__":
+    main()
