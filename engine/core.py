@@ -98,10 +98,11 @@ class EngineCore:
                 fused = use_router and not self.config.profile
                 head = run_head(self.slm.ops, self.slm.model, hidden, slm_seqs, self.vocab_limit,
                                 self.router.params if fused else None)
+                if use_router and not fused:  # profiling: the router MLP timed on its own
+                    h = self.slm.model.final_norm(self.slm.ops, hidden)
             score = head.router_score
             if use_router and not fused:
                 with self.timer.phase("router"):
-                    h = self.slm.model.final_norm(self.slm.ops, hidden)
                     score = self.router.score(h)
             for i, seq in enumerate(slm_seqs):
                 proposal[id(seq)] = (head.tokens[i], float(head.top_prob[i]), float(score[i]))

@@ -25,8 +25,8 @@ def router_mlp_ref(
     w2: torch.Tensor,  # [R]
     b2: torch.Tensor,  # [] or [1]
 ) -> torch.Tensor:  # [B] float32 in (0, 1)
-    z = torch.relu(h.float() @ w1.float().t() + b1.float())
-    return torch.sigmoid(z @ w2.float() + b2.float().reshape(()))
+    z = torch.addmm(b1, h.float(), w1.t()).relu_()  # params are float32 (FoldedRouter.to)
+    return torch.sigmoid(torch.mv(z, w2).add_(b2))
 
 
 def gumbel_noise(seed: int, vocab: int) -> torch.Tensor:  # [V] float32

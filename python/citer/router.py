@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from citer.kernels.routed_head import router_mlp_ref
+
 CONFIG_NAME = "router_config.json"
 WEIGHTS_NAME = "router.safetensors"
 ARCHITECTURE = "citer-router-mlp"
@@ -66,8 +68,7 @@ class FoldedRouter:
         return FoldedRouter(*moved, self.hidden_size, self.default_threshold, self.meta)
 
     def score(self, h_normed: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B]
-        z = torch.relu(h_normed.float() @ self.w1.float().t() + self.b1.float())
-        return torch.sigmoid(z @ self.w2.float() + self.b2.float())
+        return router_mlp_ref(h_normed, *self.params)
 
 
 def save_router(router: RouterMLP, path: str, default_threshold: float = 0.5,
