@@ -1,0 +1,18 @@
+"""Tasks with checkable answers: what the demo pair is trained on and routers are trained for.
+
+A task gives prompts, gold solutions and an answer checker; the router-training pipeline
+and the evaluation are generic over it.
+"""
+from .base import Problem, Task
+from .arith import ArithTask, Difficulty
+
+TASKS = {"arith": ArithTask}
+
+
+def get_task(name: str, **kwargs) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {sorted(TASKS)}")
+    return TASKS[name](**kwargs)
+
+
+__all__ = ["Problem", "Task", "ArithTask", "Difficulty", "get_task", "TASKS"]

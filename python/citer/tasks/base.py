@@ -1,0 +1,31 @@
+"""The task interface."""
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str  # what the model is given
+    solution: str  # the gold continuation (chain of thought + final answer line)
+    answer: int
+
+
+class Task:
+    name = "task"
+
+    def train_problems(self, n: int, rng: np.random.Generator) -> List[Problem]:
+        """n fresh training problems, never from the held-out split."""
+        raise NotImplementedError
+
+    def test_problems(self, n: Optional[int] = None) -> List[Problem]:
+        """The fixed held-out split (first n)."""
+        raise NotImplementedError
+
+    def extract_answer(self, text: str) -> Optional[int]:
+        raise NotImplementedError
+
+    def check(self, text: str, problem: Problem) -> bool:
+        """Is the generated continuation's final answer right?"""
+        return self.extract_answer(text) == problem.answer

@@ -1,0 +1,1 @@
+"""Training: the demo pair's language models (lm.py) and CITER routers."""
