@@ -71,3 +71,241 @@ def paged_attention_ref(
     if uniform:
         return out.reshape(num_tokens, num_heads, head_dim)
     return out[row_seq, row_off]
+
+
+# ---------------------------------------------------------------------------------------
+# Triton kernels
+#
+# GQA: the QH = Hq / Hkv query heads that share a KV head are packed into the rows of one
+# tile, so each K/V page is loaded once per KV head. On a GPU tl.dot needs every tile dim
+# >= 16: pages must be >= 16 tokens (block_size 16, 32, ...). DOT_FP32 computes the dots
+# in float32 (fp32 caches, and the interpreter, whose bf16 arithmetic is unreliable);
+# otherwise fp16/bf16 operands with fp32 accumulation.
+# ---------------------------------------------------------------------------------------
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+DECODE_SPLITS = 16  # fixed split count: the decode grid does not depend on context length
+
+
+@triton.jit
+def _attend_page(q, m, l, acc, k_cache_ptr, v_cache_ptr, blk, page, kvh, qpos, seq_len,
+                 stride_kb, stride_kt, stride_kh, scale,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One page of online softmax: q [M, BLOCK_D] against keys/values of page `page`."""
+    t = tl.arange(0, BLOCK_SIZE)
+    d = tl.arange(0, BLOCK_D)
+    pos = page * BLOCK_SIZE + t
+    tmask = pos < seq_len
+    offs = blk * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + d[None, :]
+    kvmask = tmask[:, None] & (d[None, :] < D)
+    k = tl.load(k_cache_ptr + offs, mask=kvmask, other=0.0)
+    v = tl.load(v_cache_ptr + offs, mask=kvmask, other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * scale
+    if CAUSAL:
+        valid = tmask[None, :] & (pos[None, :] <= qpos[:, None])
+    else:
+        valid = tmask[None, :] & (qpos[:, None] >= 0)
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    if DOT_FP32:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l, acc
+
+
+@triton.jit
+def _paged_decode_split_kernel(
+    q_ptr,  # [B, Hq, D], strides (q_stride_t, q_stride_h, 1)
+    k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    block_tables_ptr,  # [B, max_blocks] int32
+    seq_lens_ptr,  # [B] int32
+    part_out_ptr,  # [B, Hq, NUM_SPLITS, BLOCK_D] float32
+    part_lse_ptr,  # [B, Hq, NUM_SPLITS] float32
+    scale,
+    q_stride_t,
+    q_stride_h,
+    bt_stride,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    Hq,
+    QH: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    num_pages = tl.cdiv(seq_len, BLOCK_SIZE)
+    per_split = tl.cdiv(num_pages, NUM_SPLITS)
+    p_start = split * per_split
+    p_end = tl.minimum(p_start + per_split, num_pages)
+
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    heads = kvh * QH + h
+    hmask = h < QH
+    q = tl.load(q_ptr + b * q_stride_t + heads[:, None] * q_stride_h + d[None, :],
+                mask=hmask[:, None] & (d[None, :] < D), other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    qpos = tl.zeros([BLOCK_H], dtype=tl.int32)  # decode: no causal mask inside the context
+    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for page in range(p_start, p_end):
+        blk = tl.load(block_tables_ptr + b * bt_stride + page).to(tl.int64)
+        m, l, acc = _attend_page(q, m, l, acc, k_cache_ptr, v_cache_ptr, blk, page, kvh, qpos, seq_len,
+                                 stride_kb, stride_kt, stride_kh, scale, D, BLOCK_D, BLOCK_SIZE,
+                                 False, DOT_FP32)
+    has = l > 0
+    out = tl.where(has[:, None], acc / tl.where(has, l, 1.0)[:, None], 0.0)
+    lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+    row = (b * Hq + heads) * NUM_SPLITS + split
+    tl.store(part_out_ptr + row[:, None] * BLOCK_D + d[None, :], out, mask=hmask[:, None])
+    tl.store(part_lse_ptr + row, lse, mask=hmask)
+
+
+@triton.jit
+def _paged_decode_merge_kernel(
+    part_out_ptr,  # [B, Hq, NUM_SPLITS, BLOCK_D] float32
+    part_lse_ptr,  # [B, Hq, NUM_SPLITS] float32
+    out_ptr,  # [B, Hq, D] contiguous
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # b * Hq + head
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s)
+    m = tl.max(lse, axis=0)
+    w = tl.exp(lse - m)  # empty splits: exp(-inf) = 0
+    parts = tl.load(part_out_ptr + (row * NUM_SPLITS + s[:, None]) * BLOCK_D + d[None, :])
+    out = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr,  # [T, Hq, D], strides (q_stride_t, q_stride_h, 1)
+    k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    block_tables_ptr,  # [B, max_blocks] int32
+    seq_lens_ptr,  # [B] int32
+    query_start_loc_ptr,  # [B + 1] int32
+    out_ptr,  # [T, Hq, D] contiguous
+    scale,
+    q_stride_t,
+    q_stride_h,
+    bt_stride,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    Hq,
+    QH: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # next power of two >= QH
+    BLOCK_Q: tl.constexpr,  # query tokens per program; rows = BLOCK_Q * BLOCK_H
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    qb = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + b).to(tl.int64)
+    q_len = (tl.load(query_start_loc_ptr + b + 1) - q_start).to(tl.int32)
+    if qb * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    first_pos = seq_len - q_len  # position of this sequence's first query
+
+    r = tl.arange(0, BLOCK_Q * BLOCK_H)
+    tok = qb * BLOCK_Q + r // BLOCK_H
+    hh = r % BLOCK_H
+    rmask = (tok < q_len) & (hh < QH)
+    qpos = first_pos + tok
+    heads = kvh * QH + hh
+    d = tl.arange(0, BLOCK_D)
+    qrow = (q_start + tok) * q_stride_t + heads * q_stride_h
+    q = tl.load(q_ptr + qrow[:, None] + d[None, :], mask=rmask[:, None] & (d[None, :] < D), other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    m = tl.full([BLOCK_Q * BLOCK_H], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_Q * BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * BLOCK_H, BLOCK_D], dtype=tl.float32)
+    last = tl.minimum(first_pos + (qb + 1) * BLOCK_Q, seq_len)  # keys needed: positions < last
+    for page in range(0, tl.cdiv(last, BLOCK_SIZE)):
+        blk = tl.load(block_tables_ptr + b * bt_stride + page).to(tl.int64)
+        m, l, acc = _attend_page(q, m, l, acc, k_cache_ptr, v_cache_ptr, blk, page, kvh, qpos, seq_len,
+                                 stride_kb, stride_kt, stride_kh, scale, D, BLOCK_D, BLOCK_SIZE,
+                                 True, DOT_FP32)
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    orow = (q_start + tok) * Hq * D + heads * D
+    tl.store(out_ptr + orow[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & (d[None, :] < D))
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    import os
+
+    return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                           max_query_len, max_seq_len):
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if q.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("paged_attention needs unit-stride q and contiguous caches")
+    if q.is_cuda and block_size < 16:
+        raise ValueError(f"the Triton paged attention needs block_size >= 16 on a GPU, got {block_size}")
+    qh = num_heads // num_kv_heads
+    block_h = triton.next_power_of_2(qh)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    num_seqs = seq_lens.shape[0]
+    strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+    dot_fp32 = _dot_fp32(k_cache.dtype)
+    if max_query_len == 1 and num_tokens == num_seqs:
+        splits = DECODE_SPLITS
+        part_out = torch.empty((num_seqs, num_heads, splits, block_d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((num_seqs, num_heads, splits), dtype=torch.float32, device=q.device)
+        _paged_decode_split_kernel[(num_seqs, num_kv_heads, splits)](
+            q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, scale,
+            q.stride(0), q.stride(1), block_tables.stride(0), *strides, num_heads,
+            QH=qh, BLOCK_H=max(16, block_h), D=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+            NUM_SPLITS=splits, DOT_FP32=dot_fp32,
+        )
+        _paged_decode_merge_kernel[(num_seqs * num_heads,)](
+            part_out, part_lse, out, D=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,
+        )
+        return out
+    block_q = max(1, 64 // block_h)
+    grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale,
+        q.stride(0), q.stride(1), block_tables.stride(0), *strides, num_heads,
+        QH=qh, BLOCK_H=block_h, BLOCK_Q=block_q, D=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        DOT_FP32=dot_fp32,
+    )
+    return out

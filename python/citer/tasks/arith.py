@@ -27,7 +27,7 @@ TEST_SEED = 20251124
 @dataclass(frozen=True)
 class Difficulty:
     min_steps: int = 2
-    max_steps: int = 4
+    max_steps: int = 3
     max_start: int = 99  # starting amount
     max_operand: int = 99  # added / removed amounts, pack sizes
     max_packs: int = 9  # the one-digit factor of "buys a packs of b"

@@ -1,26 +1,37 @@
-"""A word-level tokenizer for a task's text, with single-digit number tokens.
+"""A byte-level BPE tokenizer for a task's text, built with the `tokenizers` library.
 
-Built with the `tokenizers` library and saved as a Hugging Face tokenizer.json, so that
-transformers' AutoTokenizer and citer both load it; decode(encode(text)) == text.
+It uses exactly the pipeline of transformers' Qwen2 tokenizer (NFC, Qwen's split regex
+with single-digit numbers, byte-level BPE, "<|endoftext|>" as eos/pad), because
+transformers' AutoTokenizer rebuilds a Qwen2 folder's tokenizer with that pipeline from
+tokenizer.json's vocab and merges: only then do AutoTokenizer, a plain
+PreTrainedTokenizerFast and citer all tokenize the same way. decode(encode(text)) == text.
 """
 from typing import Iterable
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+EOS = "<|endoftext|>"
 
 
-def train_tokenizer(texts: Iterable[str]):
-    """-> a transformers PreTrainedTokenizerFast (pad 0, bos 1, eos 2, unk 3)."""
+def _qwen2_regex() -> str:
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    return PRETOKENIZE_REGEX
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 400):
+    """-> a transformers PreTrainedTokenizerFast (id 0 = <|endoftext|> = eos = pad)."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    # spaces become "\u2581" glued to the next piece; pieces are words, single digits, symbols
+    tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                               fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=False),
-        pre_tokenizers.Split(Regex("\u2581?[A-Za-z]+|\u2581?\\d|\u2581?[^A-Za-z\\d\u2581]"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(_qwen2_regex()), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token=EOS)

@@ -36,9 +36,9 @@ class ModelSpec:
 
 SPECS = {
     "slm": ModelSpec(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     steps=3000, lr=3e-3),
-    "llm": ModelSpec(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
                      steps=4000, lr=3e-3),
+    "llm": ModelSpec(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+                     steps=6000, lr=3e-3),
 }
 
 
@@ -69,10 +69,14 @@ def encode_batch(tok, problems):
     """-> input_ids [B, L], labels [B, L] (-100 outside the solution + eos), attention mask."""
     rows, labels = [], []
     for p in problems:
+        # encode the whole text once: the prompt's tokens are a prefix of it, exactly as
+        # the engine sees the prompt at inference (the solution alone would lose its
+        # leading "\u2581" space marker)
         prompt = tok(p.prompt, add_special_tokens=False).input_ids
-        sol = tok(p.solution, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        rows.append(prompt + sol)
-        labels.append([-100] * len(prompt) + sol)
+        full = tok(p.prompt + p.solution, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        assert full[: len(prompt)] == prompt, "prompt tokens must be a prefix of prompt + solution"
+        rows.append(full)
+        labels.append([-100] * len(prompt) + full[len(prompt):])
     L = max(len(r) for r in rows)
     ids = torch.full((len(rows), L), tok.pad_token_id)
     lab = torch.full((len(rows), L), -100)
@@ -109,7 +113,7 @@ def quick_eval(path: str, task, n: int, seed: int = 1) -> float:
 
 
 def train(name: str, spec: ModelSpec, task, tok, out: str, seed: int = 0, minutes: float = None,
-          eval_every: int = 400, eval_n: int = 200) -> str:
+          eval_every: int = 1000, eval_n: int = 200) -> str:
     torch.set_num_threads(1)
     path = os.path.join(out, name)
     ckpt = os.path.join(out, f"{name}.ckpt.pt")
