@@ -113,6 +113,14 @@ class Engine:
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
 
+    def set_router(self, router: Optional[str]) -> None:
+        """Load (or, with None, drop) the router; requests already running keep their policy."""
+        if router is not None and (self.core.slm is None or self.core.llm is None):
+            raise ValueError("a router needs both an SLM and an LLM")
+        folded = load_router(router, self.slm_config.hidden_size).to(self.config.device) if router else None
+        self.router = self.core.router = folded
+        self.paths["router"] = router
+
     @staticmethod
     def _default_kv_memory(device: torch.device) -> int:
         if device.type == "cuda":

@@ -1,0 +1,60 @@
+"""The `citer` command: train-pair, train-router, eval, demo."""
+import argparse
+import json
+import sys
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="citer", description="token-level routed decoding (CITER)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    tr = sub.add_parser("train-router", help="train a CITER router with shortcut-reward labels")
+    tr.add_argument("--slm", required=True)
+    tr.add_argument("--llm", required=True)
+    tr.add_argument("--task", default="arith")
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--rounds", type=int, default=2)
+    tr.add_argument("--short-term", action="store_true", help="CITER-S: case 3 -> LLM, no rollouts")
+    tr.add_argument("--n-train", type=int, default=800)
+    tr.add_argument("--n-val", type=int, default=200)
+    tr.add_argument("--seed", type=int, default=0)
+
+    ev = sub.add_parser("eval", help="accuracy vs LLM share for router / CITER-S / random / confidence")
+    ev.add_argument("--slm")
+    ev.add_argument("--llm")
+    ev.add_argument("--router")
+    ev.add_argument("--router-s", help="a CITER-S router folder to compare")
+    ev.add_argument("--task", default="arith")
+    ev.add_argument("-n", type=int, default=500)
+    ev.add_argument("--out", default="eval")
+
+    sub.add_parser("demo", help="what `make demo` runs")
+    args = ap.parse_args(argv)
+
+    from citer.tasks import get_task
+
+    if args.cmd == "train-router":
+        from citer.training.router_train import train_router
+
+        metrics = train_router(args.slm, args.llm, get_task(args.task), args.out, rounds=args.rounds,
+                               n_train=args.n_train, n_val=args.n_val, short_term=args.short_term, seed=args.seed)
+        print(json.dumps(metrics["default_threshold"], indent=1))
+    elif args.cmd == "eval":
+        from citer import Engine
+        from citer.evaluate import sweep, table, write
+
+        engine = (Engine(args.slm, args.llm, args.router, max_model_len=256, max_num_seqs=512, num_blocks=512 * 16)
+                  if args.slm else Engine(max_model_len=256, max_num_seqs=512, num_blocks=512 * 16))
+        rows = sweep(engine, get_task(args.task), args.n, router_s=args.router_s)
+        write(rows, args.out, f"{args.task}: {args.n} held-out problems")
+        print(table(rows))
+        print(f"\nwrote {args.out}/eval.json and {args.out}/accuracy_vs_llm_share.png")
+    elif args.cmd == "demo":
+        from citer.demo import main as demo
+
+        demo()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Router training: the three label cases, round-2 relabelling, CITER-S, best-checkpoint
+fitting, and a trained router folder that the engine loads and routes with.
+Tiny random models and a toy task whose answer check any text can pass or fail."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from citer import Engine, SamplingParams
+from citer.tasks import Problem, Task
+from citer.training import labels as L
+from citer.training.router_train import fit_router, train_router
+
+
+class ToyTask(Task):
+    """Right when the continuation contains an 'e' (about half of random rollouts do)."""
+
+    name = "toy"
+
+    def __init__(self):
+        rng = np.random.default_rng(0)
+        letters = list("abcdfghij")
+        self.problems = [Problem("Q: " + "".join(rng.choice(letters, 6)) + " A:", " sheep", 1) for _ in range(12)]
+
+    def train_problems(self, n, rng):
+        return [self.problems[i % len(self.problems)] for i in range(n)]
+
+    def test_problems(self, n=None):
+        return self.problems[:n]
+
+    def extract_answer(self, text):
+        return 1 if "e" in text else 0
+
+
+MAX = 8
+
+
+@pytest.fixture(scope="module")
+def setup(hf_models):
+    slm, llm = hf_models["qwen2"][0], hf_models["llama"][0]
+    engine = Engine(slm, llm, block_size=8, num_blocks=256, max_model_len=128, max_num_seqs=128)
+    return engine, L.TeacherForcer(slm, llm), ToyTask()
+
+
+def hf_rollout(model, tok, prefix, task, prob):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prefix]), max_new_tokens=MAX, do_sample=False, eos_token_id=2,
+                             pad_token_id=0)
+    text = tok.decode(out[0].tolist(), skip_special_tokens=True)
+    return task.check(text.split(" A:", 1)[-1], prob)
+
+
+def expected_round1(engine, hf_models, task, problems, rollout_model):
+    """Labels recomputed from transformers directly: (counts, ordered case-3 labels)."""
+    tok = engine.tokenizer
+    slm_hf, llm_hf = hf_models["qwen2"][1], hf_models[rollout_model][1] if rollout_model else None
+    counts = {"slm_right": 0, "llm_right": 0}
+    rollout = []
+    for p in problems:
+        start = len(tok(p.prompt).input_ids)
+        full = tok(p.prompt + p.solution).input_ids + [tok.eos_token_id]
+        with torch.no_grad():
+            s_pred = hf_models["qwen2"][1](torch.tensor([full])).logits[0].argmax(-1)
+            l_pred = hf_models["llama"][1](torch.tensor([full])).logits[0].argmax(-1)
+        for t in range(start, len(full)):
+            if s_pred[t - 1] == full[t]:
+                counts["slm_right"] += 1
+            elif l_pred[t - 1] == full[t]:
+                counts["llm_right"] += 1
+            else:
+                prefix = full[:t] + [int(s_pred[t - 1])]
+                rollout.append(hf_rollout(llm_hf if llm_hf is not None else slm_hf, tok, prefix, task, p))
+    return counts, rollout
+
+
+def test_round1_three_cases_match_transformers(setup, hf_models):
+    engine, forcer, task = setup
+    problems = task.problems[:5]
+    got = L.gold_labels(engine, forcer, task, problems, max_tokens=MAX)
+    counts, rollout = expected_round1(engine, hf_models, task, problems, None)
+    assert got.cases["slm_right"] == counts["slm_right"] and got.cases["llm_right"] == counts["llm_right"]
+    assert got.cases["rollout_1"] + got.cases["rollout_0"] == len(rollout) > 0
+    assert 0 < sum(rollout) < len(rollout), "the toy task should give both rollout outcomes"
+    _, y = got.tensors()
+    assert y[-len(rollout):].tolist() == [float(r) for r in rollout]  # case-3 labels come last, in order
+    assert y[: len(y) - len(rollout)].sum() == counts["slm_right"]  # case 1 -> 1, case 2 -> 0
+
+
+def test_round2_relabels_with_the_router_in_the_loop(setup, hf_models, tmp_path):
+    engine, forcer, task = setup
+    problems = task.problems[:5]
+    from citer.router import RouterMLP, save_router
+
+    torch.manual_seed(0)
+    save_router(RouterMLP(64).eval(), str(tmp_path))
+    engine.set_router(str(tmp_path))
+    try:
+        # τ = 0: the router never calls the LLM, so rollouts equal round 1's SLM-only ones
+        r0 = L.gold_labels(engine, forcer, task, problems, router_threshold=0.0, max_tokens=MAX)
+        r1 = L.gold_labels(engine, forcer, task, problems, max_tokens=MAX)
+        assert torch.equal(r0.tensors()[1], r1.tensors()[1])
+        # τ > 1: every rollout token comes from the LLM
+        rl = L.gold_labels(engine, forcer, task, problems, router_threshold=1.01, max_tokens=MAX)
+        _, rollout = expected_round1(engine, hf_models, task, problems, "llama")
+        assert rl.tensors()[1][-len(rollout):].tolist() == [float(r) for r in rollout]
+        # on-policy labels: only informative branch points, label 1 where the models agree
+        op = L.on_policy_labels(engine, forcer, task, problems, threshold=0.5, max_tokens=MAX)
+        x, y = op.tensors()
+        assert len(y) == op.cases["on_policy_1"] + op.cases["on_policy_0"] and x.shape[1] == 64
+    finally:
+        engine.set_router(None)
+
+
+def test_citer_s_labels_case3_as_llm_without_rollouts(setup, monkeypatch):
+    engine, forcer, task = setup
+
+    def no_rollouts(*a, **k):
+        raise AssertionError("CITER-S must not roll out")
+
+    monkeypatch.setattr(L, "_rollouts", no_rollouts)
+    got = L.gold_labels(engine, forcer, task, task.problems[:5], short_term=True)
+    assert got.cases["rollout_1"] == 0 and got.cases["rollout_0"] > 0
+    assert got.tensors()[1].sum() == got.cases["slm_right"]
+
+
+def _label_set(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = L.LabelSet()
+    s.add(torch.randn(n, 16, generator=g), (torch.rand(n, generator=g) < 0.7).float())
+    return s
+
+
+def test_fit_keeps_the_best_epoch_not_the_last():
+    train, val = _label_set(200, 0), _label_set(200, 1)  # noise labels: validation loss rises as it overfits
+    fit = fit_router(train, val, 16, epochs=30, lr=3e-3, batch_size=32, patience=30, progress=False)
+    losses = [h["val_loss"] for h in fit.history]
+    assert fit.best_epoch == int(np.argmin(losses)) and fit.best_epoch < len(losses) - 1
+    vx, vy = val.tensors()
+    with torch.no_grad():
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(fit.router(vx), vy).item()
+    assert loss == pytest.approx(min(losses), abs=1e-6)
+
+
+def test_train_router_end_to_end_and_engine_routes_with_it(hf_models, tmp_path):
+    task = ToyTask()
+    out = str(tmp_path / "router")
+    metrics = train_router(hf_models["qwen2"][0], hf_models["llama"][0], task, out, rounds=2, n_train=6, n_val=4,
+                           max_tokens=MAX)
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    with open(os.path.join(out, "router_config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["hidden_size"] == 64 and cfg["meta"]["rounds"][1]["threshold_in_loop"] is not None
+    engine = Engine(hf_models["qwen2"][0], hf_models["llama"][0], out, block_size=8, num_blocks=64, max_model_len=128)
+    assert engine.router.default_threshold == metrics["default_threshold"]["threshold"]
+    o = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=6, ignore_eos=True, policy="router"))[0]
+    assert all(0.0 < s < 1.0 for s in o.router_scores)

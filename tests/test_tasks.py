@@ -1,0 +1,84 @@
+"""The arithmetic task: generator, split, checker, tokenizer."""
+import re
+
+import numpy as np
+import pytest
+
+from citer.tasks import ArithTask, Difficulty, get_task
+from citer.tasks.arith import verify_solution
+
+
+def test_seeded_generator_is_deterministic():
+    t = get_task("arith")
+    a = t.train_problems(20, np.random.default_rng(3))
+    b = t.train_problems(20, np.random.default_rng(3))
+    c = t.train_problems(20, np.random.default_rng(4))
+    assert a == b and a != c
+
+
+def test_solutions_are_right_and_end_with_the_answer():
+    t = get_task("arith")
+    for p in t.train_problems(300, np.random.default_rng(0)):
+        assert verify_solution(p.solution)
+        assert p.solution.endswith(f"#### {p.answer}")
+        assert t.check(p.solution, p)
+        assert p.prompt.startswith("Q: ") and p.prompt.endswith(" A:")
+    assert not verify_solution(" 2+2=5. #### 5")
+
+
+def test_difficulty_knob():
+    easy = ArithTask(Difficulty(min_steps=1, max_steps=1, max_start=9, max_operand=9))
+    hard = ArithTask(Difficulty(min_steps=4, max_steps=4))
+    rng = np.random.default_rng(0)
+    n_eq = lambda ps: np.mean([len(re.findall("=", p.solution)) for p in ps])  # noqa: E731
+    e, h = easy.train_problems(200, rng), hard.train_problems(200, rng)
+    assert n_eq(e) < 2 <= 4 <= n_eq(h)
+    assert max(p.answer for p in e) < max(p.answer for p in h)
+
+
+def test_held_out_split_fixed_and_disjoint_from_training():
+    t = get_task("arith")
+    test = t.test_problems()
+    assert len(test) == 1000 and len({p.prompt for p in test}) == 1000
+    assert t.test_problems(10) == ArithTask().test_problems(10)
+    train = t.train_problems(5000, np.random.default_rng(1))
+    assert not {p.prompt for p in train} & {p.prompt for p in test}
+
+
+@pytest.mark.parametrize("text,expected", [
+    (" 2+3=5. #### 5", 5), ("#### 17 and more", 17), ("####-4", -4), (" 2+3=5.", None), ("#### x", None), ("", None),
+])
+def test_answer_extraction(text, expected):
+    assert get_task("arith").extract_answer(text) == expected
+
+
+def test_checker_right_wrong_malformed():
+    t = get_task("arith")
+    p = t.test_problems(1)[0]
+    assert t.check(p.solution, p)
+    assert not t.check(p.solution.replace(f"#### {p.answer}", f"#### {p.answer + 1}"), p)
+    assert not t.check("no answer here", p)
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("chess")
+
+
+def test_tokenizer_round_trip_and_autotokenizer(tmp_path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+
+    from citer.tasks.tokenizer import train_tokenizer
+
+    t = get_task("arith")
+    tok = train_tokenizer(p.prompt + p.solution for p in t.train_problems(500, np.random.default_rng(0)))
+    tok.save_pretrained(tmp_path)
+    Qwen2Config(vocab_size=len(tok)).save_pretrained(tmp_path)  # AutoTokenizer then builds a Qwen2Tokenizer
+    auto, fast = AutoTokenizer.from_pretrained(tmp_path), PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    for p in t.test_problems(50):
+        text = p.prompt + p.solution
+        ids = tok(text).input_ids
+        assert auto(text).input_ids == ids == fast(text).input_ids
+        assert auto.decode(ids) == text
+        assert ids[: len(tok(p.prompt).input_ids)] == tok(p.prompt).input_ids  # the prompt is a prefix
+    assert tok.convert_ids_to_tokens(tok(" 3").input_ids) == ["\u0120", "3"]  # single-digit numbers
