@@ -169,6 +169,8 @@ def main():
     ap.add_argument("--minutes", type=float, default=None, help="stop each model after this long (pilots)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="override the spec's step count")
+    ap.add_argument("--hidden-size", type=int, default=None, help="override the spec's hidden size")
+    ap.add_argument("--intermediate-size", type=int, default=None, help="override the spec's MLP size")
     args = ap.parse_args()
     task = get_task(args.task)
     os.makedirs(args.out, exist_ok=True)
@@ -177,6 +179,10 @@ def main():
         spec = SPECS[name]
         if args.steps:
             spec.steps = args.steps
+        if args.hidden_size:
+            spec.hidden_size = args.hidden_size
+        if args.intermediate_size:
+            spec.intermediate_size = args.intermediate_size
         train(name, spec, task, tok, args.out, seed=args.seed, minutes=args.minutes)
 
 
