@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.citer-installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: test demo install bench clean
+.PHONY: test demo install bench assets clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,17 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m citer.demo
+
+# Reproduce the embedded default from scratch (about 45 minutes on 2 CPU cores): the demo
+# pair (Qwen2 architecture) trained on the arithmetic task, the CITER router and the
+# CITER-S ablation router, then copy them into python/citer/assets/demo.
+RUN := runs/demo
+assets: $(STAMP)
+	$(PY) -m citer.training.lm --out $(RUN) --only llm
+	$(PY) -m citer.training.lm --out $(RUN) --only slm --hidden-size 48 --intermediate-size 128
+	$(PY) -m citer.cli train-router --slm $(RUN)/slm --llm $(RUN)/llm --task arith --out $(RUN)/router
+	$(PY) -m citer.cli train-router --slm $(RUN)/slm --llm $(RUN)/llm --task arith --out $(RUN)/router_s --short-term
+	$(PY) -m citer.training.ship $(RUN)
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine_vs_transformers.py

@@ -43,9 +43,20 @@ def main(argv=None):
         from citer import Engine
         from citer.evaluate import sweep, table, write
 
-        engine = (Engine(args.slm, args.llm, args.router, max_model_len=256, max_num_seqs=512, num_blocks=512 * 16)
-                  if args.slm else Engine(max_model_len=256, max_num_seqs=512, num_blocks=512 * 16))
-        rows = sweep(engine, get_task(args.task), args.n, router_s=args.router_s)
+        sizes = dict(max_model_len=256, max_num_seqs=512, num_blocks=512 * 16)
+        router_s = args.router_s
+        if args.slm:
+            engine = Engine(args.slm, args.llm, args.router, **sizes)
+        else:  # the embedded default, with its CITER-S router when shipped
+            import os
+
+            from citer.assets import DEMO_DIR
+
+            engine = Engine(**sizes)
+            default_s = os.path.join(DEMO_DIR, "router_s")
+            if router_s is None and os.path.isfile(os.path.join(default_s, "router_config.json")):
+                router_s = default_s
+        rows = sweep(engine, get_task(args.task), args.n, router_s=router_s)
         write(rows, args.out, f"{args.task}: {args.n} held-out problems")
         print(table(rows))
         print(f"\nwrote {args.out}/eval.json and {args.out}/accuracy_vs_llm_share.png")
