@@ -99,3 +99,11 @@ def random_prompts(n, lo, hi, seed=0, vocab=98):
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     return [torch.randint(3, vocab, (L,), generator=g).tolist() for L in lens]
+
+
+def assert_all_free(engine):
+    """Invariant 4: after any generate / abort / error, every KV block is free again."""
+    bm = engine.block_manager
+    bm.check_invariants()
+    assert bm.num_free_blocks == bm.num_blocks
+    assert not engine.has_unfinished_requests()

@@ -6,16 +6,11 @@ import pytest
 import torch
 
 from citer import Engine, SamplingParams
-from conftest import MODEL_CONFIGS, build_hf_model, hf_greedy, random_prompts
+from conftest import assert_all_free, MODEL_CONFIGS, build_hf_model, hf_greedy, random_prompts
 
 BS = 8
 
 
-def assert_all_free(engine):
-    bm = engine.block_manager
-    bm.check_invariants()
-    assert bm.num_free_blocks == bm.num_blocks
-    assert not engine.has_unfinished_requests()
 
 
 @pytest.fixture(scope="module")

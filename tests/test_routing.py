@@ -4,7 +4,7 @@ import torch
 
 from citer import Engine, SamplingParams
 from citer.router import RouterMLP, load_router, save_router
-from conftest import random_prompts
+from conftest import assert_all_free, random_prompts
 
 BS = 8
 
@@ -30,9 +30,6 @@ def engine(hf_models, router_path):
                   block_size=BS, num_blocks=128, max_model_len=256)
 
 
-def assert_all_free(engine):
-    engine.block_manager.check_invariants()
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_folded_router_equals_training_network(router_path):

@@ -31,6 +31,15 @@ class FitResult:
 def fit_router(train: LabelSet, val: LabelSet, hidden_size: int, epochs: int = 60, lr: float = 1e-3,
                batch_size: int = 256, patience: int = 8, seed: int = 0, progress: bool = True) -> FitResult:
     """BCE training; returns the weights of the epoch with the lowest validation loss."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny MLP: more threads only add synchronisation
+    try:
+        return _fit(train, val, hidden_size, epochs, lr, batch_size, patience, seed, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(train, val, hidden_size, epochs, lr, batch_size, patience, seed, progress) -> FitResult:
     torch.manual_seed(seed)
     x, y = train.tensors()
     vx, vy = val.tensors()
