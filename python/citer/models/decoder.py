@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionMetadata, KVCache, paged_attention
 from .config import ModelConfig
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -36,7 +36,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, ops, x, positions, rope: RotaryEmbedding, kv, meta: AttentionMetadata):
+    def forward(self, ops, x, rope_cs, kv, meta: AttentionMetadata):
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -45,7 +45,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(ops, q.reshape(-1, self.head_dim))[0].view_as(q)
             k = self.k_norm(ops, k.reshape(-1, self.head_dim))[0].view_as(k)
-        q, k = rope(positions, q, k)
+        q, k = apply_rotary(q, k, *rope_cs)
         o = paged_attention(ops, q, k, v.contiguous(), kv, meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -70,11 +70,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, ops, x, residual, positions, rope, kv, meta):
+    def forward(self, ops, x, residual, rope_cs, kv, meta):
         h, residual = self.input_layernorm(ops, x, residual)
         if residual is None:  # first layer: the embedding is the residual stream
             residual = x
-        h = self.self_attn(ops, h, positions, rope, kv, meta)
+        h = self.self_attn(ops, h, rope_cs, kv, meta)
         h, residual = self.post_attention_layernorm(ops, h, residual)
         return self.mlp(h), residual
 
@@ -102,9 +102,10 @@ class DecoderLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> pre-norm hidden states [T, H]."""
         x = self.embed_tokens(input_ids)
+        rope_cs = self.rotary(positions, x.dtype)
         residual: Optional[torch.Tensor] = None
         for layer, kv in zip(self.layers, kv_cache):
-            x, residual = layer(ops, x, residual, positions, self.rotary, kv, meta)
+            x, residual = layer(ops, x, residual, rope_cs, kv, meta)
         return x + residual
 
     def final_norm(self, ops, hidden: torch.Tensor) -> torch.Tensor:
