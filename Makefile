@@ -28,7 +28,7 @@ demo: $(STAMP)
 RUN := runs/demo
 assets: $(STAMP)
 	$(PY) -m citer.training.lm --out $(RUN) --only llm
-	$(PY) -m citer.training.lm --out $(RUN) --only slm --hidden-size 48 --intermediate-size 128
+	$(PY) -m citer.training.lm --out $(RUN) --only slm
 	$(PY) -m citer.cli train-router --slm $(RUN)/slm --llm $(RUN)/llm --task arith --out $(RUN)/router
 	$(PY) -m citer.cli train-router --slm $(RUN)/slm --llm $(RUN)/llm --task arith --out $(RUN)/router_s --short-term
 	$(PY) -m citer.training.ship $(RUN)

@@ -35,7 +35,7 @@ class ModelSpec:
 
 
 SPECS = {
-    "slm": ModelSpec(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+    "slm": ModelSpec(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                      steps=4000, lr=3e-3),
     "llm": ModelSpec(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
                      steps=6000, lr=3e-3),
