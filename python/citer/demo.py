@@ -48,10 +48,10 @@ def trained_demo(engine: Engine, n_eval: int = 200) -> None:
         r = run_point(engine, task, problems, SamplingParams(max_tokens=128, policy=policy))
         rows.append((policy, r))
     print(f"{n_eval} held-out problems, greedy, batched:")
-    print(f"{'policy':<8} {'accuracy':>9} {'LLM share':>10} {'ms/token':>9}")
+    print(f"{'policy':<16} {'accuracy':>9} {'LLM share':>10} {'ms/token':>9}")
     for policy, r in rows:
         label = f"router (τ={tau:g})" if policy == "router" else policy
-        print(f"{label:<8} {r['accuracy']:>9.1%} {r['llm_share']:>10.1%} {r['ms_per_token']:>9.3f}")
+        print(f"{label:<16} {r['accuracy']:>9.1%} {r['llm_share']:>10.1%} {r['ms_per_token']:>9.3f}")
 
 
 def _random_pair(root: str):

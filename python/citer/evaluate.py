@@ -13,7 +13,7 @@ from tqdm import tqdm
 from citer import Engine, SamplingParams
 from citer.tasks import Task
 
-ROUTER_TAUS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
+ROUTER_TAUS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
 RANDOM_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
 CONFIDENCE_THRESHOLDS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
