@@ -38,7 +38,9 @@ def sweep(engine: Engine, task: Task, n: int, router_s: Optional[str] = None, ma
     problems = task.test_problems(n)
     base = dict(max_tokens=max_tokens)
     points = [("slm", None, dict(policy="slm")), ("llm", None, dict(policy="llm"))]
-    points += [("random", f, dict(policy="random", llm_fraction=f, seed=0)) for f in RANDOM_FRACTIONS]
+    # no per-request seed: each request then draws its own (from the engine's seeded RNG), so
+    # requests do not all share one routing pattern
+    points += [("random", f, dict(policy="random", llm_fraction=f)) for f in RANDOM_FRACTIONS]
     points += [("confidence", c, dict(policy="confidence", confidence_threshold=c)) for c in CONFIDENCE_THRESHOLDS]
     routers = dict(routers or {})
     if engine.router is not None:
@@ -48,6 +50,7 @@ def sweep(engine: Engine, task: Task, n: int, router_s: Optional[str] = None, ma
     for name in routers:
         points += [(name, t, dict(policy="router", threshold=t)) for t in ROUTER_TAUS]
     rows, current = [], engine.paths["router"]
+    run_point(engine, task, problems[:64], SamplingParams(**base, policy="llm"))  # warm-up, not timed
     for method, knob, kw in tqdm(points, desc=f"eval on {n} held-out problems"):
         if method in routers and routers[method] != current:
             engine.set_router(routers[method])
