@@ -90,25 +90,12 @@ class EngineCore:
             self.scheduler.ensure_slots(seq)
 
         slm_seqs = [s for s in running if needs_slm(s)]
-        proposal: Dict[int, tuple] = {}
+        slm_tokens: Dict[int, int] = {}
+        scores: Dict[int, float] = {}
+        routed = [s for s in running if not needs_slm(s)]  # policy "llm"
         if slm_seqs:
-            with self.timer.phase("slm"):
-                hidden = self._forward(self.slm, slm_seqs, "slm")
-                use_router = self.router is not None and any(s.policy == "router" for s in slm_seqs)
-                fused = use_router and not self.config.profile
-                head = run_head(self.slm.ops, self.slm.model, hidden, slm_seqs, self.vocab_limit,
-                                self.router.params if fused else None)
-                if use_router and not fused:  # profiling: the router MLP timed on its own
-                    h = self.slm.model.final_norm(self.slm.ops, hidden)
-            score = head.router_score
-            if use_router and not fused:
-                with self.timer.phase("router"):
-                    score = self.router.score(h)
-            for i, seq in enumerate(slm_seqs):
-                proposal[id(seq)] = (head.tokens[i], float(head.top_prob[i]), float(score[i]))
+            self._slm_step(slm_seqs, slm_tokens, scores, routed)
 
-        routed = [s for s in running
-                  if route_to_llm(s, *proposal.get(id(s), (None, float("nan"), float("nan")))[1:])]
         llm_tokens: Dict[int, int] = {}
         if routed:
             with self.timer.phase("llm"):
@@ -121,12 +108,52 @@ class EngineCore:
         events = []
         for seq in running:
             from_llm = id(seq) in llm_tokens
-            token = llm_tokens[id(seq)] if from_llm else proposal[id(seq)][0]
-            score = proposal.get(id(seq), (None, None, float("nan")))[2]
-            score = None if score != score else score  # nan -> None
-            events.append(self._append(seq, token, from_llm, score))
+            token = llm_tokens[id(seq)] if from_llm else slm_tokens[id(seq)]
+            score = scores.get(id(seq), float("nan"))
+            events.append(self._append(seq, token, from_llm, None if score != score else score))
         self._attribute_time(running, slm_seqs, routed, time.perf_counter() - t_step)
         return events
+
+    def _slm_step(self, seqs: List[Sequence], tokens: Dict[int, int], scores: Dict[int, float],
+                  routed: List[Sequence]) -> None:
+        """SLM forward, router, routing decisions, SLM head. Fills tokens (the SLM's, for the
+        sequences it keeps) and scores, and appends the sequences routed to the LLM.
+
+        Fused (Triton, not profiling): one routed-head pass gives every row its token, top
+        probability and router score, then each row is routed. Otherwise the router MLP
+        runs first, policies that need nothing from the SLM's head ("router", "random")
+        decide at once, and the lm_head runs only for the rows the SLM keeps (plus the
+        "confidence" rows, whose rule reads the SLM's top probability)."""
+        with self.timer.phase("slm"):
+            hidden = self._forward(self.slm, seqs, "slm")
+        use_router = self.router is not None and any(s.policy == "router" for s in seqs)
+        fused = self.slm.ops.name == "triton" and not self.config.profile
+        head_rows = list(range(len(seqs)))
+        if not fused:
+            if use_router:
+                with self.timer.phase("slm"):
+                    h = self.slm.model.final_norm(self.slm.ops, hidden)
+                with self.timer.phase("router"):
+                    scores.update(zip(map(id, seqs), self.router.score(h).tolist()))
+            head_rows = []
+            for i, seq in enumerate(seqs):
+                if seq.policy in ("router", "random") and route_to_llm(seq, float("nan"), scores.get(id(seq), float("nan"))):
+                    routed.append(seq)
+                else:
+                    head_rows.append(i)
+        if not head_rows:
+            return
+        head_seqs = [seqs[i] for i in head_rows]
+        with self.timer.phase("slm"):
+            head = run_head(self.slm.ops, self.slm.model, hidden[head_rows], head_seqs, self.vocab_limit,
+                            self.router.params if fused and use_router else None)
+        for j, seq in enumerate(head_seqs):
+            tokens[id(seq)] = head.tokens[j]
+            if fused and use_router:
+                scores[id(seq)] = float(head.router_score[j])
+            decided = not fused and seq.policy in ("router", "random")  # kept by the SLM above
+            if not decided and route_to_llm(seq, float(head.top_prob[j]), scores.get(id(seq), float("nan"))):
+                routed.append(seq)
 
     def _forward(self, runner: ModelRunner, seqs: List[Sequence], which: str) -> torch.Tensor:
         attr = f"{which}_computed"
