@@ -1,8 +1,10 @@
 """The head step: final norm + lm_head + token choice (+ router score) for a batch.
 
-Rows that are greedy or plain temperature sampling go through ops.routed_head (one pass
-over the lm_head weight on GPU, no [B, vocab] logits). Rows with top-k / top-p need the
-whole logits row, so a batch containing one takes the full-logits path. Both paths draw
+On the Triton backend, batches of greedy / plain temperature rows go through
+ops.routed_head (one pass over the lm_head weight, no [B, vocab] logits). Otherwise the
+logits come from the model (its transposed lm_head copy on CPU) and the same choices are
+made from them (head_from_logits); rows with top-k / top-p need that whole logits row.
+Both paths draw
 temperature samples with the Gumbel-max trick from a per-step seed that each sequence's
 own generator provides, so a seeded request gives the same tokens in any batch.
 """
@@ -11,7 +13,7 @@ from typing import List, Optional, Sequence as Seq, Tuple
 
 import torch
 
-from citer.kernels.routed_head import gumbel_noise, router_mlp_ref
+from citer.kernels.routed_head import gumbel_noise, head_from_logits, router_mlp_ref
 
 
 @dataclass
@@ -29,13 +31,16 @@ def run_head(ops, model, hidden: torch.Tensor, seqs: Seq, vocab_limit: int,
     temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
     seeds = torch.tensor([0 if p.greedy else s.next_sampling_seed() for s, p in zip(seqs, params)],
                          dtype=torch.int64, device=device)
-    lm_head = model.lm_head.weight[:vocab_limit]
-    if not any(p.filtered for p in params):
-        tokens, top_prob, score = ops.routed_head(
-            hidden, model.norm.weight, model.norm.eps, lm_head, router, temperature, seeds)
-        return HeadOutput(tokens.tolist(), top_prob, score)
+    if ops.name == "triton":
+        if not any(p.filtered for p in params):
+            tokens, top_prob, score = ops.routed_head(hidden, model.norm.weight, model.norm.eps,
+                                                      model.lm_head.weight[:vocab_limit], router, temperature, seeds)
+            return HeadOutput(tokens.tolist(), top_prob, score)
     h = model.final_norm(ops, hidden)
-    logits = torch.nn.functional.linear(h, lm_head).float()
+    logits = model.logits_from_normed(h)[:, :vocab_limit]
+    if not any(p.filtered for p in params):
+        tokens, top_prob, score = head_from_logits(logits, h, router, temperature, seeds)
+        return HeadOutput(tokens.tolist(), top_prob, score)
     top_prob = torch.softmax(logits, dim=-1).amax(dim=-1)
     score = router_mlp_ref(h, *router) if router is not None else torch.full_like(top_prob, float("nan"))
     tokens = [sample_row(logits[b], p, int(seeds[b])) for b, p in enumerate(params)]

@@ -45,7 +45,17 @@ def routed_head_ref(
     seeds: torch.Tensor,  # [B] int64, per-row sampling seed for this step
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # token [B] int64, top_prob [B], score [B]
     h, _ = rms_norm_ref(hidden, norm_weight, eps)
-    logits = torch.nn.functional.linear(h, lm_head).float()  # [B, V]
+    return head_from_logits(torch.nn.functional.linear(h, lm_head).float(), h, router, temperature, seeds)
+
+
+def head_from_logits(
+    logits: torch.Tensor,  # [B, V] float32
+    h: torch.Tensor,  # [B, H] normed hidden state (router input)
+    router: Optional[Tuple[torch.Tensor, ...]],
+    temperature: torch.Tensor,  # [B] float32, 0 = greedy
+    seeds: torch.Tensor,  # [B] int64
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routed head's choices given full logits (what the reference does after lm_head)."""
     top_prob = torch.softmax(logits, dim=-1).amax(dim=-1)
     tokens = logits.argmax(dim=-1)
     for b in torch.nonzero(temperature > 0).flatten().tolist():
@@ -262,6 +272,7 @@ def routed_head_triton(hidden, norm_weight, eps, lm_head, router, temperature, s
     r_splits, router_part, b2 = 1, part_sum, part_sum
     if router is not None:
         w1, b1, w2, b2 = router
+        w1 = w1.contiguous()  # the kernel reads W1 as row-major [R, H]
         block_r = 64
         r_splits = triton.cdiv(w1.shape[0], block_r)
         router_part = torch.empty((batch, r_splits), **f32)

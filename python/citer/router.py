@@ -65,7 +65,12 @@ class FoldedRouter:
 
     def to(self, device, dtype=torch.float32) -> "FoldedRouter":
         moved = [t.to(device=device, dtype=dtype) for t in self.params]
-        return FoldedRouter(*moved, self.hidden_size, self.default_threshold, self.meta)
+        out = FoldedRouter(*moved, self.hidden_size, self.default_threshold, self.meta)
+        if torch.device(device).type == "cpu":
+            # W1 as a view of a contiguous [H, R] copy: the GEMV inside router_mlp_ref then
+            # streams W1 row-major, about twice as fast on CPU as the [R, H] layout
+            out.w1 = out.w1.t().contiguous().t()
+        return out
 
     def score(self, h_normed: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B]
         return router_mlp_ref(h_normed, *self.params)

@@ -97,6 +97,7 @@ class DecoderLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg, max_positions)
+        self.lm_head_t: Optional[torch.Tensor] = None  # see keep_transposed_lm_head
 
     def forward(self, ops, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -113,4 +114,15 @@ class DecoderLM(nn.Module):
 
     def logits(self, ops, hidden: torch.Tensor) -> torch.Tensor:
         """Pre-norm hidden [B, H] -> float32 logits [B, V]."""
-        return self.lm_head(self.final_norm(ops, hidden)).float()
+        return self.logits_from_normed(self.final_norm(ops, hidden))
+
+    def logits_from_normed(self, h: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_t is not None:
+            return (h @ self.lm_head_t).float()
+        return self.lm_head(h).float()
+
+    def keep_transposed_lm_head(self) -> None:
+        """CPU: keep a [H, V] copy of the lm_head. A GEMV against it streams the weight about
+        twice as fast as F.linear on the [V, H] layout (measured on the project's CPUs), and
+        the lm_head read dominates a small model's decode step. Costs one more V x H copy."""
+        self.lm_head_t = self.lm_head.weight.detach().t().contiguous()
