@@ -75,6 +75,14 @@ def median(xs: List[float]) -> float:
     return statistics.median(xs)
 
 
+def add_run_args(ap) -> None:
+    """The decode-run options both end-to-end benchmarks share."""
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+
+
 def scratch_dir() -> str:
     root = os.environ.get("CITER_BENCH_DIR") or os.path.join(tempfile.gettempdir(), "citer-bench-models")
     os.makedirs(root, exist_ok=True)

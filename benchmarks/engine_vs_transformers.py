@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import build_random_qwen2, interleaved_medians, median, num_params, scratch_dir, timed  # noqa: E402
+from common import add_run_args, build_random_qwen2, interleaved_medians, median, num_params, scratch_dir, timed  # noqa: E402
 
 
 def bench_model(name: str, args) -> dict:
@@ -56,10 +56,7 @@ def bench_model(name: str, args) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", nargs="+", default=["qwen2-100m", "qwen2-tiny"])
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_run_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = [bench_model(m, args) for m in args.models]

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import build_random_qwen2, interleaved_medians, median, num_params, scratch_dir, timed  # noqa: E402
+from common import add_run_args, build_random_qwen2, interleaved_medians, median, num_params, scratch_dir, timed  # noqa: E402
 
 
 def make_router(hidden: int, path: str) -> str:
@@ -32,10 +32,7 @@ def main():
     ap.add_argument("--llm", default="qwen2-100m")
     ap.add_argument("--slm", default="qwen2-10m")
     ap.add_argument("--fraction", type=float, default=0.15)
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_run_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
