@@ -156,3 +156,25 @@ def test_train_router_end_to_end_and_engine_routes_with_it(hf_models, tmp_path):
     assert engine.router.default_threshold == metrics["default_threshold"]["threshold"]
     o = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=6, ignore_eos=True, policy="router"))[0]
     assert all(0.0 < s < 1.0 for s in o.router_scores)
+
+
+def test_pair_report_token_error_rates(setup, hf_models):
+    from citer.tasks import get_task
+    from citer.training.report import token_error_rates
+
+    engine, forcer, _ = setup
+    tok = engine.tokenizer
+    problems = get_task("arith").test_problems(3)
+    rates = token_error_rates(forcer, tok, problems)
+    # independent count of digit tokens among the gold solution tokens (+ eos)
+    digits = total = 0
+    for p in problems:
+        ids = tok(p.prompt + p.solution).input_ids + [tok.eos_token_id]
+        sol = ids[len(tok(p.prompt).input_ids):]
+        digits += sum(tok.decode([t]).strip().isdigit() for t in sol)
+        total += len(sol)
+    assert rates["slm"]["digit_share_of_tokens"] == digits / total
+    for m in ("slm", "llm"):
+        assert 0.0 <= rates[m]["digit_error_rate"] <= 1.0 and 0.0 <= rates[m]["other_error_rate"] <= 1.0
+    # random models are wrong almost everywhere
+    assert rates["slm"]["other_error_rate"] > 0.5
