@@ -50,4 +50,4 @@ def test_llm_and_router_solve_held_out_problems(engine):
     assert router_acc >= llm_acc - 0.2
     share = sum(sum(o.from_llm) for o in outs) / sum(len(o.from_llm) for o in outs)
     assert 0.0 < share < 0.5
-    assert all(s is not None and 0 < s < 1 for o in outs for s in o.router_scores)
+    assert all(s is not None and 0.0 <= s <= 1.0 for o in outs for s in o.router_scores)  # sigmoid may round to 1

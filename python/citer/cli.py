@@ -15,8 +15,8 @@ def main(argv=None):
     tr.add_argument("--out", required=True)
     tr.add_argument("--rounds", type=int, default=2)
     tr.add_argument("--short-term", action="store_true", help="CITER-S: case 3 -> LLM, no rollouts")
-    tr.add_argument("--n-train", type=int, default=800)
-    tr.add_argument("--n-val", type=int, default=200)
+    tr.add_argument("--n-train", type=int, default=3000)
+    tr.add_argument("--n-val", type=int, default=500)
     tr.add_argument("--seed", type=int, default=0)
 
     ev = sub.add_parser("eval", help="accuracy vs LLM share for router / CITER-S / random / confidence")
