@@ -1,4 +1,5 @@
 """The arithmetic task: generator, split, checker, tokenizer."""
+import os
 import re
 
 import numpy as np
@@ -82,3 +83,60 @@ def test_tokenizer_round_trip_and_autotokenizer(tmp_path):
         assert auto.decode(ids) == text
         assert ids[: len(tok(p.prompt).input_ids)] == tok(p.prompt).input_ids  # the prompt is a prefix
     assert tok.convert_ids_to_tokens(tok(" 3").input_ids) == ["\u0120", "3"]  # single-digit numbers
+
+
+def test_int_seed_equals_generator_and_module_level_checker():
+    from citer.tasks import extract_answer, is_correct
+
+    t = get_task("arith")
+    assert t.train_problems(10, 7) == t.train_problems(10, np.random.default_rng(7))
+    p = t.test_problems(1)[0]
+    assert extract_answer(p.solution) == p.answer and is_correct(p.solution, p.answer)
+    assert not is_correct(p.solution, p.answer + 1) and not is_correct("#### ", p.answer)
+
+
+def _shipped(name):
+    from citer.assets import DEMO_DIR
+
+    path = os.path.join(DEMO_DIR, name)
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        pytest.skip("the demo pair is not shipped in this build")
+    return path
+
+
+def test_shipped_pair_configs_and_tokenizer():
+    import json
+
+    from transformers import AutoTokenizer
+
+    slm, llm = _shipped("slm"), _shipped("llm")
+    cfgs = [json.load(open(os.path.join(p, "config.json"))) for p in (slm, llm)]
+    gens = [json.load(open(os.path.join(p, "generation_config.json"))) for p in (slm, llm)]
+    for c, g in zip(cfgs, gens):
+        assert c["model_type"] == "qwen2" and c["tie_word_embeddings"] and c["dtype"] == "float16"
+        assert c["eos_token_id"] == g["eos_token_id"] == 0 and c["bos_token_id"] == g["bos_token_id"] == 0
+    assert cfgs[0]["vocab_size"] == cfgs[1]["vocab_size"] and cfgs[0]["hidden_size"] < cfgs[1]["hidden_size"]
+    a, b = AutoTokenizer.from_pretrained(slm), AutoTokenizer.from_pretrained(llm)
+    assert a.get_vocab() == b.get_vocab()
+    assert (a.bos_token_id, a.eos_token_id, a.pad_token_id) == (0, 0, 0)
+    text = get_task("arith").test_problems(1)[0].prompt
+    assert a(text).input_ids[0] != 0  # bos is never prepended
+
+
+def test_shipped_llm_solves_held_out_problems_in_transformers():
+    """Batched, left-padded greedy generation with transformers on the fp16 weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _shipped("llm")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    task = get_task("arith")
+    problems = task.test_problems(8)
+    batch = tok([p.prompt for p in problems], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=64, do_sample=False)
+    texts = tok.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    assert sum(task.check(t, p) for t, p in zip(texts, problems)) >= 7
+    assert all(verify_solution(t) for t, p in zip(texts, problems) if task.check(t, p))

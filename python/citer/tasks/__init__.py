@@ -4,7 +4,7 @@ A task gives prompts, gold solutions and an answer checker; the router-training 
 and the evaluation are generic over it.
 """
 from .base import Problem, Task
-from .arith import ArithTask, Difficulty
+from .arith import ArithTask, Difficulty, extract_answer, is_correct, verify_solution
 
 TASKS = {"arith": ArithTask}
 
@@ -15,4 +15,5 @@ def get_task(name: str, **kwargs) -> Task:
     return TASKS[name](**kwargs)
 
 
-__all__ = ["Problem", "Task", "ArithTask", "Difficulty", "get_task", "TASKS"]
+__all__ = ["Problem", "Task", "ArithTask", "Difficulty", "get_task", "TASKS", "extract_answer", "is_correct",
+           "verify_solution"]

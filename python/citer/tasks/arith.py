@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .base import Problem, Task
+from .base import Problem, Seed, Task, as_rng
 
 NAMES = [("Max", "He", "he"), ("Tom", "He", "he"), ("Sam", "He", "he"), ("Leo", "He", "he"),
          ("Ann", "She", "she"), ("Mia", "She", "she"), ("Zoe", "She", "she"), ("Eva", "She", "she")]
@@ -92,8 +92,8 @@ class ArithTask(Task):
     def test_problems(self, n: Optional[int] = None) -> List[Problem]:
         return list(self._test[: n if n is not None else self.num_test])
 
-    def train_problems(self, n: int, rng: np.random.Generator) -> List[Problem]:
-        out = []
+    def train_problems(self, n: int, seed: Seed) -> List[Problem]:
+        rng, out = as_rng(seed), []
         while len(out) < n:
             p = self.sample(rng)
             if p.prompt not in self._test_prompts:
@@ -102,8 +102,18 @@ class ArithTask(Task):
 
     # ---- checking -------------------------------------------------------------------
     def extract_answer(self, text: str) -> Optional[int]:
-        m = ANSWER.search(text)
-        return int(m.group(1)) if m else None
+        return extract_answer(text)
+
+
+def extract_answer(text: str) -> Optional[int]:
+    """The integer after the first "####" in a generated solution, or None."""
+    m = ANSWER.search(text)
+    return int(m.group(1)) if m else None
+
+
+def is_correct(text: str, gold: int) -> bool:
+    """Does a generated solution's final answer equal gold?"""
+    return extract_answer(text) == gold
 
 
 def verify_solution(solution: str) -> bool:

@@ -1,8 +1,15 @@
 """The task interface."""
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import numpy as np
+
+Seed = Union[int, np.random.Generator]
+
+
+def as_rng(seed: Seed) -> np.random.Generator:
+    """An int seed or a numpy Generator (used as is, so successive calls continue it)."""
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
 @dataclass(frozen=True)
@@ -15,8 +22,9 @@ class Problem:
 class Task:
     name = "task"
 
-    def train_problems(self, n: int, rng: np.random.Generator) -> List[Problem]:
-        """n fresh training problems, never from the held-out split."""
+    def train_problems(self, n: int, seed: Seed) -> List[Problem]:
+        """n fresh training problems, never from the held-out split. seed: an int, or a
+        numpy Generator that successive calls keep drawing from."""
         raise NotImplementedError
 
     def test_problems(self, n: Optional[int] = None) -> List[Problem]:

@@ -20,7 +20,9 @@ def _qwen2_regex() -> str:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 400):
-    """-> a transformers PreTrainedTokenizerFast (id 0 = <|endoftext|> = eos = pad)."""
+    """-> a transformers PreTrainedTokenizerFast (id 0 = <|endoftext|> = bos = eos = pad).
+
+    As in Qwen2, bos is the same token as eos and is never prepended by encoding."""
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
@@ -34,4 +36,4 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 400):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token=EOS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)

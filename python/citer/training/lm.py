@@ -60,7 +60,8 @@ def make_model(spec: ModelSpec, tok, max_len: int = 256):
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
                       num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
                       num_key_value_heads=spec.num_attention_heads, max_position_embeddings=max_len,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+                      bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     return Qwen2ForCausalLM(cfg)
 
@@ -71,7 +72,7 @@ def encode_batch(tok, problems):
     for p in problems:
         # encode the whole text once: the prompt's tokens are a prefix of it, exactly as
         # the engine sees the prompt at inference (the solution alone would lose its
-        # leading "\u2581" space marker)
+        # leading space, which byte-level BPE merges into the first token)
         prompt = tok(p.prompt, add_special_tokens=False).input_ids
         full = tok(p.prompt + p.solution, add_special_tokens=False).input_ids + [tok.eos_token_id]
         assert full[: len(prompt)] == prompt, "prompt tokens must be a prefix of prompt + solution"
