@@ -68,7 +68,6 @@ def main() -> int:
                 ms = triton.testing.do_bench(
                     lambda: paged_attention_triton(q, kc, vc, tables, seq_lens, qsl, d ** -0.5, 1, ctx))
                 rows.append((name, f"decode attn b{batch} ctx{ctx}", ms, 2 * kc.numel() * 2 / (ms * 1e-3)))
-                del kc, vc
     print(f"\ndevice: {torch.cuda.get_device_name()}; measured copy bandwidth {bw / 1e9:.0f} GB/s")
     print(f"{'model':<11} {'kernel':<30} {'us':>9} {'GB/s':>8} {'% of copy':>9}")
     for name, kernel, ms, bps in rows:

@@ -4,7 +4,7 @@ The visible text only ever grows, so streamed deltas join to generate's text: wh
 request runs, the last (longest stop string - 1) characters and any incomplete UTF-8
 character are held back; they are released when the request finishes.
 """
-from typing import Optional, Tuple
+from typing import Tuple
 
 from .sequence import Sequence
 

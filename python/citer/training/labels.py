@@ -142,7 +142,6 @@ def on_policy_labels(engine: Engine, forcer: TeacherForcer, task: Task, problems
                      threshold: float, max_tokens: int = 128, into: Optional[LabelSet] = None) -> LabelSet:
     """Labels on trajectories the routed system itself produced (see the module doc)."""
     out = into or LabelSet()
-    tok = engine.tokenizer
     gens = engine.generate([p.prompt for p in problems],
                            SamplingParams(max_tokens=max_tokens, policy="router", threshold=threshold))
     seqs = [g.prompt_token_ids + g.token_ids for g in gens]

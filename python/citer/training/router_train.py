@@ -8,14 +8,14 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from citer import Engine, SamplingParams
-from citer.router import RouterMLP, load_router, save_router
+from citer.router import RouterMLP, save_router
 from citer.tasks import Task
 
 from .labels import LabelSet, TeacherForcer, gold_labels, on_policy_labels
