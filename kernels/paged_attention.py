@@ -76,32 +76,58 @@ def paged_attention_ref(
 # ---------------------------------------------------------------------------------------
 # Triton kernels
 #
-# GQA: the QH = Hq / Hkv query heads that share a KV head are packed into the rows of one
-# tile, so each K/V page is loaded once per KV head. On a GPU tl.dot needs every tile dim
-# >= 16: pages must be >= 16 tokens (block_size 16, 32, ...). DOT_FP32 computes the dots
-# in float32 (fp32 caches, and the interpreter, whose bf16 arithmetic is unreliable);
-# otherwise fp16/bf16 operands with fp32 accumulation.
+# Keys and values are read in tiles of TILE_N consecutive positions; each position finds
+# its page through the block table, so a tile may span several pages and any block_size
+# works (on a GPU tl.dot needs tile dims >= 16, which TILE_N and the padded head rows
+# guarantee whatever the page size). Cache offsets are int64 (block index * block stride).
+#
+# GQA: the QH = Hq / Hkv query heads that share a KV head are packed into the rows (the
+# dot's M dimension) of one tile, so each K/V tile is loaded once per KV head, not once
+# per query head.
+#
+# Decode (max_query_len == 1): split-KV. Grid (B, Hkv, NUM_SPLITS); split s of a sequence
+# takes a contiguous, TILE_N-aligned range of its context and writes a partial output and
+# its log-sum-exp; a merge kernel combines the splits. NUM_SPLITS depends only on the
+# batch size, Hkv and the device (never on the context lengths), so the launch is
+# CUDA-graph capturable; splits past a short context exit at once.
+#
+# Varlen prefill / catch-up: grid (B, Hkv, cdiv(max_query_len, BLOCK_Q)); a program owns
+# BLOCK_Q query tokens x QH heads of one sequence and walks that sequence's keys up to
+# its last query's position, causal by position.
+#
+# DOT_FP32 computes the dots in float32 with input_precision="ieee" (fp32 caches on a GPU,
+# and always under the interpreter, whose bf16 arithmetic is unreliable); otherwise
+# fp16/bf16 operands with fp32 accumulation. Softmax state is always fp32.
 # ---------------------------------------------------------------------------------------
+import functools  # noqa: E402
+import os  # noqa: E402
+
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-DECODE_SPLITS = 16  # fixed split count: the decode grid does not depend on context length
+DECODE_SPLITS_CPU = 8  # under the interpreter: few programs (its cost is per program)
+DECODE_TILE_N = 64
+PREFILL_TILE_N = 32
+PREFILL_ROWS = 64  # query rows (tokens x packed heads) per prefill program
 
 
 @triton.jit
-def _attend_page(q, m, l, acc, k_cache_ptr, v_cache_ptr, blk, page, kvh, qpos, seq_len,
-                 stride_kb, stride_kt, stride_kh, scale,
-                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+def _attend_tile(q, m, l, acc,
+                 k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+                 v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+                 bt_row_ptr,  # [max_blocks] int32: this sequence's block table row
+                 t0, kv_end, kvh, qpos, stride_kb, stride_kt, stride_kh, scale,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
                  CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr):
-    """One page of online softmax: q [M, BLOCK_D] against keys/values of page `page`."""
-    t = tl.arange(0, BLOCK_SIZE)
+    """Online softmax over key positions t0 .. t0 + TILE_N (those < kv_end) for q [M, BLOCK_D]."""
+    pos = t0 + tl.arange(0, TILE_N)
+    tmask = pos < kv_end
+    blk = tl.load(bt_row_ptr + pos // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+    row_off = blk * stride_kb + (pos % BLOCK_SIZE).to(tl.int64) * stride_kt + kvh * stride_kh  # [TILE_N]
     d = tl.arange(0, BLOCK_D)
-    pos = page * BLOCK_SIZE + t
-    tmask = pos < seq_len
-    offs = blk * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + d[None, :]
     kvmask = tmask[:, None] & (d[None, :] < D)
-    k = tl.load(k_cache_ptr + offs, mask=kvmask, other=0.0)
-    v = tl.load(v_cache_ptr + offs, mask=kvmask, other=0.0)
+    k = tl.load(k_cache_ptr + row_off[:, None] + d[None, :], mask=kvmask, other=0.0)
+    v = tl.load(v_cache_ptr + row_off[:, None] + d[None, :], mask=kvmask, other=0.0)
     if DOT_FP32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -114,7 +140,7 @@ def _attend_page(q, m, l, acc, k_cache_ptr, v_cache_ptr, blk, page, kvh, qpos, s
         valid = tmask[None, :] & (qpos[:, None] >= 0)
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
     alpha = tl.exp(m - m_safe)
     p = tl.exp(s - m_safe[:, None])
     l = l * alpha + tl.sum(p, axis=1)
@@ -128,12 +154,12 @@ def _attend_page(q, m, l, acc, k_cache_ptr, v_cache_ptr, blk, page, kvh, qpos, s
 @triton.jit
 def _paged_decode_split_kernel(
     q_ptr,  # [B, Hq, D], strides (q_stride_t, q_stride_h, 1)
-    k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
-    v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
-    block_tables_ptr,  # [B, max_blocks] int32
+    k_cache_ptr,  # [num_blocks, block_size, Hkv, D], strides (stride_kb, stride_kt, stride_kh, 1)
+    v_cache_ptr,  # [num_blocks, block_size, Hkv, D], same strides as k_cache
+    block_tables_ptr,  # [B, max_blocks] int32, row stride bt_stride
     seq_lens_ptr,  # [B] int32
-    part_out_ptr,  # [B, Hq, NUM_SPLITS, BLOCK_D] float32
-    part_lse_ptr,  # [B, Hq, NUM_SPLITS] float32
+    part_out_ptr,  # [B, Hq, NUM_SPLITS, BLOCK_D] float32 out: per-split normalised output
+    part_lse_ptr,  # [B, Hq, NUM_SPLITS] float32 out: per-split log-sum-exp (-inf: empty)
     scale,
     q_stride_t,
     q_stride_h,
@@ -142,11 +168,12 @@ def _paged_decode_split_kernel(
     stride_kt,
     stride_kh,
     Hq,
-    QH: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    QH: tl.constexpr,  # query heads per KV head
+    BLOCK_H: tl.constexpr,  # rows of the tile: next power of two >= QH, at least 16
     D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two >= D, at least 16
+    BLOCK_SIZE: tl.constexpr,  # tokens per page
+    TILE_N: tl.constexpr,  # key positions per iteration
     NUM_SPLITS: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
@@ -154,10 +181,9 @@ def _paged_decode_split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    num_pages = tl.cdiv(seq_len, BLOCK_SIZE)
-    per_split = tl.cdiv(num_pages, NUM_SPLITS)
-    p_start = split * per_split
-    p_end = tl.minimum(p_start + per_split, num_pages)
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), TILE_N) * TILE_N
+    t_start = split * per_split
+    t_end = tl.minimum(t_start + per_split, seq_len)
 
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
@@ -167,14 +193,14 @@ def _paged_decode_split_kernel(
                 mask=hmask[:, None] & (d[None, :] < D), other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    qpos = tl.zeros([BLOCK_H], dtype=tl.int32)  # decode: no causal mask inside the context
+    qpos = tl.zeros([BLOCK_H], dtype=tl.int32)  # decode: every cached position is visible
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for page in range(p_start, p_end):
-        blk = tl.load(block_tables_ptr + b * bt_stride + page).to(tl.int64)
-        m, l, acc = _attend_page(q, m, l, acc, k_cache_ptr, v_cache_ptr, blk, page, kvh, qpos, seq_len,
-                                 stride_kb, stride_kt, stride_kh, scale, D, BLOCK_D, BLOCK_SIZE,
+    bt_row = block_tables_ptr + b * bt_stride
+    for t0 in range(t_start, t_end, TILE_N):
+        m, l, acc = _attend_tile(q, m, l, acc, k_cache_ptr, v_cache_ptr, bt_row, t0, t_end, kvh, qpos,
+                                 stride_kb, stride_kt, stride_kh, scale, D, BLOCK_D, BLOCK_SIZE, TILE_N,
                                  False, DOT_FP32)
     has = l > 0
     out = tl.where(has[:, None], acc / tl.where(has, l, 1.0)[:, None], 0.0)
@@ -198,20 +224,22 @@ def _paged_decode_merge_kernel(
     d = tl.arange(0, BLOCK_D)
     lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s)
     m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # empty context (a padded lane): output zeros
     w = tl.exp(lse - m)  # empty splits: exp(-inf) = 0
     parts = tl.load(part_out_ptr + (row * NUM_SPLITS + s[:, None]) * BLOCK_D + d[None, :])
-    out = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit
 def _paged_prefill_kernel(
     q_ptr,  # [T, Hq, D], strides (q_stride_t, q_stride_h, 1)
-    k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
-    v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
-    block_tables_ptr,  # [B, max_blocks] int32
-    seq_lens_ptr,  # [B] int32
-    query_start_loc_ptr,  # [B + 1] int32
+    k_cache_ptr,  # [num_blocks, block_size, Hkv, D], strides (stride_kb, stride_kt, stride_kh, 1)
+    v_cache_ptr,  # [num_blocks, block_size, Hkv, D], same strides as k_cache
+    block_tables_ptr,  # [B, max_blocks] int32, row stride bt_stride
+    seq_lens_ptr,  # [B] int32: context length incl. the new tokens
+    query_start_loc_ptr,  # [B + 1] int32: packed query offsets
     out_ptr,  # [T, Hq, D] contiguous
     scale,
     q_stride_t,
@@ -221,12 +249,13 @@ def _paged_prefill_kernel(
     stride_kt,
     stride_kh,
     Hq,
-    QH: tl.constexpr,
+    QH: tl.constexpr,  # query heads per KV head
     BLOCK_H: tl.constexpr,  # next power of two >= QH
-    BLOCK_Q: tl.constexpr,  # query tokens per program; rows = BLOCK_Q * BLOCK_H
+    BLOCK_Q: tl.constexpr,  # query tokens per program; rows = BLOCK_Q * BLOCK_H (>= 16)
     D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two >= D, at least 16
+    BLOCK_SIZE: tl.constexpr,  # tokens per page
+    TILE_N: tl.constexpr,  # key positions per iteration
     DOT_FP32: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -253,11 +282,11 @@ def _paged_prefill_kernel(
     m = tl.full([BLOCK_Q * BLOCK_H], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_Q * BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q * BLOCK_H, BLOCK_D], dtype=tl.float32)
-    last = tl.minimum(first_pos + (qb + 1) * BLOCK_Q, seq_len)  # keys needed: positions < last
-    for page in range(0, tl.cdiv(last, BLOCK_SIZE)):
-        blk = tl.load(block_tables_ptr + b * bt_stride + page).to(tl.int64)
-        m, l, acc = _attend_page(q, m, l, acc, k_cache_ptr, v_cache_ptr, blk, page, kvh, qpos, seq_len,
-                                 stride_kb, stride_kt, stride_kh, scale, D, BLOCK_D, BLOCK_SIZE,
+    kv_end = tl.minimum(first_pos + (qb + 1) * BLOCK_Q, seq_len)  # keys needed: positions < kv_end
+    bt_row = block_tables_ptr + b * bt_stride
+    for t0 in range(0, kv_end, TILE_N):
+        m, l, acc = _attend_tile(q, m, l, acc, k_cache_ptr, v_cache_ptr, bt_row, t0, kv_end, kvh, qpos,
+                                 stride_kb, stride_kt, stride_kh, scale, D, BLOCK_D, BLOCK_SIZE, TILE_N,
                                  True, DOT_FP32)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     orow = (q_start + tok) * Hq * D + heads * D
@@ -266,46 +295,70 @@ def _paged_prefill_kernel(
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
-    import os
-
     return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Split count of the decode kernel: a power of two from the batch shape and the device
+    only (so a captured graph's grid stays valid for any context lengths), aiming at about
+    four programs per SM at long contexts."""
+    if device.type != "cuda":
+        return DECODE_SPLITS_CPU
+    want = triton.cdiv(4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()),
+                       max(1, num_seqs * num_kv_heads))
+    return min(128, max(16, triton.next_power_of_2(want)))
+
+
 def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                           max_query_len, max_seq_len):
+                           max_query_len, max_seq_len, num_splits=None):
+    """Same contract as paged_attention_ref. q: unit stride along D (heads may be a strided
+    view, e.g. of a fused qkv projection); caches contiguous; block_tables int32 with
+    unit stride along its columns; seq_lens / query_start_loc int32. max_seq_len is not
+    read (the kernels use seq_lens), so a captured graph may pass an upper bound."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if q.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
         raise ValueError("paged_attention needs unit-stride q and contiguous caches")
-    if q.is_cuda and block_size < 16:
-        raise ValueError(f"the Triton paged attention needs block_size >= 16 on a GPU, got {block_size}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if block_tables.stride(-1) != 1:
+        raise ValueError("block_tables needs unit stride along its columns")
     qh = num_heads // num_kv_heads
     block_h = triton.next_power_of_2(qh)
     block_d = max(16, triton.next_power_of_2(head_dim))
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
     strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     dot_fp32 = _dot_fp32(k_cache.dtype)
     if max_query_len == 1 and num_tokens == num_seqs:
-        splits = DECODE_SPLITS
+        splits = num_splits or decode_num_splits(num_seqs, num_kv_heads, q.device)
+        if splits & (splits - 1):
+            raise ValueError(f"num_splits must be a power of two, got {splits}")
         part_out = torch.empty((num_seqs, num_heads, splits, block_d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((num_seqs, num_heads, splits), dtype=torch.float32, device=q.device)
         _paged_decode_split_kernel[(num_seqs, num_kv_heads, splits)](
             q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, scale,
             q.stride(0), q.stride(1), block_tables.stride(0), *strides, num_heads,
             QH=qh, BLOCK_H=max(16, block_h), D=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-            NUM_SPLITS=splits, DOT_FP32=dot_fp32,
+            TILE_N=DECODE_TILE_N, NUM_SPLITS=splits, DOT_FP32=dot_fp32,
         )
         _paged_decode_merge_kernel[(num_seqs * num_heads,)](
             part_out, part_lse, out, D=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,
         )
         return out
-    block_q = max(1, 64 // block_h)
+    block_q = max(1, PREFILL_ROWS // block_h)
     grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale,
         q.stride(0), q.stride(1), block_tables.stride(0), *strides, num_heads,
         QH=qh, BLOCK_H=block_h, BLOCK_Q=block_q, D=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        DOT_FP32=dot_fp32,
+        TILE_N=PREFILL_TILE_N, DOT_FP32=dot_fp32,
     )
     return out
