@@ -56,7 +56,13 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * H + offs, (w * y).to(dtype), mask=mask)
 
 
+def _num_warps(hidden: int) -> int:
+    return min(8, max(1, triton.next_power_of_2(hidden) // 256))
+
+
 def rms_norm_triton(x, weight, eps, residual=None):
+    """Same contract as rms_norm_ref. x / residual: unit stride along H (rows may be
+    strided); weight in x's dtype; returns contiguous out and residual_out."""
     if x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
         raise ValueError("rms_norm needs unit stride along the hidden dim")
     rows, hidden = x.shape
@@ -67,5 +73,6 @@ def rms_norm_triton(x, weight, eps, residual=None):
             x, residual if residual is not None else x, out, res_out, weight,
             x.stride(0), residual.stride(0) if residual is not None else 0, hidden, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden),
+            num_warps=_num_warps(hidden),
         )
     return out, (res_out if residual is not None else None)

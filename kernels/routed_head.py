@@ -69,137 +69,137 @@ def head_from_logits(
 
 
 # ---------------------------------------------------------------------------------------
-# Triton kernels. Three launches, none of which materialises [B, V] logits:
-#   1. _head_partial_kernel, grid (B, V_SPLITS): final RMSNorm of the row (recomputed per
-#      program: H is small next to a vocab tile), then a GEMV over this program's vocab
-#      range in [BLOCK_V, BLOCK_H] tiles, keeping the running argmax (strict '>' across
-#      tiles: torch.argmax's lowest-index tie-break), the running max / sum-exp of the raw
-#      logits (for the top probability) and, for temperature rows, the Gumbel-perturbed
-#      argmax. Split 0 also writes the normed row for the router.
-#   2. _router_partial_kernel, grid (B, R_SPLITS): relu(W1[rows] h + b1[rows]) . w2[rows].
+# Triton kernels. Three launches; none materialises [B, V] logits:
+#   1. the RMSNorm kernel (rmsnorm.py) -> the normed rows h [B, H] in the hidden dtype,
+#      rounded exactly like the reference (weight * x.to(dtype)).
+#   2. _head_partial_kernel, grid (V_SPLITS, cdiv(B, BLOCK_B)): program (s, bb) owns the
+#      vocab range of split s and a tile of BLOCK_B rows. Each [BLOCK_V, BLOCK_H] lm_head
+#      tile is loaded once for all BLOCK_B rows and multiplied with tl.dot (fp32
+#      accumulation); per row it keeps the running argmax (strict '>' across tiles, and
+#      tl.argmax's first index within a tile: torch.argmax's lowest-index tie-break), the
+#      running max / sum-exp of the raw logits (online logsumexp -> top probability) and,
+#      for rows with temperature > 0, the Gumbel-max choice argmax(logit / T + G) with
+#      G = -log(-log(U)), U = tl.rand(seed_b, token_id): the noise depends only on the
+#      row's seed and the token id, not on the batch or the split layout. With a router,
+#      the same program also takes its share (split s) of the router's R hidden units:
+#      sum_r relu(h . W1[r] + b1[r]) * w2[r], so the router streams with the whole GPU too.
 #   3. _head_reduce_kernel, grid (B): merges the splits -> token, top_prob, router score.
-# With V_SPLITS >= the SM count, a batch-1 call streams the lm_head with the whole GPU.
+# V_SPLITS defaults to about four programs per SM: a batch-1 call streams the lm_head with
+# the whole GPU, and a batch of up to 64 rows reads every lm_head byte once.
 # ---------------------------------------------------------------------------------------
+import functools  # noqa: E402
+import os  # noqa: E402
+
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from .rmsnorm import _num_warps, _rms_norm_kernel  # noqa: E402
 
-@triton.jit
-def _normed_chunk(hidden_ptr, norm_weight_ptr, row_off, h0, inv_rms, H, BLOCK_H: tl.constexpr):
-    """Normed hidden values [BLOCK_H] at h0.., rounded like the reference (weight * x.to(dtype))."""
-    offs = h0 + tl.arange(0, BLOCK_H)
-    mask = offs < H
-    x = tl.load(hidden_ptr + row_off + offs, mask=mask, other=0.0)
-    dtype = x.dtype
-    xn = (x.to(tl.float32) * inv_rms).to(dtype).to(tl.float32)
-    w = tl.load(norm_weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return (w * xn).to(dtype).to(tl.float32), offs, mask
+BLOCK_V = 64  # vocab rows per tile
+ROUTER_BLOCK = 64  # router hidden units per tile
 
 
 @triton.jit
 def _head_partial_kernel(
-    hidden_ptr,  # [B, H], row stride hidden_stride
-    norm_weight_ptr,  # [H]
-    lm_head_ptr,  # [V, H], row stride lm_stride
+    h_ptr,  # [B, H] normed hidden rows, contiguous (hidden dtype)
+    lm_head_ptr,  # [V, H], row stride lm_stride, unit stride along H
     temperature_ptr,  # [B] float32, 0 = greedy
     seeds_ptr,  # [B] int64
-    h_normed_ptr,  # [B, H] float32 out (written by split 0)
+    w1_ptr,  # [R, H] float32 contiguous (unused without HAS_ROUTER)
+    b1_ptr,  # [R] float32 (unused without HAS_ROUTER)
+    w2_ptr,  # [R] float32 (unused without HAS_ROUTER)
     part_best_ptr,  # [B, V_SPLITS] float32 out: best choice score in this split
     part_idx_ptr,  # [B, V_SPLITS] int32 out: its token id
     part_max_ptr,  # [B, V_SPLITS] float32 out: max raw logit
     part_sum_ptr,  # [B, V_SPLITS] float32 out: sum exp(logit - max)
-    hidden_stride,
-    lm_stride,
+    part_router_ptr,  # [B, V_SPLITS] float32 out: this split's share of relu(W1 h + b1) . w2
+    B,
     H,
     V,
-    eps,
-    V_PER_SPLIT,
+    R,
+    lm_stride,
+    V_PER_SPLIT,  # multiple of BLOCK_V
+    R_PER_SPLIT,  # multiple of BLOCK_R
     V_SPLITS: tl.constexpr,
+    BLOCK_B: tl.constexpr,  # rows per program, >= 16 (the dot's M)
     BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # hidden chunk (the dot's K), >= 16
+    BLOCK_R: tl.constexpr,
+    HAS_ROUTER: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    row_off = b * hidden_stride
-    ss = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs = h0 + tl.arange(0, BLOCK_H)
-        x = tl.load(hidden_ptr + row_off + offs, mask=offs < H, other=0.0).to(tl.float32)
-        ss += x * x
-    inv_rms = tl.rsqrt(tl.sum(ss, axis=0) / H + eps)
-    if split == 0:
-        for h0 in range(0, H, BLOCK_H):
-            xn, offs, mask = _normed_chunk(hidden_ptr, norm_weight_ptr, row_off, h0, inv_rms, H, BLOCK_H)
-            tl.store(h_normed_ptr + b * H + offs, xn, mask=mask)
-
-    temp = tl.load(temperature_ptr + b)
+    split = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    temp = tl.load(temperature_ptr + rows, mask=rmask, other=0.0)
     sampling = temp > 0
+    any_sampling = tl.max(sampling.to(tl.int32), axis=0) > 0
     inv_temp = 1.0 / tl.where(sampling, temp, 1.0)
-    seed = tl.load(seeds_ptr + b)
-    best = tl.full([], float("-inf"), tl.float32)
-    best_idx = tl.full([], 0, tl.int32)
-    run_max = tl.full([], float("-inf"), tl.float32)
-    run_sum = tl.full([], 0.0, tl.float32)
+    seed = tl.load(seeds_ptr + rows, mask=rmask, other=0).to(tl.int64)
+
+    best = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_B], tl.int32)
+    run_max = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_B], tl.float32)
     v_start = split * V_PER_SPLIT
     v_end = tl.minimum(v_start + V_PER_SPLIT, V)
     for v0 in range(v_start, v_end, BLOCK_V):
         vo = v0 + tl.arange(0, BLOCK_V)
         vmask = vo < v_end
-        acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
-            xn, offs, mask = _normed_chunk(hidden_ptr, norm_weight_ptr, row_off, h0, inv_rms, H, BLOCK_H)
+            offs = h0 + tl.arange(0, BLOCK_H)
+            hmask = offs < H
+            x = tl.load(h_ptr + rows64[:, None] * H + offs[None, :], mask=rmask[:, None] & hmask[None, :],
+                        other=0.0)
             w = tl.load(lm_head_ptr + vo[:, None].to(tl.int64) * lm_stride + offs[None, :],
-                        mask=vmask[:, None] & mask[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * xn[None, :], axis=1)
-        logits = tl.where(vmask, acc, -float("inf"))
-        tile_max = tl.max(logits, axis=0)
-        new_max = tl.maximum(run_max, tile_max)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max), axis=0)
+                        mask=vmask[:, None] & hmask[None, :], other=0.0)
+            if DOT_FP32:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        logits = tl.where(vmask[None, :], acc, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(logits, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
         run_max = new_max
-        u = tl.rand(seed, vo)
-        gumbel = -tl.log(tl.maximum(-tl.log(tl.maximum(u, 1e-20)), 1e-20))
-        score = tl.where(sampling, logits * inv_temp + gumbel, logits)
-        score = tl.where(vmask, score, -float("inf"))
-        tile_best = tl.max(score, axis=0)
-        tile_idx = v0 + tl.argmax(score, axis=0)
+        score = logits
+        if any_sampling:
+            seed2 = seed[:, None] + tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.int64)
+            vo2 = vo[None, :] + tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.int32)
+            u = tl.rand(seed2, vo2)
+            gumbel = -tl.log(tl.maximum(-tl.log(tl.maximum(u, 1e-20)), 1e-20))
+            score = tl.where(sampling[:, None] & vmask[None, :], logits * inv_temp[:, None] + gumbel, logits)
+        tile_best = tl.max(score, axis=1)
+        tile_idx = v0 + tl.argmax(score, axis=1)
         take = tile_best > best  # strict: an earlier tile keeps ties
         best_idx = tl.where(take, tile_idx, best_idx)
         best = tl.where(take, tile_best, best)
-    out = b * V_SPLITS + split
-    tl.store(part_best_ptr + out, best)
-    tl.store(part_idx_ptr + out, best_idx)
-    tl.store(part_max_ptr + out, run_max)
-    tl.store(part_sum_ptr + out, run_sum)
+    out = rows64 * V_SPLITS + split
+    tl.store(part_best_ptr + out, best, mask=rmask)
+    tl.store(part_idx_ptr + out, best_idx, mask=rmask)
+    tl.store(part_max_ptr + out, run_max, mask=rmask)
+    tl.store(part_sum_ptr + out, run_sum, mask=rmask)
 
-
-@triton.jit
-def _router_partial_kernel(
-    h_normed_ptr,  # [B, H] float32
-    w1_ptr,  # [R, H] float32
-    b1_ptr,  # [R] float32
-    w2_ptr,  # [R] float32
-    part_ptr,  # [B, R_SPLITS] float32 out
-    H,
-    R,
-    R_SPLITS,
-    BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    rs = tl.program_id(1)
-    rows = rs * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    z = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs = h0 + tl.arange(0, BLOCK_H)
-        hmask = offs < H
-        h = tl.load(h_normed_ptr + b * H + offs, mask=hmask, other=0.0)
-        w = tl.load(w1_ptr + rows[:, None].to(tl.int64) * H + offs[None, :], mask=rmask[:, None] & hmask[None, :],
-                    other=0.0)
-        z += tl.sum(w * h[None, :], axis=1)
-    z = tl.maximum(z + tl.load(b1_ptr + rows, mask=rmask, other=0.0), 0.0)
-    part = tl.sum(z * tl.load(w2_ptr + rows, mask=rmask, other=0.0), axis=0)
-    tl.store(part_ptr + b * R_SPLITS + rs, part)
+    if HAS_ROUTER:
+        zsum = tl.zeros([BLOCK_B], tl.float32)
+        r_start = split * R_PER_SPLIT
+        r_end = tl.minimum(r_start + R_PER_SPLIT, R)
+        for r0 in range(r_start, r_end, BLOCK_R):
+            ro = r0 + tl.arange(0, BLOCK_R)
+            romask = ro < r_end
+            z = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
+            for h0 in range(0, H, BLOCK_H):
+                offs = h0 + tl.arange(0, BLOCK_H)
+                hmask = offs < H
+                x = tl.load(h_ptr + rows64[:, None] * H + offs[None, :], mask=rmask[:, None] & hmask[None, :],
+                            other=0.0).to(tl.float32)
+                w = tl.load(w1_ptr + ro[:, None].to(tl.int64) * H + offs[None, :],
+                            mask=romask[:, None] & hmask[None, :], other=0.0)
+                z += tl.dot(x, tl.trans(w), input_precision="ieee")
+            z = tl.maximum(z + tl.load(b1_ptr + ro, mask=romask, other=0.0)[None, :], 0.0)
+            zsum += tl.sum(z * tl.load(w2_ptr + ro, mask=romask, other=0.0)[None, :], axis=1)
+        tl.store(part_router_ptr + out, zsum, mask=rmask)
 
 
 @triton.jit
@@ -208,82 +208,106 @@ def _head_reduce_kernel(
     part_idx_ptr,  # [B, V_SPLITS] int32
     part_max_ptr,  # [B, V_SPLITS] float32
     part_sum_ptr,  # [B, V_SPLITS] float32
-    router_part_ptr,  # [B, R_SPLITS] float32 (unused without HAS_ROUTER)
+    part_router_ptr,  # [B, V_SPLITS] float32 (unused without HAS_ROUTER)
     b2_ptr,  # [1] float32 (unused without HAS_ROUTER)
     token_ptr,  # [B] int64 out
     top_prob_ptr,  # [B] float32 out
     score_ptr,  # [B] float32 out (nan without HAS_ROUTER)
     V_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,  # next power of two >= V_SPLITS
-    R_SPLITS: tl.constexpr,
-    BLOCK_RS: tl.constexpr,  # next power of two >= R_SPLITS
     HAS_ROUTER: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     smask = s < V_SPLITS
-    best = tl.load(part_best_ptr + b * V_SPLITS + s, mask=smask, other=-float("inf"))
+    best = tl.load(part_best_ptr + b * V_SPLITS + s, mask=smask, other=float("-inf"))
     idx = tl.load(part_idx_ptr + b * V_SPLITS + s, mask=smask, other=0)
     win = tl.argmax(best, axis=0)  # splits are in vocab order: the first maximal split wins ties
     token = tl.sum(tl.where(s == win, idx, 0), axis=0)
-    mx = tl.load(part_max_ptr + b * V_SPLITS + s, mask=smask, other=-float("inf"))
+    mx = tl.load(part_max_ptr + b * V_SPLITS + s, mask=smask, other=float("-inf"))
     se = tl.load(part_sum_ptr + b * V_SPLITS + s, mask=smask, other=0.0)
     m = tl.max(mx, axis=0)
     total = tl.sum(tl.where(smask, se * tl.exp(mx - m), 0.0), axis=0)
     tl.store(token_ptr + b, token.to(tl.int64))
     tl.store(top_prob_ptr + b, 1.0 / total)
     if HAS_ROUTER:
-        r = tl.arange(0, BLOCK_RS)
-        z = tl.sum(tl.load(router_part_ptr + b * R_SPLITS + r, mask=r < R_SPLITS, other=0.0), axis=0)
+        z = tl.sum(tl.load(part_router_ptr + b * V_SPLITS + s, mask=smask, other=0.0), axis=0)
         z = z + tl.load(b2_ptr)
         tl.store(score_ptr + b, 1.0 / (1.0 + tl.exp(-z)))
     else:
         tl.store(score_ptr + b, float("nan"))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _default_v_splits(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # under the interpreter few programs are fastest
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def routed_head_triton(hidden, norm_weight, eps, lm_head, router, temperature, seeds,
                        v_splits: Optional[int] = None):
+    """Same contract as routed_head_ref. hidden [B, H] and lm_head [V, H] with unit stride
+    along H (an lm_head row slice is fine), norm_weight in the hidden dtype, lm_head in
+    the hidden dtype; router params float32 (copied once per call otherwise); temperature
+    [B] float32 and seeds [B] int64 on the same device. No host synchronisation."""
     batch, hidden_size = hidden.shape
     vocab = lm_head.shape[0]
     dev = hidden.device
     if hidden.stride(-1) != 1 or lm_head.stride(-1) != 1:
         raise ValueError("routed_head needs unit stride along the hidden dim")
-    block_v, block_h = 64, min(128, triton.next_power_of_2(hidden_size))
-    if v_splits is None:
-        v_splits = 132 if hidden.is_cuda else 4  # about one program per SM at batch 1
-    v_per_split = triton.cdiv(triton.cdiv(vocab, v_splits), block_v) * block_v
-    v_splits = triton.cdiv(vocab, v_per_split)
+    if lm_head.shape[1] != hidden_size:
+        raise ValueError(f"lm_head {tuple(lm_head.shape)} does not match hidden size {hidden_size}")
     f32 = dict(dtype=torch.float32, device=dev)
-    h_normed = torch.empty((batch, hidden_size), **f32)
-    part_best = torch.empty((batch, v_splits), **f32)
-    part_idx = torch.empty((batch, v_splits), dtype=torch.int32, device=dev)
-    part_max = torch.empty((batch, v_splits), **f32)
-    part_sum = torch.empty((batch, v_splits), **f32)
     tokens = torch.empty(batch, dtype=torch.int64, device=dev)
     top_prob = torch.empty(batch, **f32)
     score = torch.empty(batch, **f32)
     if batch == 0:
         return tokens, top_prob, score
-    _head_partial_kernel[(batch, v_splits)](
-        hidden, norm_weight, lm_head, temperature, seeds, h_normed, part_best, part_idx, part_max, part_sum,
-        hidden.stride(0), lm_head.stride(0), hidden_size, vocab, eps, v_per_split,
-        V_SPLITS=v_splits, BLOCK_V=block_v, BLOCK_H=block_h,
+    dot_fp32 = lm_head.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+    # 1. final RMSNorm -> h [B, H] in the hidden dtype (the reference's rounding)
+    h = torch.empty((batch, hidden_size), dtype=hidden.dtype, device=dev)
+    _rms_norm_kernel[(batch,)](
+        hidden, hidden, h, h, norm_weight, hidden.stride(0), 0, hidden_size, eps,
+        HAS_RESIDUAL=False, BLOCK=triton.next_power_of_2(hidden_size), num_warps=_num_warps(hidden_size),
     )
-    r_splits, router_part, b2 = 1, part_sum, part_sum
+
+    # 2. vocab (and router) splits x row tiles
+    if v_splits is None:
+        v_splits = _default_v_splits(dev)
+    v_per_split = triton.cdiv(triton.cdiv(vocab, v_splits), BLOCK_V) * BLOCK_V
+    v_splits = triton.cdiv(vocab, v_per_split)  # every split non-empty
+    block_b = min(64, max(16, triton.next_power_of_2(batch)))
+    block_h = min(128, max(16, triton.next_power_of_2(hidden_size)))
+    part_best = torch.empty((batch, v_splits), **f32)
+    part_idx = torch.empty((batch, v_splits), dtype=torch.int32, device=dev)
+    part_max = torch.empty((batch, v_splits), **f32)
+    part_sum = torch.empty((batch, v_splits), **f32)
     if router is not None:
-        w1, b1, w2, b2 = router
+        w1, b1, w2, b2 = (t.to(torch.float32) for t in router)
         w1 = w1.contiguous()  # the kernel reads W1 as row-major [R, H]
-        block_r = 64
-        r_splits = triton.cdiv(w1.shape[0], block_r)
-        router_part = torch.empty((batch, r_splits), **f32)
-        _router_partial_kernel[(batch, r_splits)](
-            h_normed, w1, b1, w2, router_part, hidden_size, w1.shape[0], r_splits,
-            BLOCK_R=block_r, BLOCK_H=block_h,
-        )
+        num_r = w1.shape[0]
+        r_per_split = triton.cdiv(triton.cdiv(num_r, v_splits), ROUTER_BLOCK) * ROUTER_BLOCK
+        part_router = torch.empty((batch, v_splits), **f32)
         b2 = b2.reshape(1)
+    else:
+        w1 = b1 = w2 = b2 = part_router = part_sum  # placeholders, never read
+        num_r, r_per_split = 0, ROUTER_BLOCK
+    _head_partial_kernel[(v_splits, triton.cdiv(batch, block_b))](
+        h, lm_head, temperature, seeds, w1, b1, w2, part_best, part_idx, part_max, part_sum, part_router,
+        batch, hidden_size, vocab, num_r, lm_head.stride(0), v_per_split, r_per_split,
+        V_SPLITS=v_splits, BLOCK_B=block_b, BLOCK_V=BLOCK_V, BLOCK_H=block_h, BLOCK_R=ROUTER_BLOCK,
+        HAS_ROUTER=router is not None, DOT_FP32=dot_fp32,
+    )
+
+    # 3. merge the splits
     _head_reduce_kernel[(batch,)](
-        part_best, part_idx, part_max, part_sum, router_part, b2, tokens, top_prob, score,
-        V_SPLITS=v_splits, BLOCK_S=triton.next_power_of_2(v_splits), R_SPLITS=r_splits,
-        BLOCK_RS=triton.next_power_of_2(r_splits), HAS_ROUTER=router is not None,
+        part_best, part_idx, part_max, part_sum, part_router, b2, tokens, top_prob, score,
+        V_SPLITS=v_splits, BLOCK_S=triton.next_power_of_2(v_splits), HAS_ROUTER=router is not None,
     )
     return tokens, top_prob, score
