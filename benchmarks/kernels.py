@@ -1,9 +1,21 @@
-"""Kernel benchmarks on a GPU: triton.testing.do_bench, achieved bytes/s vs the device's
-measured copy bandwidth, at real model shapes (Qwen2-1.5B, Qwen2-7B), bf16.
+"""Kernel benchmarks at real model shapes (Qwen2-1.5B, Qwen2-7B), bf16.
 
-  python benchmarks/kernels.py          # prints a table last; exits 0 with a note on CPU
+On a GPU: triton.testing.do_bench for every kernel; achieved bytes/s against the device's
+own measured device-to-device copy bandwidth; decode attention at 4k/16k/32k contexts
+(batch 1 and 8), routed head at batch 1/8 (vs the torch reference path, which builds
+[B, vocab] logits), flash-attn's paged decode where it is installed. Prints a table last.
+
+  python benchmarks/kernels.py                    # GPU benchmark; on CPU: a note, exit 0
+  python benchmarks/kernels.py --compile-only     # no GPU needed: compile every kernel
+      exactly as the wrappers launch it at the real shapes, for sm_90 (H100/H200), with
+      Triton's own ptxas; report registers, spills and shared memory per kernel
 """
+import argparse
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -11,8 +23,204 @@ SHAPES = {  # hidden, q heads, kv heads, head_dim, vocab
     "qwen2-1.5b": (1536, 12, 2, 128, 151936),
     "qwen2-7b": (3584, 28, 4, 128, 152064),
 }
+DT = torch.bfloat16
+BLOCK_SIZE = 16
 
 
+# ---------------------------------------------------------------------------------------
+# The launches of one engine step, per model shape (shared by the GPU run and --compile-only)
+# ---------------------------------------------------------------------------------------
+def head_inputs(hidden, vocab, batch, device, router=True, sampling=False):
+    lm = torch.empty(vocab, hidden, device=device, dtype=DT)
+    nw = torch.empty(hidden, device=device, dtype=DT)
+    hs = torch.empty(batch, hidden, device=device, dtype=DT)
+    r = None
+    if router:
+        r = (torch.empty(2 * hidden, hidden, device=device), torch.empty(2 * hidden, device=device),
+             torch.empty(2 * hidden, device=device), torch.empty((), device=device))
+    temp = torch.full((batch,), 0.7 if sampling else 0.0, device=device)
+    seeds = torch.zeros(batch, dtype=torch.int64, device=device)
+    return hs, nw, 1e-6, lm, r, temp, seeds
+
+
+def paged_inputs(hq, hkv, d, q_lens, ctx, device, init=torch.empty):
+    """Caches holding exactly the batch's contexts, with permuted block tables."""
+    batch = len(ctx)
+    pages = [-(-c // BLOCK_SIZE) for c in ctx]
+    nb = sum(pages)
+    kc = init(nb, BLOCK_SIZE, hkv, d, device=device, dtype=DT)
+    vc = init(nb, BLOCK_SIZE, hkv, d, device=device, dtype=DT)
+    perm = torch.randperm(nb) if device != "meta" else torch.arange(nb)
+    tables = torch.zeros(batch, max(pages), dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(pages):
+        tables[b, :n] = perm[start:start + n].int()
+        start += n
+    q = init(sum(q_lens), hq, d, device=device, dtype=DT)
+    qsl = torch.zeros(batch + 1, dtype=torch.int32)
+    qsl[1:] = torch.tensor(q_lens).cumsum(0)
+    return (q, kc, vc, tables.to(device), torch.tensor(ctx, dtype=torch.int32, device=device), qsl.to(device),
+            d ** -0.5, max(q_lens), max(ctx))
+
+
+# ---------------------------------------------------------------------------------------
+# --compile-only: ahead-of-time compilation for a GPU target, no GPU needed
+# ---------------------------------------------------------------------------------------
+def _jit_functions(modules):
+    from triton.runtime.jit import JITFunction
+
+    return [(m, name, obj) for m in modules for name, obj in vars(m).items() if isinstance(obj, JITFunction)]
+
+
+def capture_launches(fn, *args, **kwargs):
+    """Call a kernel wrapper on meta tensors with every @triton.jit kernel it launches
+    replaced by a recorder -> [(kernel, positional args, keyword args)] in launch order."""
+    from citer.kernels import kv_store, paged_attention, rmsnorm, routed_head
+
+    launches, patched = [], _jit_functions([kv_store, paged_attention, rmsnorm, routed_head])
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((self.kernel, a, kw))
+
+    try:
+        for m, name, obj in patched:
+            setattr(m, name, Recorder(obj))
+        fn(*args, **kwargs)
+    finally:
+        for m, name, obj in patched:
+            setattr(m, name, obj)
+    return launches
+
+
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+          torch.int64: "i64", torch.uint8: "u8"}
+
+
+def aot_compile(kernel, args, kwargs, arch: int):
+    """Compile one recorded launch for sm_<arch> the way the JIT would specialise it (16-byte
+    aligned pointers, ints divisible by 16 marked so) -> (compiled kernel, ptxas -v summary)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    values = dict(zip(kernel.arg_names, args))
+    values.update(kwargs)
+    constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        v = values[name]
+        if name in constexpr_names or v is None:
+            sig[name], consts[name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = "*" + _TYPES[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            sig[name] = "i64" if not -2 ** 31 <= v < 2 ** 31 else "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}: cannot type argument {name}={v!r}")
+    compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                              options=options)
+    return compiled, _ptxas_stats(compiled.asm["ptx"], arch)
+
+
+def _ptxas_stats(ptx: str, arch: int) -> dict:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(arch).path
+    except Exception:  # pragma: no cover - other Triton layouts
+        import triton
+
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        suffix = "a" if arch >= 90 else ""
+        res = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    text = res.stderr + res.stdout
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed:\n{text}")
+
+    def grab(pattern):
+        m = re.search(pattern, text)
+        return int(m.group(1)) if m else 0
+
+    return dict(regs=grab(r"Used (\d+) registers"), spill_stores=grab(r"(\d+) bytes spill stores"),
+                spill_loads=grab(r"(\d+) bytes spill loads"))
+
+
+def engine_step_launches(quick: bool = False):
+    """(label, recorded launches) for every kernel at the benchmark shapes, on meta tensors,
+    with the split counts a 132-SM H100 would get."""
+    from citer.kernels.kv_store import store_kvcache_triton
+    from citer.kernels.paged_attention import decode_num_splits, paged_attention_triton
+    from citer.kernels.rmsnorm import rms_norm_triton
+    from citer.kernels.routed_head import routed_head_triton
+
+    sms = 132
+    out = []
+    models = list(SHAPES.items())[-1:] if quick else list(SHAPES.items())
+    for name, (hidden, hq, hkv, d, vocab) in models:
+        x = torch.empty(8, hidden, device="meta", dtype=DT)
+        out.append((f"{name} rmsnorm+residual", capture_launches(rms_norm_triton, x, x[0], 1e-6, x)))
+        k = torch.empty(8, hkv, d, device="meta", dtype=DT)
+        cache = torch.empty(64, BLOCK_SIZE, hkv, d, device="meta", dtype=DT)
+        slots = torch.empty(8, dtype=torch.int64, device="meta")
+        out.append((f"{name} kv store", capture_launches(store_kvcache_triton, k, k, cache, cache, slots)))
+        for batch in ((1,) if quick else (1, 8)):
+            splits = decode_num_splits(batch, hkv, torch.device("cuda"), sm_count=sms)
+            args = paged_inputs(hq, hkv, d, [1] * batch, [4096] * batch, "meta")
+            out.append((f"{name} decode attn b{batch}",
+                        capture_launches(paged_attention_triton, *args, num_splits=splits)))
+        args = paged_inputs(hq, hkv, d, [8] * 8, [4096] * 8, "meta")
+        out.append((f"{name} catch-up attn b8 q8", capture_launches(paged_attention_triton, *args)))
+        for batch in ((1, 32) if quick else (1, 8, 32)):
+            label = f"{name} routed head b{batch} +router"
+            out.append((label, capture_launches(routed_head_triton, *head_inputs(hidden, vocab, batch, "meta"),
+                                                v_splits=4 * sms)))
+    return out
+
+
+def compile_only(arch: int, quick: bool) -> int:
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for real (the kernels' module reads it at launch)
+    import triton
+
+    print(f"triton {triton.__version__}: compiling every kernel launch for sm_{arch} (no GPU needed)")
+    rows, seen, bad = [], set(), 0
+    for label, launches in engine_step_launches(quick):
+        for kernel, args, kwargs in launches:
+            key = (kernel.__name__, tuple(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor))))
+            if key in seen:
+                continue
+            seen.add(key)
+            compiled, stats = aot_compile(kernel, args, dict(kwargs), arch)
+            spills = stats["spill_stores"] + stats["spill_loads"]
+            bad += spills > 0
+            rows.append((label, kernel.__name__, stats["regs"], spills, compiled.metadata.shared,
+                         compiled.metadata.num_warps))
+    print(f"\n{'launch':<34} {'kernel':<28} {'regs':>5} {'spill B':>8} {'smem B':>8} {'warps':>5}")
+    for label, kname, regs, spills, smem, warps in rows:
+        print(f"{label:<34} {kname:<28} {regs:>5} {spills:>8} {smem:>8} {warps:>5}")
+    print(f"\n{len(rows)} kernel variants compiled for sm_{arch}; {bad} with register spills")
+    return 1 if bad else 0
+
+
+# ---------------------------------------------------------------------------------------
+# GPU timing
+# ---------------------------------------------------------------------------------------
 def copy_bandwidth() -> float:
     """Bytes/s of a large device-to-device copy (read + write)."""
     import triton.testing
@@ -23,56 +231,115 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / (ms * 1e-3)
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA device (the kernels only compile for GPUs); nothing to time here")
-        return 0
+def gpu_benchmark() -> int:
     import triton.testing
 
+    from citer.kernels.kv_store import store_kvcache_triton
     from citer.kernels.paged_attention import paged_attention_triton
     from citer.kernels.rmsnorm import rms_norm_triton
-    from citer.kernels.routed_head import routed_head_triton
+    from citer.kernels.routed_head import routed_head_ref, routed_head_triton
+
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        flash_attn_with_kvcache = None
+
+    def bench(fn):
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
 
     bw = copy_bandwidth()
-    rows = []
-    dt = torch.bfloat16
+    rows = []  # (model, kernel, shape, ms, bytes, flops)
+    dev = "cuda"
     for name, (hidden, hq, hkv, d, vocab) in SHAPES.items():
-        lm = torch.randn(vocab, hidden, device="cuda", dtype=dt) * 0.02
-        nw = torch.ones(hidden, device="cuda", dtype=dt)
-        router = (torch.randn(2 * hidden, hidden, device="cuda") * 0.02, torch.zeros(2 * hidden, device="cuda"),
-                  torch.randn(2 * hidden, device="cuda") * 0.02, torch.zeros((), device="cuda"))
+        # routed head: norm + lm_head + argmax/sample + router, vs the reference (full logits)
         for batch in (1, 8):
-            hs = torch.randn(batch, hidden, device="cuda", dtype=dt)
-            temp = torch.zeros(batch, device="cuda")
-            seeds = torch.zeros(batch, dtype=torch.int64, device="cuda")
             for with_router in (False, True):
-                ms = triton.testing.do_bench(
-                    lambda: routed_head_triton(hs, nw, 1e-6, lm, router if with_router else None, temp, seeds))
-                nbytes = lm.numel() * 2 + (sum(t.numel() * 4 for t in router[:3]) if with_router else 0)
-                rows.append((name, f"routed head b{batch}{' +router' if with_router else ''}", ms, nbytes / (ms * 1e-3)))
-            ref_ms = triton.testing.do_bench(lambda: torch.argmax(hs @ lm.t(), -1))
-            rows.append((name, f"torch matmul+argmax b{batch}", ref_ms, lm.numel() * 2 / (ref_ms * 1e-3)))
-        x = torch.randn(64, hidden, device="cuda", dtype=dt)
-        ms = triton.testing.do_bench(lambda: rms_norm_triton(x, nw, 1e-6, x))
-        rows.append((name, "rmsnorm+residual t64", ms, 4 * x.numel() * 2 / (ms * 1e-3)))
+                args = list(head_inputs(hidden, vocab, batch, dev, router=with_router))
+                args[0].normal_()
+                args[1].fill_(1.0)
+                args[3].normal_(std=0.02)
+                if with_router:
+                    for t in args[4]:
+                        t.normal_(std=0.02)
+                nbytes = args[3].numel() * 2 + (sum(t.numel() * 4 for t in args[4]) if with_router else 0)
+                tag = " +router" if with_router else ""
+                rows.append((name, f"routed head{tag}", f"b{batch}", bench(lambda: routed_head_triton(*args)),
+                             nbytes, 0))
+                if with_router:
+                    rows.append((name, f"torch ref head{tag}", f"b{batch}", bench(lambda: routed_head_ref(*args)),
+                                 nbytes, 0))
+            sargs = head_inputs(hidden, vocab, batch, dev, router=False, sampling=True)
+            sargs[3].normal_(std=0.02)
+            rows.append((name, "routed head, sampling", f"b{batch}", bench(lambda: routed_head_triton(*sargs)),
+                         sargs[3].numel() * 2, 0))
+            del args, sargs
+        # RMSNorm with the residual add
+        for t in (1, 64):
+            x = torch.randn(t, hidden, device=dev, dtype=DT)
+            r = torch.randn_like(x)
+            w = torch.ones(hidden, device=dev, dtype=DT)
+            rows.append((name, "rmsnorm+residual", f"t{t}", bench(lambda: rms_norm_triton(x, w, 1e-6, r)),
+                         4 * x.numel() * 2, 0))
+        # KV store
+        for t in (8, 2048):
+            k = torch.randn(t, hkv, d, device=dev, dtype=DT)
+            cache = torch.zeros(t // BLOCK_SIZE + 8, BLOCK_SIZE, hkv, d, device=dev, dtype=DT)
+            cache2 = torch.zeros_like(cache)
+            slots = torch.randperm(cache.shape[0] * BLOCK_SIZE, device=dev)[:t]
+            rows.append((name, "kv store", f"t{t}", bench(lambda: store_kvcache_triton(k, k, cache, cache2, slots)),
+                         4 * k.numel() * 2, 0))
+        # decode attention, split-KV, long contexts
         for ctx in (4096, 16384, 32768):
             for batch in (1, 8):
-                bs = 16
-                nb = batch * ctx // bs
-                kc = torch.randn(nb, bs, hkv, d, device="cuda", dtype=dt)
-                vc = torch.randn_like(kc)
-                tables = torch.randperm(nb, device="cuda").view(batch, -1).int()
-                q = torch.randn(batch, hq, d, device="cuda", dtype=dt)
-                seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-                qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-                ms = triton.testing.do_bench(
-                    lambda: paged_attention_triton(q, kc, vc, tables, seq_lens, qsl, d ** -0.5, 1, ctx))
-                rows.append((name, f"decode attn b{batch} ctx{ctx}", ms, 2 * kc.numel() * 2 / (ms * 1e-3)))
-    print(f"\ndevice: {torch.cuda.get_device_name()}; measured copy bandwidth {bw / 1e9:.0f} GB/s")
-    print(f"{'model':<11} {'kernel':<30} {'us':>9} {'GB/s':>8} {'% of copy':>9}")
-    for name, kernel, ms, bps in rows:
-        print(f"{name:<11} {kernel:<30} {ms * 1e3:>9.1f} {bps / 1e9:>8.0f} {100 * bps / bw:>8.0f}%")
+                args = paged_inputs(hq, hkv, d, [1] * batch, [ctx] * batch, dev, init=torch.randn)
+                kv_bytes = 2 * args[1].numel() * 2
+                rows.append((name, "decode attn (split-KV)", f"b{batch} ctx{ctx}",
+                             bench(lambda: paged_attention_triton(*args)), kv_bytes, 4 * batch * ctx * hq * d))
+                if flash_attn_with_kvcache is not None:  # its paged API needs pages of 256
+                    q, kc, vc, _, seq_lens = args[:5]
+                    kf, vf = kc.view(-1, 256, hkv, d), vc.view(-1, 256, hkv, d)
+                    tf = torch.randperm(kf.shape[0], device=dev).int().view(batch, -1)
+                    rows.append((name, "flash-attn paged decode", f"b{batch} ctx{ctx}",
+                                 bench(lambda: flash_attn_with_kvcache(q[:, None], kf, vf, cache_seqlens=seq_lens,
+                                                                       block_table=tf, softmax_scale=d ** -0.5)),
+                                 kv_bytes, 4 * batch * ctx * hq * d))
+                del args
+        # varlen attention: the LLM's catch-up (a few new tokens on a long context) and a prefill
+        for q_len, ctx, batch in ((8, 4096, 8), (32, 4096, 8), (2048, 2048, 1)):
+            args = paged_inputs(hq, hkv, d, [q_len] * batch, [ctx] * batch, dev, init=torch.randn)
+            visible = batch * sum(ctx - q_len + i + 1 for i in range(q_len))
+            rows.append((name, "varlen attn (catch-up/prefill)", f"b{batch} q{q_len} ctx{ctx}",
+                         bench(lambda: paged_attention_triton(*args)), 2 * args[1].numel() * 2, 4 * visible * hq * d))
+            del args
+        torch.cuda.empty_cache()
+
+    print(f"\ndevice: {torch.cuda.get_device_name()}; measured copy bandwidth {bw / 1e9:.0f} GB/s "
+          "(bytes = compulsory bytes read + written; % = achieved / copy bandwidth)")
+    print(f"{'model':<11} {'kernel':<31} {'shape':<18} {'us':>9} {'GB/s':>7} {'% copy':>7} {'TFLOP/s':>8}")
+    for name, kernel, shape, ms, nbytes, flops in rows:
+        s = ms * 1e-3
+        tf = f"{flops / s / 1e12:8.1f}" if flops else f"{'':>8}"
+        print(f"{name:<11} {kernel:<31} {shape:<18} {ms * 1e3:>9.1f} {nbytes / s / 1e9:>7.0f} "
+              f"{100 * nbytes / s / bw:>6.0f}% {tf}")
     return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compile-only", action="store_true",
+                    help="compile every kernel for --arch without a GPU and report registers/spills")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only (90 = H100/H200)")
+    ap.add_argument("--quick", action="store_true", help="--compile-only on the 7B shapes only")
+    opts = ap.parse_args(argv)
+    if opts.compile_only:
+        return compile_only(opts.arch, opts.quick)
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py times the Triton kernels on a CUDA device; none here, nothing to time.\n"
+              "Without a GPU: `python benchmarks/kernels.py --compile-only` compiles every kernel for sm_90 "
+              "and reports registers and spills; the kernels' correctness runs under TRITON_INTERPRET=1 in "
+              "tests/test_kernels.py.")
+        return 0
+    return gpu_benchmark()
 
 
 if __name__ == "__main__":

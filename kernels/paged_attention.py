@@ -303,14 +303,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device, sm_count=None) -> int:
     """Split count of the decode kernel: a power of two from the batch shape and the device
     only (so a captured graph's grid stays valid for any context lengths), aiming at about
-    four programs per SM at long contexts."""
-    if device.type != "cuda":
+    four programs per SM at long contexts; between 16 and 128."""
+    if device.type != "cuda" and sm_count is None:
         return DECODE_SPLITS_CPU
-    want = triton.cdiv(4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()),
-                       max(1, num_seqs * num_kv_heads))
+    if sm_count is None:
+        sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    want = triton.cdiv(4 * sm_count, max(1, num_seqs * num_kv_heads))
     return min(128, max(16, triton.next_power_of_2(want)))
 
 

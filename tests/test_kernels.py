@@ -3,6 +3,8 @@ compiled for real on a GPU): fresh random inputs, permuted block tables, ragged 
 non-power-of-two sizes, GQA, fp32 / fp16 / bf16 (bf16 compared with the reference run in
 fp32 on the same bf16 values: the interpreter computes bf16 in fp32 and truncates)."""
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -19,6 +21,7 @@ from citer.kernels.rmsnorm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from citer.kernels.routed_head import router_mlp_ref, routed_head_ref, routed_head_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernels.py")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -291,3 +294,17 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("CITER_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ops_mod.resolve_backend(cpu)
+
+
+# ---------------------------------------------------------------------------------------
+# The interpreter does not compile: check that every launch also compiles for an H100
+# ---------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile the kernels for real")
+def test_kernels_compile_for_sm90_without_register_spills():
+    """Every kernel, launched exactly as its wrapper launches it at Qwen2-7B shapes (bf16),
+    compiles for sm_90 with Triton's own ptxas and spills no registers."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, BENCH, "--compile-only", "--quick"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "0 with register spills" in res.stdout
