@@ -1,6 +1,7 @@
 """GPU-only: the Triton kernels compiled for real at model-like sizes vs the references,
-flash-attn as a cross-check of paged attention where it is installed, and the engine end
-to end on CUDA vs transformers. Skipped on machines without CUDA."""
+CUDA-graph capture and replay of the decode-step kernels, flash-attn as a cross-check of
+paged attention where it is installed, and the engine end to end on CUDA vs
+transformers. Skipped on machines without CUDA."""
 import pytest
 import torch
 
@@ -9,14 +10,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 from citer.kernels.kv_store import store_kvcache_ref, store_kvcache_triton  # noqa: E402
 from citer.kernels.paged_attention import paged_attention_ref, paged_attention_triton  # noqa: E402
 from citer.kernels.rmsnorm import rms_norm_ref, rms_norm_triton  # noqa: E402
-from citer.kernels.routed_head import routed_head_triton, router_mlp_ref  # noqa: E402
+from citer.kernels.routed_head import routed_head_ref, routed_head_triton, router_mlp_ref  # noqa: E402
 
 DEV = "cuda"
 
 
-def _paged(q_lens, ctx, hq, hkv, d, bs, dtype, seed=0):
+def _paged(q_lens, ctx, hq, hkv, d, bs, dtype, seed=0, extra_cols=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    max_blocks = max(-(-c // bs) for c in ctx)
+    max_blocks = max(-(-c // bs) for c in ctx) + extra_cols
     nb = len(ctx) * max_blocks + 1
     kc = torch.randn(nb, bs, hkv, d, generator=g).to(DEV, dtype)
     vc = torch.randn(nb, bs, hkv, d, generator=g).to(DEV, dtype)
@@ -27,26 +28,47 @@ def _paged(q_lens, ctx, hq, hkv, d, bs, dtype, seed=0):
     return q, kc, vc, tables, torch.tensor(ctx, dtype=torch.int32, device=DEV), qsl.to(DEV), d ** -0.5, max(q_lens), max(ctx)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("q_lens,ctx", [([1] * 8, [17, 300, 4096, 1, 999, 33, 8000, 64]), ([37, 1, 200], [37, 500, 900])])
-def test_paged_attention_real_sizes(dtype, q_lens, ctx):
-    args = _paged(q_lens, ctx, 28, 4, 128, 16, dtype)
-    out = paged_attention_triton(*args)
+def _assert_attn_close(out, args):
     q, kc, vc, *rest = args
     ref = paged_attention_ref(q.float(), kc.float(), vc.float(), *rest)
     low = paged_attention_ref(*args).float()  # torch doing the same math in the low dtype
     err, base = (out.float() - ref).abs().max(), (low - ref).abs().max()
-    assert err <= 3 * base + 1e-3  # flash-attn's rule: within 3x the low-precision torch error
+    assert err <= 3 * base + 1e-3, (err, base)  # flash-attn's rule: within 3x the low-precision torch error
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv", [(28, 4), (12, 2)])
+@pytest.mark.parametrize("q_lens,ctx", [([1] * 8, [17, 300, 4096, 1, 999, 33, 8000, 64]),
+                                        ([37, 1, 200, 8], [37, 500, 900, 4100])])
+def test_paged_attention_real_sizes(dtype, hq, hkv, q_lens, ctx):
+    args = _paged(q_lens, ctx, hq, hkv, 128, 16, dtype)
+    _assert_attn_close(paged_attention_triton(*args), args)
+
+
+@pytest.mark.parametrize("bs", [1, 8, 32, 256])
+def test_paged_attention_block_sizes(bs):
+    for q_lens, ctx in (([1] * 3, [5, 700, 2049]), ([9, 1, 64], [9, 700, 2049])):
+        args = _paged(q_lens, ctx, 12, 2, 128, bs, torch.bfloat16, seed=bs)
+        _assert_attn_close(paged_attention_triton(*args), args)
+
+
+def test_paged_attention_fp32_is_exact():
+    args = _paged([1, 5, 1], [100, 333, 2000], 8, 2, 64, 16, torch.float32)
+    ref = paged_attention_ref(*args)
+    assert torch.allclose(paged_attention_triton(*args), ref, atol=1e-5, rtol=1e-5)  # IEEE dots, no TF32
 
 
 def test_paged_attention_matches_flash_attn():
     flash = pytest.importorskip("flash_attn")
-    args = _paged([1] * 4, [100, 2000, 31, 512], 32, 8, 128, 256, torch.float16)
-    q, kc, vc, tables, seq_lens, *_ = args
-    out = paged_attention_triton(*args)
-    ref = flash.flash_attn_with_kvcache(q[:, None], kc, vc, cache_seqlens=seq_lens, block_table=tables,
-                                        softmax_scale=128 ** -0.5, causal=True)[:, 0]
-    assert (out.float() - ref.float()).abs().max() < 2e-2
+    # decode, and a uniform catch-up (flash-attn's causal mask is bottom-right aligned: the
+    # queries are the last positions, as here); flash-attn's paged API wants pages of 256
+    for q_len in (1, 6):
+        args = _paged([q_len] * 4, [100, 2000, 31, 512], 32, 8, 128, 256, torch.float16)
+        q, kc, vc, tables, seq_lens, *_ = args
+        out = paged_attention_triton(*args)
+        ref = flash.flash_attn_with_kvcache(q.view(4, q_len, 32, 128), kc, vc, cache_seqlens=seq_lens,
+                                            block_table=tables, softmax_scale=128 ** -0.5, causal=True)
+        assert (out.float() - ref.reshape(out.shape).float()).abs().max() < 2e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -66,23 +88,85 @@ def test_rms_norm_and_kv_store_real_sizes(dtype):
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
 
 
-@pytest.mark.parametrize("batch", [1, 8])
-def test_routed_head_real_sizes(batch):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    hidden, vocab = 1536, 151936
-    hs = torch.randn(batch, hidden, generator=g).to(DEV, torch.bfloat16)
-    nw = torch.ones(hidden, device=DEV, dtype=torch.bfloat16)
-    lm = (torch.randn(vocab, hidden, generator=g) * 0.02).to(DEV, torch.bfloat16)
+def _head(batch, hidden=1536, vocab=151936, seed=0, dtype=torch.bfloat16):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hs = torch.randn(batch, hidden, generator=g).to(DEV, dtype)
+    nw = (1 + 0.1 * torch.randn(hidden, generator=g)).to(DEV, dtype)
+    lm = (torch.randn(vocab, hidden, generator=g) * 0.02).to(DEV, dtype)
     router = tuple(t.to(DEV) for t in (torch.randn(2 * hidden, hidden, generator=g) * 0.02, torch.zeros(2 * hidden),
                                        torch.randn(2 * hidden, generator=g) * 0.02, torch.zeros(())))
+    return hs, nw, lm, router
+
+
+@pytest.mark.parametrize("batch", [1, 8, 40])
+def test_routed_head_real_sizes(batch):
+    hs, nw, lm, router = _head(batch)
     tok, top, score = routed_head_triton(hs, nw, 1e-6, lm, router, torch.zeros(batch, device=DEV),
                                          torch.zeros(batch, dtype=torch.int64, device=DEV))
-    h = rms_norm_ref(hs.float(), nw.float(), 1e-6)[0]
-    logits = h @ lm.float().t()
+    h = rms_norm_ref(hs, nw, 1e-6)[0]  # bf16, as the kernel feeds the dot
+    logits = h.float() @ lm.float().t()
     chosen = logits.gather(1, tok[:, None]).squeeze(1)
     assert torch.all(chosen >= logits.max(1).values - 1e-2)
     assert torch.allclose(top, torch.softmax(logits, -1).amax(-1), atol=1e-3)
     assert torch.allclose(score, router_mlp_ref(h, *router), atol=1e-3)
+
+
+def test_routed_head_fp32_matches_reference_exactly():
+    hs, nw, lm, router = _head(5, hidden=256, vocab=5000, dtype=torch.float32)
+    temp, seeds = torch.zeros(5, device=DEV), torch.zeros(5, dtype=torch.int64, device=DEV)
+    tok, top, score = routed_head_triton(hs, nw, 1e-6, lm, router, temp, seeds)
+    ref_tok, ref_top, ref_score = routed_head_ref(hs, nw, 1e-6, lm, router, temp, seeds)
+    assert torch.equal(tok, ref_tok)
+    assert torch.allclose(top, ref_top, atol=1e-5) and torch.allclose(score, ref_score, atol=1e-5)
+
+
+def test_routed_head_sampling_on_gpu():
+    hs, nw, lm, _ = _head(1, hidden=64, vocab=8, dtype=torch.float32)
+    n, t = 4096, 0.8
+    tok, _, _ = routed_head_triton(hs.expand(n, -1).contiguous(), nw, 1e-6, lm, None, torch.full((n,), t, device=DEV),
+                                   torch.arange(n, dtype=torch.int64, device=DEV))
+    logits = rms_norm_ref(hs, nw, 1e-6)[0] @ lm.t()
+    probs = torch.softmax(logits[0].double() / t, -1).cpu()
+    freq = torch.bincount(tok.cpu(), minlength=8).double() / n
+    assert torch.all((freq - probs).abs() <= 4 * (probs * (1 - probs) / n).sqrt() + 1e-3)
+
+
+def test_decode_step_kernels_capture_in_a_cuda_graph():
+    """Decode attention and the routed head run inside a captured CUDA graph (no host
+    sync, grids independent of the context lengths); replays after the static inputs
+    change in place (longer contexts, other seeds) match the references."""
+    batch, hq, hkv, d = 4, 12, 2, 128
+    args = list(_paged([1] * batch, [100, 700, 5, 3000], hq, hkv, d, 16, torch.bfloat16, extra_cols=300))
+    q, kc, vc, tables, seq_lens, qsl, scale = args[:7]
+    hs, nw, lm, router = _head(batch, vocab=32000)
+    temp = torch.tensor([0.0, 0.9, 0.0, 1.2], device=DEV)
+    seeds = torch.tensor([0, 5, 0, 9], dtype=torch.int64, device=DEV)
+    max_len = tables.shape[1] * 16
+
+    def step():
+        return (paged_attention_triton(q, kc, vc, tables, seq_lens, qsl, scale, 1, max_len),
+                routed_head_triton(hs, nw, 1e-6, lm, router, temp, seeds))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()  # warm up: compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attn_out, (tok_out, top_out, score_out) = step()
+    for new_lens, new_seeds in (([100, 700, 5, 3000], [0, 5, 0, 9]), ([101, 2048, 6, 4100], [0, 6, 0, 10])):
+        seq_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        seeds.copy_(torch.tensor(new_seeds))
+        hs.copy_(torch.randn_like(hs))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager_attn, (eager_tok, eager_top, eager_score) = step()
+        assert torch.equal(attn_out, eager_attn)
+        assert torch.equal(tok_out, eager_tok) and torch.equal(top_out, eager_top)
+        assert torch.equal(score_out, eager_score)
+        _assert_attn_close(attn_out, [q, kc, vc, tables, seq_lens, qsl, scale, 1, max(new_lens)])
 
 
 def test_engine_on_cuda_matches_transformers(hf_models):
