@@ -72,12 +72,16 @@ def _jit_functions(modules):
     return [(m, name, obj) for m in modules for name, obj in vars(m).items() if isinstance(obj, JITFunction)]
 
 
-def capture_launches(fn, *args, **kwargs):
+def capture_launches(fn, *args, sm_count=132, **kwargs):
     """Call a kernel wrapper on meta tensors with every @triton.jit kernel it launches
-    replaced by a recorder -> [(kernel, positional args, keyword args)] in launch order."""
+    replaced by a recorder -> [(kernel, positional args, keyword args)] in launch order.
+    Split counts are those of a GPU with sm_count SMs (132: H100 SXM)."""
     from citer.kernels import kv_store, paged_attention, rmsnorm, routed_head
 
     launches, patched = [], _jit_functions([kv_store, paged_attention, rmsnorm, routed_head])
+    splits = paged_attention.decode_num_splits
+    patched += [(paged_attention, "decode_num_splits", splits), (routed_head, "_default_v_splits",
+                                                                routed_head._default_v_splits)]
 
     class Recorder:
         def __init__(self, kernel):
@@ -89,6 +93,8 @@ def capture_launches(fn, *args, **kwargs):
     try:
         for m, name, obj in patched:
             setattr(m, name, Recorder(obj))
+        paged_attention.decode_num_splits = lambda n, h, dev, sm=None: splits(n, h, torch.device("cuda"), sm_count)
+        routed_head._default_v_splits = lambda dev: 4 * sm_count
         fn(*args, **kwargs)
     finally:
         for m, name, obj in patched:
@@ -166,11 +172,10 @@ def engine_step_launches(quick: bool = False):
     """(label, recorded launches) for every kernel at the benchmark shapes, on meta tensors,
     with the split counts a 132-SM H100 would get."""
     from citer.kernels.kv_store import store_kvcache_triton
-    from citer.kernels.paged_attention import decode_num_splits, paged_attention_triton
+    from citer.kernels.paged_attention import paged_attention_triton
     from citer.kernels.rmsnorm import rms_norm_triton
     from citer.kernels.routed_head import routed_head_triton
 
-    sms = 132
     out = []
     models = list(SHAPES.items())[-1:] if quick else list(SHAPES.items())
     for name, (hidden, hq, hkv, d, vocab) in models:
@@ -181,16 +186,15 @@ def engine_step_launches(quick: bool = False):
         slots = torch.empty(8, dtype=torch.int64, device="meta")
         out.append((f"{name} kv store", capture_launches(store_kvcache_triton, k, k, cache, cache, slots)))
         for batch in ((1,) if quick else (1, 8)):
-            splits = decode_num_splits(batch, hkv, torch.device("cuda"), sm_count=sms)
             args = paged_inputs(hq, hkv, d, [1] * batch, [4096] * batch, "meta")
-            out.append((f"{name} decode attn b{batch}",
-                        capture_launches(paged_attention_triton, *args, num_splits=splits)))
+            out.append((f"{name} decode attn b{batch}", capture_launches(paged_attention_triton, *args)))
         args = paged_inputs(hq, hkv, d, [8] * 8, [4096] * 8, "meta")
         out.append((f"{name} catch-up attn b8 q8", capture_launches(paged_attention_triton, *args)))
+        args = paged_inputs(hq, hkv, d, [512, 100], [512, 1000], "meta")
+        out.append((f"{name} prefill attn q512", capture_launches(paged_attention_triton, *args)))
         for batch in ((1, 32) if quick else (1, 8, 32)):
             label = f"{name} routed head b{batch} +router"
-            out.append((label, capture_launches(routed_head_triton, *head_inputs(hidden, vocab, batch, "meta"),
-                                                v_splits=4 * sms)))
+            out.append((label, capture_launches(routed_head_triton, *head_inputs(hidden, vocab, batch, "meta"))))
     return out
 
 

@@ -85,13 +85,16 @@ def paged_attention_ref(
 # dot's M dimension) of one tile, so each K/V tile is loaded once per KV head, not once
 # per query head.
 #
-# Decode (max_query_len == 1): split-KV. Grid (B, Hkv, NUM_SPLITS); split s of a sequence
-# takes a contiguous, TILE_N-aligned range of its context and writes a partial output and
-# its log-sum-exp; a merge kernel combines the splits. NUM_SPLITS depends only on the
-# batch size, Hkv and the device (never on the context lengths), so the launch is
-# CUDA-graph capturable; splits past a short context exit at once.
+# Decode and short catch-ups (max_query_len <= SPLIT_KV_MAX_Q): split-KV. Grid (B, Hkv,
+# query blocks x NUM_SPLITS); split s of a query block takes a contiguous, TILE_N-aligned
+# share of the keys that block needs and writes a partial output and its log-sum-exp per
+# (token, head); a merge kernel combines the splits. A one-token decode or a few-token
+# LLM catch-up on a long context thus streams its KV with the whole GPU, not with B x Hkv
+# programs. NUM_SPLITS depends only on the batch size, the query-length bound, Hkv and the
+# device (never on the context lengths), so the launch is CUDA-graph capturable; splits
+# past a short context exit at once.
 #
-# Varlen prefill / catch-up: grid (B, Hkv, cdiv(max_query_len, BLOCK_Q)); a program owns
+# Longer varlen prefills: grid (B, Hkv, cdiv(max_query_len, BLOCK_Q)); a program owns
 # BLOCK_Q query tokens x QH heads of one sequence and walks that sequence's keys up to
 # its last query's position, causal by position.
 #
@@ -106,6 +109,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 DECODE_SPLITS_CPU = 8  # under the interpreter: few programs (its cost is per program)
+SPLIT_KV_MAX_Q = 16  # max_query_len up to this (decode, short catch-ups): the split-KV kernel
 DECODE_TILE_N = 64
 PREFILL_TILE_N = 32
 PREFILL_ROWS = 64  # query rows (tokens x packed heads) per prefill program
@@ -152,14 +156,15 @@ def _attend_tile(q, m, l, acc,
 
 
 @triton.jit
-def _paged_decode_split_kernel(
-    q_ptr,  # [B, Hq, D], strides (q_stride_t, q_stride_h, 1)
+def _paged_split_kv_kernel(
+    q_ptr,  # [T, Hq, D], strides (q_stride_t, q_stride_h, 1)
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D], strides (stride_kb, stride_kt, stride_kh, 1)
     v_cache_ptr,  # [num_blocks, block_size, Hkv, D], same strides as k_cache
     block_tables_ptr,  # [B, max_blocks] int32, row stride bt_stride
-    seq_lens_ptr,  # [B] int32
-    part_out_ptr,  # [B, Hq, NUM_SPLITS, BLOCK_D] float32 out: per-split normalised output
-    part_lse_ptr,  # [B, Hq, NUM_SPLITS] float32 out: per-split log-sum-exp (-inf: empty)
+    seq_lens_ptr,  # [B] int32: context length incl. the new tokens
+    query_start_loc_ptr,  # [B + 1] int32: packed query offsets
+    part_out_ptr,  # [T, Hq, NUM_SPLITS, BLOCK_D] float32 out: per-split normalised output
+    part_lse_ptr,  # [T, Hq, NUM_SPLITS] float32 out: per-split log-sum-exp (-inf: no key)
     scale,
     q_stride_t,
     q_stride_h,
@@ -169,7 +174,8 @@ def _paged_decode_split_kernel(
     stride_kh,
     Hq,
     QH: tl.constexpr,  # query heads per KV head
-    BLOCK_H: tl.constexpr,  # rows of the tile: next power of two >= QH, at least 16
+    BLOCK_H: tl.constexpr,  # next power of two >= QH
+    BLOCK_Q: tl.constexpr,  # query tokens per program; rows = BLOCK_Q * BLOCK_H (>= 16)
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= D, at least 16
     BLOCK_SIZE: tl.constexpr,  # tokens per page
@@ -179,52 +185,62 @@ def _paged_decode_split_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
-    split = tl.program_id(2)
+    qb = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
+    q_start = tl.load(query_start_loc_ptr + b).to(tl.int64)
+    q_len = (tl.load(query_start_loc_ptr + b + 1) - q_start).to(tl.int32)
+    if qb * BLOCK_Q >= q_len:
+        return
     seq_len = tl.load(seq_lens_ptr + b)
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), TILE_N) * TILE_N
-    t_start = split * per_split
-    t_end = tl.minimum(t_start + per_split, seq_len)
+    first_pos = seq_len - q_len  # position of this sequence's first query
 
-    h = tl.arange(0, BLOCK_H)
+    r = tl.arange(0, BLOCK_Q * BLOCK_H)
+    tok = qb * BLOCK_Q + r // BLOCK_H
+    hh = r % BLOCK_H
+    rmask = (tok < q_len) & (hh < QH)
+    qpos = first_pos + tok
+    heads = kvh * QH + hh
     d = tl.arange(0, BLOCK_D)
-    heads = kvh * QH + h
-    hmask = h < QH
-    q = tl.load(q_ptr + b * q_stride_t + heads[:, None] * q_stride_h + d[None, :],
-                mask=hmask[:, None] & (d[None, :] < D), other=0.0)
+    qrow = (q_start + tok) * q_stride_t + heads * q_stride_h
+    q = tl.load(q_ptr + qrow[:, None] + d[None, :], mask=rmask[:, None] & (d[None, :] < D), other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    qpos = tl.zeros([BLOCK_H], dtype=tl.int32)  # decode: every cached position is visible
-    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    m = tl.full([BLOCK_Q * BLOCK_H], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_Q * BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * BLOCK_H, BLOCK_D], dtype=tl.float32)
+    # keys this query block needs: positions < kv_end; this split takes a TILE_N-aligned share
+    kv_end = tl.minimum(first_pos + (qb + 1) * BLOCK_Q, seq_len)
+    per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), TILE_N) * TILE_N
+    t_start = split * per_split
+    t_end = tl.minimum(t_start + per_split, kv_end)
     bt_row = block_tables_ptr + b * bt_stride
     for t0 in range(t_start, t_end, TILE_N):
         m, l, acc = _attend_tile(q, m, l, acc, k_cache_ptr, v_cache_ptr, bt_row, t0, t_end, kvh, qpos,
                                  stride_kb, stride_kt, stride_kh, scale, D, BLOCK_D, BLOCK_SIZE, TILE_N,
-                                 False, DOT_FP32)
+                                 True, DOT_FP32)
     has = l > 0
     out = tl.where(has[:, None], acc / tl.where(has, l, 1.0)[:, None], 0.0)
     lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
-    row = (b * Hq + heads) * NUM_SPLITS + split
-    tl.store(part_out_ptr + row[:, None] * BLOCK_D + d[None, :], out, mask=hmask[:, None])
-    tl.store(part_lse_ptr + row, lse, mask=hmask)
+    prow = ((q_start + tok) * Hq + heads) * NUM_SPLITS + split
+    tl.store(part_out_ptr + prow[:, None] * BLOCK_D + d[None, :], out, mask=rmask[:, None])
+    tl.store(part_lse_ptr + prow, lse, mask=rmask)
 
 
 @triton.jit
-def _paged_decode_merge_kernel(
-    part_out_ptr,  # [B, Hq, NUM_SPLITS, BLOCK_D] float32
-    part_lse_ptr,  # [B, Hq, NUM_SPLITS] float32
-    out_ptr,  # [B, Hq, D] contiguous
+def _paged_merge_kernel(
+    part_out_ptr,  # [T, Hq, NUM_SPLITS, BLOCK_D] float32
+    part_lse_ptr,  # [T, Hq, NUM_SPLITS] float32
+    out_ptr,  # [T, Hq, D] contiguous
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # b * Hq + head
+    row = tl.program_id(0).to(tl.int64)  # token * Hq + head
     s = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, BLOCK_D)
     lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s)
     m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # empty context (a padded lane): output zeros
+    m = tl.where(m == float("-inf"), 0.0, m)  # no key at all (a padded lane): output zeros
     w = tl.exp(lse - m)  # empty splits: exp(-inf) = 0
     parts = tl.load(part_out_ptr + (row * NUM_SPLITS + s[:, None]) * BLOCK_D + d[None, :])
     total = tl.sum(w, axis=0)
@@ -319,8 +335,13 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_st
                            max_query_len, max_seq_len, num_splits=None):
     """Same contract as paged_attention_ref. q: unit stride along D (heads may be a strided
     view, e.g. of a fused qkv projection); caches contiguous; block_tables int32 with
-    unit stride along its columns; seq_lens / query_start_loc int32. max_seq_len is not
-    read (the kernels use seq_lens), so a captured graph may pass an upper bound."""
+    unit stride along its columns; seq_lens / query_start_loc int32. max_query_len may be
+    an upper bound (it sizes the grid and picks the kernel); max_seq_len is not read (the
+    kernels use seq_lens), so a captured graph may pass any bound for it.
+
+    max_query_len <= SPLIT_KV_MAX_Q (decode, short catch-ups): split-KV kernel + merge;
+    otherwise the varlen prefill kernel. num_splits overrides the split count (a power of
+    two)."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if q.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
@@ -338,20 +359,24 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_st
         return out
     strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     dot_fp32 = _dot_fp32(k_cache.dtype)
-    if max_query_len == 1 and num_tokens == num_seqs:
-        splits = num_splits or decode_num_splits(num_seqs, num_kv_heads, q.device)
+    if max_query_len <= SPLIT_KV_MAX_Q:
+        # rows = BLOCK_Q tokens x BLOCK_H heads: at least 16 (the dot's M), at most 64
+        block_q = max(16 // block_h, min(triton.next_power_of_2(max_query_len), PREFILL_ROWS // block_h), 1)
+        q_blocks = triton.cdiv(max_query_len, block_q)
+        splits = num_splits or decode_num_splits(num_seqs * q_blocks, num_kv_heads, q.device)
         if splits & (splits - 1):
             raise ValueError(f"num_splits must be a power of two, got {splits}")
-        part_out = torch.empty((num_seqs, num_heads, splits, block_d), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((num_seqs, num_heads, splits), dtype=torch.float32, device=q.device)
-        _paged_decode_split_kernel[(num_seqs, num_kv_heads, splits)](
-            q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, scale,
+        part_out = torch.empty((num_tokens, num_heads, splits, block_d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((num_tokens, num_heads, splits), dtype=torch.float32, device=q.device)
+        _paged_split_kv_kernel[(num_seqs, num_kv_heads, q_blocks * splits)](
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, part_out, part_lse, scale,
             q.stride(0), q.stride(1), block_tables.stride(0), *strides, num_heads,
-            QH=qh, BLOCK_H=max(16, block_h), D=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+            QH=qh, BLOCK_H=block_h, BLOCK_Q=block_q, D=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
             TILE_N=DECODE_TILE_N, NUM_SPLITS=splits, DOT_FP32=dot_fp32,
         )
-        _paged_decode_merge_kernel[(num_seqs * num_heads,)](
+        _paged_merge_kernel[(num_tokens * num_heads,)](
             part_out, part_lse, out, D=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,
+            num_warps=8 if splits * block_d >= 8192 else 4,
         )
         return out
     block_q = max(1, PREFILL_ROWS // block_h)

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 from citer.kernels import ops as ops_mod  # noqa: E402
 from citer.kernels.kv_store import store_kvcache_ref, store_kvcache_triton  # noqa: E402
 from citer.kernels.ops import get_ops, resolve_backend  # noqa: E402
-from citer.kernels.paged_attention import paged_attention_ref, paged_attention_triton  # noqa: E402
+from citer.kernels.paged_attention import SPLIT_KV_MAX_Q, paged_attention_ref, paged_attention_triton  # noqa: E402
 from citer.kernels.rmsnorm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from citer.kernels.routed_head import router_mlp_ref, routed_head_ref, routed_head_triton  # noqa: E402
 
@@ -132,10 +132,19 @@ def test_paged_attention_decode_split_kv(dtype, hq, hkv, d, bs):
     assert_close_attn(paged_attention_triton(*args), ref_attention(args, dtype), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d,bs", [(6, 2, 48, 16), (2, 2, 32, 7)])
+def test_paged_attention_short_catch_up_split_kv(dtype, hq, hkv, d, bs):
+    # max_query_len <= 16: the LLM's catch-up over a long cached context (split-KV kernel),
+    # ragged, with a fresh short prompt and a one-token row in the same batch
+    args = make_paged([3, 16, 1, 9], [40, 300, 17, 9], hq, hkv, d, bs, dtype, seed=hq + bs)
+    assert_close_attn(paged_attention_triton(*args), ref_attention(args, dtype), dtype)
+
+
 def test_paged_attention_decode_graph_style_args():
     """A captured graph passes an upper bound for max_seq_len and wider block tables (the
     sink block in the spare columns); the split count does not change the result; the
-    decode and the varlen kernel agree on decode inputs."""
+    split-KV and the varlen kernel agree on decode inputs."""
     ctx = [3, 70, 129]
     args = make_paged([1] * 3, ctx, 4, 1, 16, 4, torch.float32, seed=8, extra_cols=5)
     q, kc, vc, tables, seq_lens, qsl, scale, _, _ = args
@@ -144,9 +153,20 @@ def test_paged_attention_decode_graph_style_args():
         out = paged_attention_triton(q, kc, vc, tables, seq_lens, qsl, scale, 1, tables.shape[1] * 4,
                                      num_splits=splits)
         assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
-    # max_query_len > 1 routes the same inputs through the varlen kernel
-    varlen = paged_attention_triton(q, kc, vc, tables, seq_lens, qsl, scale, 2, max(ctx))
-    assert torch.allclose(varlen, ref, atol=1e-5, rtol=1e-5)
+    # an upper bound for max_query_len is fine too; past SPLIT_KV_MAX_Q it picks the varlen kernel
+    for bound in (2, SPLIT_KV_MAX_Q + 1):
+        out = paged_attention_triton(q, kc, vc, tables, seq_lens, qsl, scale, bound, max(ctx))
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_attention_kernels_agree_on_catch_up():
+    """The split-KV and the varlen prefill kernel on the same catch-up batch."""
+    args = make_paged([5, 12, 1], [5, 150, 77], 8, 2, 32, 16, torch.float32, seed=12)
+    q, kc, vc, tables, seq_lens, qsl, scale, max_q, max_s = args
+    split = paged_attention_triton(*args, num_splits=4)
+    varlen = paged_attention_triton(q, kc, vc, tables, seq_lens, qsl, scale, SPLIT_KV_MAX_Q + 1, max_s)
+    assert torch.allclose(split, varlen, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(split, paged_attention_ref(*args), atol=1e-5, rtol=1e-5)
 
 
 def test_paged_attention_empty_context_lane_is_zero():
