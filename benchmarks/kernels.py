@@ -248,6 +248,15 @@ def gpu_benchmark() -> int:
     except ImportError:
         flash_attn_with_kvcache = None
 
+    def filled(head_args):
+        hs, nw, eps, lm, router, temp, seeds = head_args
+        hs.normal_()
+        nw.fill_(1.0)
+        lm.normal_(std=0.02)
+        for t in router or ():
+            t.normal_(std=0.02)
+        return hs, nw, eps, lm, router, temp, seeds
+
     def bench(fn):
         return triton.testing.do_bench(fn, warmup=25, rep=100)
 
@@ -258,13 +267,7 @@ def gpu_benchmark() -> int:
         # routed head: norm + lm_head + argmax/sample + router, vs the reference (full logits)
         for batch in (1, 8):
             for with_router in (False, True):
-                args = list(head_inputs(hidden, vocab, batch, dev, router=with_router))
-                args[0].normal_()
-                args[1].fill_(1.0)
-                args[3].normal_(std=0.02)
-                if with_router:
-                    for t in args[4]:
-                        t.normal_(std=0.02)
+                args = filled(head_inputs(hidden, vocab, batch, dev, router=with_router))
                 nbytes = args[3].numel() * 2 + (sum(t.numel() * 4 for t in args[4]) if with_router else 0)
                 tag = " +router" if with_router else ""
                 rows.append((name, f"routed head{tag}", f"b{batch}", bench(lambda: routed_head_triton(*args)),
@@ -272,8 +275,7 @@ def gpu_benchmark() -> int:
                 if with_router:
                     rows.append((name, f"torch ref head{tag}", f"b{batch}", bench(lambda: routed_head_ref(*args)),
                                  nbytes, 0))
-            sargs = head_inputs(hidden, vocab, batch, dev, router=False, sampling=True)
-            sargs[3].normal_(std=0.02)
+            sargs = filled(head_inputs(hidden, vocab, batch, dev, router=False, sampling=True))
             rows.append((name, "routed head, sampling", f"b{batch}", bench(lambda: routed_head_triton(*sargs)),
                          sargs[3].numel() * 2, 0))
             del args, sargs
