@@ -10,7 +10,7 @@ PY=${PY:-python}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
 status=0
-$PY -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_kernels.py tests/test_engine_triton.py || status=1
+$PY -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_cuda_graph_gpu.py tests/test_kernels.py tests/test_engine_triton.py tests/test_cuda_graph.py || status=1
 $PY benchmarks/kernels.py || status=1
 $PY benchmarks/engine_vs_transformers.py --repeats 5 || status=1
 exit $status

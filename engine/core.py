@@ -22,7 +22,7 @@ from .detokenizer import Detokenizer
 from .model_runner import ModelRunner
 from .profiler import PhaseTimer
 from .routing import needs_slm, route_to_llm
-from .sampler import run_head
+from .sampler import HeadOutput, needs_full_logits, run_head, sampling_inputs
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -99,8 +99,7 @@ class EngineCore:
         llm_tokens: Dict[int, int] = {}
         if routed:
             with self.timer.phase("llm"):
-                hidden = self._forward(self.llm, routed, "llm")
-                head = run_head(self.llm.ops, self.llm.model, hidden, routed, self.vocab_limit)
+                head = self._forward_head(self.llm, routed, "llm", None)
             for seq, tok in zip(routed, head.tokens):
                 llm_tokens[id(seq)] = tok
                 seq.stats["llm_calls"] += 1
@@ -119,51 +118,84 @@ class EngineCore:
         """SLM forward, router, routing decisions, SLM head. Fills tokens (the SLM's, for the
         sequences it keeps) and scores, and appends the sequences routed to the LLM.
 
-        Fused (Triton, not profiling): one routed-head pass gives every row its token, top
-        probability and router score, then each row is routed. Otherwise the router MLP
-        runs first, policies that need nothing from the SLM's head ("router", "random")
-        decide at once, and the lm_head runs only for the rows the SLM keeps (plus the
-        "confidence" rows, whose rule reads the SLM's top probability)."""
+        Fused (Triton or CUDA graphs, not profiling): one routed-head pass gives every row
+        its token, top probability and router score (in a CUDA graph with the model body,
+        when enabled), then each row is routed. Otherwise the router MLP runs first, policies that need
+        nothing from the SLM's head ("router", "random") decide at once, and the lm_head
+        runs only for the rows the SLM keeps (plus the "confidence" rows, whose rule reads
+        the SLM's top probability)."""
+        use_router = self.router is not None and any(s.policy == "router" for s in seqs)
+        fused = self.slm.ops.name == "triton" or self.slm.graphs is not None  # a graph holds the head too
+        if fused and not self.config.profile:
+            with self.timer.phase("slm"):
+                head = self._forward_head(self.slm, seqs, "slm", self.router.params if use_router else None)
+            top_prob, score = head.top_prob.tolist(), head.router_score.tolist()
+            for j, seq in enumerate(seqs):
+                tokens[id(seq)] = head.tokens[j]
+                if use_router:
+                    scores[id(seq)] = score[j]
+                if route_to_llm(seq, top_prob[j], score[j]):
+                    routed.append(seq)
+            return
+
         with self.timer.phase("slm"):
             hidden = self._forward(self.slm, seqs, "slm")
-        use_router = self.router is not None and any(s.policy == "router" for s in seqs)
-        fused = self.slm.ops.name == "triton" and not self.config.profile
-        head_rows = list(range(len(seqs)))
-        if not fused:
-            if use_router:
-                with self.timer.phase("slm"):
-                    h = self.slm.model.final_norm(self.slm.ops, hidden)
-                with self.timer.phase("router"):
-                    scores.update(zip(map(id, seqs), self.router.score(h).tolist()))
-            head_rows = []
-            for i, seq in enumerate(seqs):
-                if seq.policy in ("router", "random") and route_to_llm(seq, float("nan"), scores.get(id(seq), float("nan"))):
+        temperature, seeds = sampling_inputs(seqs)  # every row draws, as in the fused path
+        if use_router:
+            with self.timer.phase("slm"):
+                h = self.slm.model.final_norm(self.slm.ops, hidden)
+            with self.timer.phase("router"):
+                scores.update(zip(map(id, seqs), self.router.score(h).tolist()))
+        head_rows = []
+        for i, seq in enumerate(seqs):
+            if seq.policy in ("router", "random"):  # decided before the head
+                if route_to_llm(seq, float("nan"), scores.get(id(seq), float("nan"))):
                     routed.append(seq)
-                else:
-                    head_rows.append(i)
+                    continue
+            head_rows.append(i)
         if not head_rows:
             return
         head_seqs = [seqs[i] for i in head_rows]
         with self.timer.phase("slm"):
             head = run_head(self.slm.ops, self.slm.model, hidden[head_rows], head_seqs, self.vocab_limit,
-                            self.router.params if fused and use_router else None)
+                            inputs=([temperature[i] for i in head_rows], [seeds[i] for i in head_rows]))
+        top_prob = head.top_prob.tolist()
         for j, seq in enumerate(head_seqs):
             tokens[id(seq)] = head.tokens[j]
-            if fused and use_router:
-                scores[id(seq)] = float(head.router_score[j])
-            decided = not fused and seq.policy in ("router", "random")  # kept by the SLM above
-            if not decided and route_to_llm(seq, float(head.top_prob[j]), scores.get(id(seq), float("nan"))):
+            if seq.policy not in ("router", "random") and route_to_llm(seq, top_prob[j], float("nan")):
                 routed.append(seq)
 
+    def _forward_head(self, runner: ModelRunner, seqs: List[Sequence], which: str, router) -> HeadOutput:
+        """Forward the positions `which` has not computed, then the head on each last one:
+        through the runner's CUDA graphs when it has them and the step fits a bucket."""
+        starts, ends = self._spans(seqs, which)
+        inputs = sampling_inputs(seqs)
+        out = runner.graphs.run(seqs, starts, ends, router, *inputs) if runner.graphs is not None else None
+        if out is None:
+            hidden = runner.forward(seqs, starts, ends)
+            head = run_head(runner.ops, runner.model, hidden, seqs, self.vocab_limit, router, inputs)
+        elif needs_full_logits(seqs):  # top-k / top-p rows: the graph's body, the eager head
+            head = run_head(runner.ops, runner.model, out[0], seqs, self.vocab_limit, router, inputs)
+        else:
+            head = HeadOutput(out[1].tolist(), out[2], out[3])
+        self._mark_computed(seqs, which, starts, ends)
+        return head
+
     def _forward(self, runner: ModelRunner, seqs: List[Sequence], which: str) -> torch.Tensor:
-        attr = f"{which}_computed"
-        starts = [getattr(s, attr) for s in seqs]
-        ends = [len(s) for s in seqs]
+        starts, ends = self._spans(seqs, which)
         hidden = runner.forward(seqs, starts, ends)
-        for s, a, b in zip(seqs, starts, ends):
-            setattr(s, attr, b)
-            s.stats[f"{which}_forward_tokens"] += b - a
+        self._mark_computed(seqs, which, starts, ends)
         return hidden
+
+    @staticmethod
+    def _spans(seqs: List[Sequence], which: str):
+        return [getattr(s, f"{which}_computed") for s in seqs], [len(s) for s in seqs]
+
+    @staticmethod
+    def _mark_computed(seqs: List[Sequence], which: str, starts: List[int], ends: List[int]) -> None:
+        for s, a, b in zip(seqs, starts, ends):
+            setattr(s, f"{which}_computed", b)
+            s.stats[f"{which}_forward_tokens"] += b - a
 
     def _append(self, seq: Sequence, token: int, from_llm: bool, score) -> TokenEvent:
         seq.token_ids.append(token)

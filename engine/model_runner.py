@@ -19,6 +19,7 @@ class ModelRunner:
         self.device, self.dtype = device, dtype
         self.block_size = block_size
         self.sink_block = num_blocks
+        self.graphs = None  # a cuda_graph.GraphedStep when the engine uses CUDA graphs
         shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_cache = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))

@@ -23,14 +23,29 @@ class HeadOutput:
     router_score: torch.Tensor  # [B] float32; nan where no router ran
 
 
+def sampling_inputs(seqs: Seq) -> Tuple[List[float], List[int]]:
+    """Per row: temperature (0 = greedy) and this step's sampling seed (drawn from each
+    sequence's own generator, once per step; 0 for greedy rows)."""
+    temperature = [s.params.temperature for s in seqs]
+    seeds = [0 if s.params.greedy else s.next_sampling_seed() for s in seqs]
+    return temperature, seeds
+
+
+def needs_full_logits(seqs: Seq) -> bool:
+    """True when some row filters its distribution (top-k / top-p): the fused head cannot."""
+    return any(s.params.filtered for s in seqs)
+
+
 def run_head(ops, model, hidden: torch.Tensor, seqs: Seq, vocab_limit: int,
-             router: Optional[Tuple[torch.Tensor, ...]] = None) -> HeadOutput:
-    """hidden [B, H] (pre-final-norm, one row per sequence) -> tokens, top_prob, router score."""
+             router: Optional[Tuple[torch.Tensor, ...]] = None,
+             inputs: Optional[Tuple[List[float], List[int]]] = None) -> HeadOutput:
+    """hidden [B, H] (pre-final-norm, one row per sequence) -> tokens, top_prob, router score.
+    inputs: this step's sampling_inputs(seqs), when already drawn."""
     device = hidden.device
     params = [s.params for s in seqs]
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-    seeds = torch.tensor([0 if p.greedy else s.next_sampling_seed() for s, p in zip(seqs, params)],
-                         dtype=torch.int64, device=device)
+    temps, seed_list = inputs if inputs is not None else sampling_inputs(seqs)
+    temperature = torch.tensor(temps, dtype=torch.float32, device=device)
+    seeds = torch.tensor(seed_list, dtype=torch.int64, device=device)
     if ops.name == "triton":
         if not any(p.filtered for p in params):
             tokens, top_prob, score = ops.routed_head(hidden, model.norm.weight, model.norm.eps,

@@ -87,6 +87,25 @@ def hf_models(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def router_path(tmp_path_factory):
+    """A router folder for the tiny SLMs (hidden 64), with non-trivial BatchNorm statistics
+    so that folding is exercised."""
+    from citer.router import RouterMLP, save_router
+
+    torch.manual_seed(0)
+    r = RouterMLP(64)
+    with torch.no_grad():
+        bn = r.net[1]
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.2, 0.2)
+    path = str(tmp_path_factory.mktemp("router"))
+    save_router(r.eval(), path, default_threshold=0.5)
+    return path
+
+
 def hf_greedy(model, prompt_ids, max_new_tokens):
     """transformers' own greedy generate (no EOS stop) -> new token ids."""
     with torch.no_grad():

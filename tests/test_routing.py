@@ -3,25 +3,10 @@ import pytest
 import torch
 
 from citer import Engine, SamplingParams
-from citer.router import RouterMLP, load_router, save_router
+from citer.router import load_router
 from conftest import assert_all_free, random_prompts
 
 BS = 8
-
-
-@pytest.fixture(scope="module")
-def router_path(tmp_path_factory, hf_models):
-    torch.manual_seed(0)
-    r = RouterMLP(64)
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding is exercised
-        bn = r.net[1]
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.2, 0.2)
-    path = str(tmp_path_factory.mktemp("router"))
-    save_router(r.eval(), path, default_threshold=0.5)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch
 
 from citer.engine.config import EngineConfig
 from citer.engine.core import EngineCore
+from citer.engine.cuda_graph import attach_graphs
 from citer.engine.model_runner import ModelRunner
 from citer.engine.sequence import Sequence as Seq
 from citer.kernels.ops import get_ops, resolve_backend
@@ -39,6 +40,8 @@ class Engine:
     Engine(slm, llm=None, router=None, *, device, dtype, block_size=16, num_blocks or
     kv_cache_memory, max_model_len, ...). Checkpoints are Hugging Face folders. With no
     model arguments it loads the embedded default pair and router (see citer.assets).
+    On CUDA (Triton backend) the SLM decode step and LLM catch-ups of up to
+    max_graph_query_len tokens replay CUDA graphs; enforce_eager=True turns them off.
     """
 
     def __init__(self, slm: Optional[str] = None, llm: Optional[str] = None, router: Optional[str] = None, *,
@@ -46,7 +49,8 @@ class Engine:
                  num_blocks: Optional[int] = None, kv_cache_memory: Optional[int] = None,
                  max_model_len: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 8192, backend: Optional[str] = None,
-                 enforce_eager: bool = False, profile: bool = False, seed: int = 0):
+                 enforce_eager: bool = False, max_graph_query_len: int = 32, profile: bool = False,
+                 seed: int = 0):
         if slm is None and llm is None and router is None:
             from .assets import default_paths
 
@@ -90,7 +94,7 @@ class Engine:
             device=str(torch_device), dtype=str(dtype), block_size=block_size, num_blocks=num_blocks,
             kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, backend=self.backend,
-            enforce_eager=enforce_eager, profile=profile, seed=seed,
+            enforce_eager=enforce_eager, max_graph_query_len=max_graph_query_len, profile=profile, seed=seed,
         )
         from citer._C import BlockManager
 
@@ -108,6 +112,8 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
+        if self.config.use_cuda_graphs:
+            attach_graphs(runners.get("slm"), runners.get("llm"), self.config, self.vocab_limit)
         self.core = EngineCore(self.config, self.block_manager, runners.get("slm"), runners.get("llm"),
                                router_obj, self.tokenizer, self.eos_token_ids, self.vocab_limit)
         self._rng = np.random.default_rng(seed)

@@ -1,0 +1,249 @@
+"""CUDA graphs for the steady-state steps: model body + routed head, replayed per bucket.
+
+A step of `b` sequences with at most `l` new tokens each runs in the graph of the
+smallest bucket (B >= b, L >= l): the SLM decode step uses buckets (B, 1), the LLM
+catch-up step (B, L) for L up to `max_query_len`. Prompt prefills and longer catch-ups
+run eagerly. A graph replays the kernels it captured on fixed (static) buffers, so each
+step only copies its inputs into them. A graph has B*L token rows and B lanes, plus B
+tail lanes when L > 1; every row belongs to a lane:
+
+  lanes [0, b)   the real sequences, their t new tokens packed as in an eager step
+  lanes [b, B)   padding: one token each at position 0 (its head output is dropped)
+  lanes [B, 2B)  tail: the B*L - t - (B - b) rows left, up to L per lane, positions 0..
+
+Padding and tail lanes have block tables that point at the sink block only, so their
+KV writes land there and their attention reads only it; the kernels take lengths from
+seq_lens / query_start_loc and L only as an upper bound, so one graph serves every
+batch that fits its bucket. Rows never mix outside attention, and attention is per
+lane, so padding cannot reach a real row. Graphs are captured at a bucket's first use,
+after two eager warm-up runs on padding-only buffers (Triton compiles and cuBLAS picks
+its kernels then, never during capture), and share one memory pool.
+
+`graph_cls` is what captures: CUDAGraph on a GPU; EagerGraph re-runs the captured
+function on the static buffers, which lets the CPU tests check the padding and buffer
+logic under the Triton interpreter (the GPU tests check real capture and replay).
+"""
+from typing import Callable, Dict, List, Optional, Sequence as Seq, Tuple
+
+import numpy as np
+import torch
+
+from citer.models.attention import AttentionMetadata
+
+StepOut = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, tokens, top_prob, score
+
+
+def batch_buckets(max_num_seqs: int) -> List[int]:
+    """1, 2, 4, 8, then every multiple of 8, up to and including max_num_seqs."""
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs] + list(range(8, max_num_seqs, 8))
+    return sizes + [max_num_seqs]
+
+
+def query_len_buckets(max_query_len: int) -> List[int]:
+    """Powers of two below max_query_len, and max_query_len."""
+    sizes, q = [], 1
+    while q < max_query_len:
+        sizes.append(q)
+        q *= 2
+    return sizes + [max_query_len]
+
+
+def pick_bucket(buckets: Seq[int], n: int) -> Optional[int]:
+    """Smallest bucket >= n, or None when n exceeds them all."""
+    for b in buckets:
+        if b >= n:
+            return b
+    return None
+
+
+def attach_graphs(slm, llm, config, vocab_limit: int, graph_cls=None) -> None:
+    """Give each model runner its GraphedStep: the SLM decode buckets (B, 1), the LLM
+    catch-up buckets (B, L <= config.max_graph_query_len)."""
+    graph_cls = graph_cls or CUDAGraph
+    pool = torch.cuda.graph_pool_handle() if graph_cls is CUDAGraph else None  # one pool for all graphs
+    sizes = batch_buckets(config.max_num_seqs)
+    max_query_len = min(config.max_graph_query_len, config.max_model_len)
+    for runner, query_lens in ((slm, [1]), (llm, query_len_buckets(max_query_len))):
+        if runner is not None:
+            runner.graphs = GraphedStep(runner, vocab_limit, config.max_model_len, sizes, query_lens, graph_cls, pool)
+
+
+class CUDAGraph:
+    """fn captured once into a torch.cuda.CUDAGraph; replay() re-launches its kernels."""
+
+    warmup_runs = 2
+
+    def __init__(self, fn: Callable[[], StepOut], pool):
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = fn()
+
+    def replay(self) -> StepOut:
+        self.graph.replay()
+        return self.out
+
+
+class EagerGraph:
+    """Stand-in with CUDAGraph's interface that calls fn again at every replay (CPU tests)."""
+
+    warmup_runs = 0  # nothing compiles or is recorded
+
+    def __init__(self, fn: Callable[[], StepOut], pool):
+        self.fn = fn
+
+    def replay(self) -> StepOut:
+        return self.fn()
+
+
+class GraphedStep:
+    """Static buffers and captured graphs of one model's step (body + routed head)."""
+
+    def __init__(self, runner, vocab_limit: int, max_model_len: int, batch_sizes: Seq[int],
+                 query_lens: Seq[int], graph_cls=CUDAGraph, pool=None):
+        self.runner, self.vocab_limit = runner, vocab_limit
+        self.batch_sizes, self.query_lens = sorted(batch_sizes), sorted(query_lens)
+        self.graph_cls = graph_cls
+        max_b, max_l = self.batch_sizes[-1], self.query_lens[-1]
+        max_t = max_b * max_l
+        self.max_blocks = -(-max_model_len // runner.block_size)
+        dev, pin = runner.device, runner.device.type == "cuda"
+
+        def buf(shape, dtype, fill=0):  # (host staging, device static) pair
+            host = torch.full(shape, fill, dtype=dtype, pin_memory=pin)
+            return host, torch.full(shape, fill, dtype=dtype, device=dev)
+
+        self.input_ids = buf((max_t,), torch.int64)
+        self.positions = buf((max_t,), torch.int64)
+        self.slot_mapping = buf((max_t,), torch.int64, -1)
+        max_lanes = _num_lanes((max_b, max_l))
+        self.block_tables = buf((max_lanes, self.max_blocks), torch.int32, runner.sink_block)
+        self.seq_lens = buf((max_lanes,), torch.int32)
+        self.query_start_loc = buf((max_lanes + 1,), torch.int32)
+        self.last_idx = buf((max_b,), torch.int64)
+        self.temperature = buf((max_b,), torch.float32)
+        self.seeds = buf((max_b,), torch.int64)
+        self.graphs: Dict[Tuple[int, int], object] = {}
+        self.pool = pool  # a torch.cuda graph pool handle (None: the graphs' own)
+        self.router = None  # router params the graphs with a router were captured with
+
+    # ---- bucket choice ----------------------------------------------------------------
+    def bucket(self, q_lens: Seq[int]) -> Optional[Tuple[int, int]]:
+        b = pick_bucket(self.batch_sizes, len(q_lens))
+        l = pick_bucket(self.query_lens, max(q_lens))
+        return None if b is None or l is None else (b, l)
+
+    # ---- one step ---------------------------------------------------------------------
+    def run(self, seqs: Seq, starts: List[int], ends: List[int], router, temperature: List[float],
+            seeds: List[int]) -> Optional[StepOut]:
+        """Positions [start, end) of each sequence through the graph of its bucket ->
+        (pre-norm hidden [b, H], tokens [b], top_prob [b], router score [b]) on device
+        (views of static outputs, valid until the next run), or None when no bucket fits.
+        router: the router's params (a tuple of tensors) or None."""
+        q_lens = [e - s for s, e in zip(starts, ends)]
+        bucket = self.bucket(q_lens)
+        if bucket is None:
+            return None
+        if router is not None and not _same_tensors(router, self.router):
+            # graphs read the router's tensors in place: another router means new graphs
+            self.graphs = {k: g for k, g in self.graphs.items() if not k[2]}
+            self.router = router
+        key = (*bucket, router is not None)
+        graph = self.graphs.get(key)
+        if graph is None:
+            self._fill_padding(bucket)
+            graph = self.graphs[key] = self._capture(key)
+        self._fill(seqs, starts, ends, q_lens, bucket, temperature, seeds)
+        hidden, tokens, top_prob, score = graph.replay()
+        b = len(seqs)
+        return hidden[:b], tokens[:b], top_prob[:b], score[:b]
+
+    def _fill(self, seqs, starts, ends, q_lens, bucket, temperature, seeds) -> None:
+        """Host staging <- this step's batch plus its padding; then one copy per buffer."""
+        b, t = len(seqs), sum(q_lens)
+        handles = [s.handle for s in seqs]
+        ids, pos, slots = (x[0].numpy() for x in (self.input_ids, self.positions, self.slot_mapping))
+        ids[:t] = [tok for s, a, e in zip(seqs, starts, ends) for tok in s.token_ids[a:e]]
+        pos[:t] = np.concatenate([np.arange(a, e) for a, e in zip(starts, ends)])
+        self.runner.bm.fill_slot_mapping(handles, np.asarray(starts, np.int64), np.asarray(ends, np.int64), slots[:t])
+        self.runner.bm.fill_block_tables(handles, self.block_tables[0].numpy()[:b], self.runner.sink_block)
+        self.seq_lens[0].numpy()[:b] = ends
+        np.cumsum(q_lens, out=self.query_start_loc[0].numpy()[1:b + 1])
+        self.temperature[0].numpy()[:b] = temperature
+        self.seeds[0].numpy()[:b] = seeds
+        self._pad_and_copy(bucket, b, t, cols=-(-max(ends) // self.runner.block_size))
+
+    def _fill_padding(self, bucket) -> None:
+        """A batch of padding lanes only: what warm-up and capture run on."""
+        self._pad_and_copy(bucket, 0, 0, cols=1)
+
+    def _pad_and_copy(self, bucket, b: int, t: int, cols: int) -> None:
+        """Lanes [b, B) padding, [B, 2B) tail (see the module doc); copy to the device."""
+        num_b, num_l = bucket
+        num_t, num_lanes, pad = num_b * num_l, _num_lanes(bucket), num_b - b
+        tail = num_t - t - pad  # rows left for the tail lanes
+        sink, bs = self.runner.sink_block, self.runner.block_size
+        tail_lens = np.clip(tail - num_l * np.arange(num_lanes - num_b), 0, num_l)
+        lens = np.concatenate([np.ones(pad, np.int64), tail_lens])  # lanes [b, num_lanes)
+        pos = np.concatenate([np.zeros(pad, np.int64), np.arange(tail) % num_l])  # rows [t, num_t)
+        self.input_ids[0].numpy()[t:num_t] = 0
+        self.positions[0].numpy()[t:num_t] = pos
+        self.slot_mapping[0].numpy()[t:num_t] = sink * bs + pos % bs
+        self.block_tables[0].numpy()[b:num_lanes] = sink
+        self.seq_lens[0].numpy()[b:num_lanes] = lens
+        qsl = self.query_start_loc[0].numpy()
+        qsl[0] = 0
+        qsl[b + 1:num_lanes + 1] = t + np.cumsum(lens)
+        self.last_idx[0].numpy()[:num_b] = qsl[1:num_b + 1] - 1
+        self.temperature[0].numpy()[b:num_b] = 0.0
+        self.seeds[0].numpy()[b:num_b] = 0
+        for buf, n in ((self.input_ids, num_t), (self.positions, num_t), (self.slot_mapping, num_t),
+                       (self.seq_lens, num_lanes), (self.query_start_loc, num_lanes + 1),
+                       (self.last_idx, num_b), (self.temperature, num_b), (self.seeds, num_b)):
+            host, dev = buf
+            dev[:n].copy_(host[:n], non_blocking=True)
+        # block-table columns past `cols` are never read: seq_lens bound every lane
+        cols = max(cols, -(-num_l // bs))
+        self.block_tables[1][:num_lanes, :cols].copy_(self.block_tables[0][:num_lanes, :cols], non_blocking=True)
+
+    # ---- capture ----------------------------------------------------------------------
+    def _step_fn(self, key) -> Callable[[], StepOut]:
+        num_b, num_l, with_router = key
+        num_t, num_lanes = num_b * num_l, _num_lanes(key[:2])
+        runner, model = self.runner, self.runner.model
+        router = self.router if with_router else None
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[1][:num_t], block_tables=self.block_tables[1][:num_lanes],
+            seq_lens=self.seq_lens[1][:num_lanes], query_start_loc=self.query_start_loc[1][:num_lanes + 1],
+            max_query_len=num_l, max_seq_len=self.max_blocks * runner.block_size,
+        )
+        ids, pos = self.input_ids[1][:num_t], self.positions[1][:num_t]
+        last_idx, temperature, seeds = self.last_idx[1][:num_b], self.temperature[1][:num_b], self.seeds[1][:num_b]
+        lm_head = model.lm_head.weight[:self.vocab_limit]
+
+        def step() -> StepOut:
+            hidden = model(runner.ops, ids, pos, runner.kv_cache, meta)[last_idx]
+            tokens, top_prob, score = runner.ops.routed_head(hidden, model.norm.weight, model.norm.eps, lm_head,
+                                                             router, temperature, seeds)
+            return hidden, tokens, top_prob, score
+
+        return step
+
+    @torch.inference_mode()
+    def _capture(self, key):
+        """Warm up twice on padding-only buffers (compiles every kernel; writes only the
+        sink block), then capture."""
+        fn = self._step_fn(key)
+        for _ in range(self.graph_cls.warmup_runs):
+            fn()
+        if self.graph_cls is CUDAGraph:
+            torch.cuda.synchronize(self.runner.device)
+        return self.graph_cls(fn, self.pool)
+
+
+def _same_tensors(a, b) -> bool:
+    return b is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _num_lanes(bucket: Tuple[int, int]) -> int:
+    num_b, num_l = bucket
+    return num_b if num_l == 1 else 2 * num_b
