@@ -14,23 +14,31 @@ QWEN2_SHAPES = {
     # ~10M parameters: a tenth of the above, the SLM of the routed benchmark
     "qwen2-10m": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=32000),
+    # real Qwen2 shapes (random weights): the GPU benchmarks' SLM / LLM
+    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=151936),
+    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                       num_key_value_heads=2, vocab_size=151936),
     # ~1M non-embedding parameters: per-step overhead dominates
     "qwen2-tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=32000),
 }
 
 
-def build_random_qwen2(name: str, root: str, seed: int = 0, dtype=torch.float32) -> str:
-    """Save a random-weight Qwen2 model of a named shape under root; -> folder."""
+def build_random_qwen2(name: str, root: str, seed: int = 0, dtype=torch.float32, device: str = "cpu") -> str:
+    """Save a random-weight Qwen2 model of a named shape under root; -> folder. device:
+    where the weights are initialised (a GPU makes billion-parameter models in seconds)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    path = os.path.join(root, name)
+    path = os.path.join(root, f"{name}-{str(dtype).removeprefix('torch.')}")
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    cfg = Qwen2Config(**QWEN2_SHAPES[name], tie_word_embeddings=True, max_position_embeddings=2048,
+    cfg = Qwen2Config(**QWEN2_SHAPES[name], tie_word_embeddings=True, max_position_embeddings=4096,
                       bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
-    Qwen2ForCausalLM(cfg).to(dtype).save_pretrained(path)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(dtype)
+    model.save_pretrained(path)
     return path
 
 

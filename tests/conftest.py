@@ -14,6 +14,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 import pytest  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton-backend tests run
 VOCAB = 128  # tokenizer below has 99 tokens; config vocab padded like real checkpoints
 
 

@@ -11,7 +11,7 @@ import torch
 
 from citer import Engine, SamplingParams
 from citer.engine.cuda_graph import EagerGraph, attach_graphs, batch_buckets, pick_bucket, query_len_buckets
-from conftest import assert_all_free, random_prompts
+from conftest import DEVICE, assert_all_free, random_prompts
 
 
 def test_buckets():
@@ -26,8 +26,9 @@ def test_buckets():
 
 
 def _engine(hf_models, router_path, graphs: bool, backend: str = "torch") -> Engine:
-    e = Engine(hf_models["qwen2"][0], hf_models["llama"][0], router_path, block_size=8, num_blocks=24,
-               max_model_len=64, max_num_seqs=4, max_graph_query_len=4, backend=backend)
+    e = Engine(hf_models["qwen2"][0], hf_models["llama"][0], router_path, device=DEVICE, block_size=8,
+               num_blocks=24, max_model_len=64, max_num_seqs=4, max_graph_query_len=4, backend=backend,
+               enforce_eager=True)  # graphs attached below, replayed eagerly
     if graphs:
         attach_graphs(e.core.slm, e.core.llm, e.config, e.vocab_limit, graph_cls=EagerGraph)
     return e

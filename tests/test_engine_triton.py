@@ -4,13 +4,13 @@ routing. Kept tiny: the interpreter runs every program in Python."""
 import pytest
 
 from citer import Engine, SamplingParams
-from conftest import hf_greedy, random_prompts
+from conftest import DEVICE, hf_greedy, random_prompts
 
 
 @pytest.fixture(scope="module")
 def engine(hf_models):
-    return Engine(hf_models["qwen2"][0], hf_models["llama"][0], block_size=16, num_blocks=16, max_model_len=64,
-                  backend="triton")
+    return Engine(hf_models["qwen2"][0], hf_models["llama"][0], device=DEVICE, block_size=16, num_blocks=16,
+                  max_model_len=64, backend="triton")
 
 
 def test_backend_is_triton(engine):
