@@ -177,7 +177,8 @@ class EngineCore:
         elif needs_full_logits(seqs):  # top-k / top-p rows: the graph's body, the eager head
             head = run_head(runner.ops, runner.model, out[0], seqs, self.vocab_limit, router, inputs)
         else:
-            head = HeadOutput(out[1].tolist(), out[2], out[3])
+            packed = out[1].cpu()  # tokens, top_prob, score: one copy
+            head = HeadOutput(packed[0].long().tolist(), packed[1].float(), packed[2].float())
         self._mark_computed(seqs, which, starts, ends)
         return head
 

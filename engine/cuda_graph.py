@@ -4,7 +4,7 @@ A step of `b` sequences with at most `l` new tokens each runs in the graph of th
 smallest bucket (B >= b, L >= l): the SLM decode step uses buckets (B, 1), the LLM
 catch-up step (B, L) for L up to `max_query_len`. Prompt prefills and longer catch-ups
 run eagerly. A graph replays the kernels it captured on fixed (static) buffers, so each
-step only copies its inputs into them. A graph has B*L token rows and B lanes, plus B
+step only copies its inputs into them (one host-to-device copy). A graph has B*L token rows and B lanes, plus B
 tail lanes when L > 1; every row belongs to a lane:
 
   lanes [0, b)   the real sequences, their t new tokens packed as in an eager step
@@ -23,6 +23,7 @@ its kernels then, never during capture), and share one memory pool.
 function on the static buffers, which lets the CPU tests check the padding and buffer
 logic under the Triton interpreter (the GPU tests check real capture and replay).
 """
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence as Seq, Tuple
 
 import numpy as np
@@ -30,7 +31,9 @@ import torch
 
 from citer.models.attention import AttentionMetadata
 
-StepOut = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, tokens, top_prob, score
+# pre-norm hidden [B, H]; head [3, B] float64: token ids, top probability, router score
+# (one tensor, so the step's results reach the host in one copy)
+StepOut = Tuple[torch.Tensor, torch.Tensor]
 
 
 def batch_buckets(max_num_seqs: int) -> List[int]:
@@ -95,8 +98,36 @@ class EagerGraph:
         return self.fn()
 
 
+class StaticInputs:
+    """Named input tensors carved out of one byte buffer on the host (pinned on CUDA) and
+    its twin on the device, so a step's inputs reach the device in one copy. Fields are
+    8-byte aligned, in the order given; `host.<name>` / `dev.<name>` are the views."""
+
+    def __init__(self, fields, device: torch.device):
+        offsets, total = {}, 0
+        for name, shape, dtype, _ in fields:
+            offsets[name] = total
+            nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            total += -(-nbytes // 8) * 8
+        self.nbytes = total
+        self.offsets = offsets
+        self.host_buf = torch.zeros(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        self.dev_buf = torch.zeros(total, dtype=torch.uint8, device=device)
+        self.host, self.dev = SimpleNamespace(), SimpleNamespace()
+        for name, shape, dtype, fill in fields:
+            n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            for ns, buf in ((self.host, self.host_buf), (self.dev, self.dev_buf)):
+                setattr(ns, name, buf[offsets[name]:offsets[name] + n].view(dtype).view(shape))
+            getattr(self.host, name).fill_(fill)
+        self.copy(total)
+
+    def copy(self, nbytes: int) -> None:
+        """Device <- host, the first nbytes (asynchronous from pinned memory)."""
+        self.dev_buf[:nbytes].copy_(self.host_buf[:nbytes], non_blocking=True)
+
+
 class GraphedStep:
-    """Static buffers and captured graphs of one model's step (body + routed head)."""
+    """Static inputs and captured graphs of one model's step (body + routed head)."""
 
     def __init__(self, runner, vocab_limit: int, max_model_len: int, batch_sizes: Seq[int],
                  query_lens: Seq[int], graph_cls=CUDAGraph, pool=None):
@@ -104,25 +135,21 @@ class GraphedStep:
         self.batch_sizes, self.query_lens = sorted(batch_sizes), sorted(query_lens)
         self.graph_cls = graph_cls
         max_b, max_l = self.batch_sizes[-1], self.query_lens[-1]
-        max_t = max_b * max_l
+        max_t, max_lanes = max_b * max_l, _num_lanes((max_b, max_l))
         self.max_blocks = -(-max_model_len // runner.block_size)
-        dev, pin = runner.device, runner.device.type == "cuda"
-
-        def buf(shape, dtype, fill=0):  # (host staging, device static) pair
-            host = torch.full(shape, fill, dtype=dtype, pin_memory=pin)
-            return host, torch.full(shape, fill, dtype=dtype, device=dev)
-
-        self.input_ids = buf((max_t,), torch.int64)
-        self.positions = buf((max_t,), torch.int64)
-        self.slot_mapping = buf((max_t,), torch.int64, -1)
-        max_lanes = _num_lanes((max_b, max_l))
-        self.block_tables = buf((max_lanes, self.max_blocks), torch.int32, runner.sink_block)
-        self.seq_lens = buf((max_lanes,), torch.int32)
-        self.query_start_loc = buf((max_lanes + 1,), torch.int32)
-        self.last_idx = buf((max_b,), torch.int64)
-        self.temperature = buf((max_b,), torch.float32)
-        self.seeds = buf((max_b,), torch.int64)
-        self.graphs: Dict[Tuple[int, int], object] = {}
+        self.inputs = StaticInputs([
+            ("input_ids", (max_t,), torch.int64, 0),  # [T]
+            ("positions", (max_t,), torch.int64, 0),  # [T]
+            ("slot_mapping", (max_t,), torch.int64, -1),  # [T]
+            ("last_idx", (max_b,), torch.int64, 0),  # [B] row of each lane's last token
+            ("seeds", (max_b,), torch.int64, 0),  # [B]
+            ("temperature", (max_b,), torch.float32, 0),  # [B]
+            ("seq_lens", (max_lanes,), torch.int32, 0),  # [lanes]
+            ("query_start_loc", (max_lanes + 1,), torch.int32, 0),  # [lanes + 1]
+            ("block_tables", (max_lanes, self.max_blocks), torch.int32, runner.sink_block),  # last: copied by rows
+        ], runner.device)
+        self.host, self.dev = self.inputs.host, self.inputs.dev
+        self.graphs: Dict[Tuple[int, int, bool], object] = {}
         self.pool = pool  # a torch.cuda graph pool handle (None: the graphs' own)
         self.router = None  # router params the graphs with a router were captured with
 
@@ -136,8 +163,9 @@ class GraphedStep:
     def run(self, seqs: Seq, starts: List[int], ends: List[int], router, temperature: List[float],
             seeds: List[int]) -> Optional[StepOut]:
         """Positions [start, end) of each sequence through the graph of its bucket ->
-        (pre-norm hidden [b, H], tokens [b], top_prob [b], router score [b]) on device
-        (views of static outputs, valid until the next run), or None when no bucket fits.
+        (pre-norm hidden [b, H], head [3, b] float64: tokens, top_prob, router score) on
+        the device (views of static outputs, valid until the next run), or None when no
+        bucket fits.
         router: the router's params (a tuple of tensors) or None."""
         q_lens = [e - s for s, e in zip(starts, ends)]
         bucket = self.bucket(q_lens)
@@ -150,34 +178,31 @@ class GraphedStep:
         key = (*bucket, router is not None)
         graph = self.graphs.get(key)
         if graph is None:
-            self._fill_padding(bucket)
+            self._pad_and_copy(bucket, 0, 0)  # capture on padding lanes only
             graph = self.graphs[key] = self._capture(key)
         self._fill(seqs, starts, ends, q_lens, bucket, temperature, seeds)
-        hidden, tokens, top_prob, score = graph.replay()
-        b = len(seqs)
-        return hidden[:b], tokens[:b], top_prob[:b], score[:b]
+        hidden, head = graph.replay()
+        return hidden[:len(seqs)], head[:, :len(seqs)]
 
     def _fill(self, seqs, starts, ends, q_lens, bucket, temperature, seeds) -> None:
-        """Host staging <- this step's batch plus its padding; then one copy per buffer."""
+        """Host staging <- this step's batch plus its padding; then one copy to the device."""
+        h = self.host
         b, t = len(seqs), sum(q_lens)
         handles = [s.handle for s in seqs]
-        ids, pos, slots = (x[0].numpy() for x in (self.input_ids, self.positions, self.slot_mapping))
-        ids[:t] = [tok for s, a, e in zip(seqs, starts, ends) for tok in s.token_ids[a:e]]
-        pos[:t] = np.concatenate([np.arange(a, e) for a, e in zip(starts, ends)])
-        self.runner.bm.fill_slot_mapping(handles, np.asarray(starts, np.int64), np.asarray(ends, np.int64), slots[:t])
-        self.runner.bm.fill_block_tables(handles, self.block_tables[0].numpy()[:b], self.runner.sink_block)
-        self.seq_lens[0].numpy()[:b] = ends
-        np.cumsum(q_lens, out=self.query_start_loc[0].numpy()[1:b + 1])
-        self.temperature[0].numpy()[:b] = temperature
-        self.seeds[0].numpy()[:b] = seeds
-        self._pad_and_copy(bucket, b, t, cols=-(-max(ends) // self.runner.block_size))
+        h.input_ids.numpy()[:t] = [tok for s, a, e in zip(seqs, starts, ends) for tok in s.token_ids[a:e]]
+        h.positions.numpy()[:t] = np.concatenate([np.arange(a, e) for a, e in zip(starts, ends)])
+        self.runner.bm.fill_slot_mapping(handles, np.asarray(starts, np.int64), np.asarray(ends, np.int64),
+                                         h.slot_mapping.numpy()[:t])
+        self.runner.bm.fill_block_tables(handles, h.block_tables.numpy()[:b], self.runner.sink_block)
+        h.seq_lens.numpy()[:b] = ends
+        np.cumsum(q_lens, out=h.query_start_loc.numpy()[1:b + 1])
+        h.temperature.numpy()[:b] = temperature
+        h.seeds.numpy()[:b] = seeds
+        self._pad_and_copy(bucket, b, t)
 
-    def _fill_padding(self, bucket) -> None:
-        """A batch of padding lanes only: what warm-up and capture run on."""
-        self._pad_and_copy(bucket, 0, 0, cols=1)
-
-    def _pad_and_copy(self, bucket, b: int, t: int, cols: int) -> None:
+    def _pad_and_copy(self, bucket, b: int, t: int) -> None:
         """Lanes [b, B) padding, [B, 2B) tail (see the module doc); copy to the device."""
+        h = self.host
         num_b, num_l = bucket
         num_t, num_lanes, pad = num_b * num_l, _num_lanes(bucket), num_b - b
         tail = num_t - t - pad  # rows left for the tail lanes
@@ -185,25 +210,19 @@ class GraphedStep:
         tail_lens = np.clip(tail - num_l * np.arange(num_lanes - num_b), 0, num_l)
         lens = np.concatenate([np.ones(pad, np.int64), tail_lens])  # lanes [b, num_lanes)
         pos = np.concatenate([np.zeros(pad, np.int64), np.arange(tail) % num_l])  # rows [t, num_t)
-        self.input_ids[0].numpy()[t:num_t] = 0
-        self.positions[0].numpy()[t:num_t] = pos
-        self.slot_mapping[0].numpy()[t:num_t] = sink * bs + pos % bs
-        self.block_tables[0].numpy()[b:num_lanes] = sink
-        self.seq_lens[0].numpy()[b:num_lanes] = lens
-        qsl = self.query_start_loc[0].numpy()
+        h.input_ids.numpy()[t:num_t] = 0
+        h.positions.numpy()[t:num_t] = pos
+        h.slot_mapping.numpy()[t:num_t] = sink * bs + pos % bs
+        h.block_tables.numpy()[b:num_lanes] = sink
+        h.seq_lens.numpy()[b:num_lanes] = lens
+        qsl = h.query_start_loc.numpy()
         qsl[0] = 0
         qsl[b + 1:num_lanes + 1] = t + np.cumsum(lens)
-        self.last_idx[0].numpy()[:num_b] = qsl[1:num_b + 1] - 1
-        self.temperature[0].numpy()[b:num_b] = 0.0
-        self.seeds[0].numpy()[b:num_b] = 0
-        for buf, n in ((self.input_ids, num_t), (self.positions, num_t), (self.slot_mapping, num_t),
-                       (self.seq_lens, num_lanes), (self.query_start_loc, num_lanes + 1),
-                       (self.last_idx, num_b), (self.temperature, num_b), (self.seeds, num_b)):
-            host, dev = buf
-            dev[:n].copy_(host[:n], non_blocking=True)
-        # block-table columns past `cols` are never read: seq_lens bound every lane
-        cols = max(cols, -(-num_l // bs))
-        self.block_tables[1][:num_lanes, :cols].copy_(self.block_tables[0][:num_lanes, :cols], non_blocking=True)
+        h.last_idx.numpy()[:num_b] = qsl[1:num_b + 1] - 1
+        h.temperature.numpy()[b:num_b] = 0.0
+        h.seeds.numpy()[b:num_b] = 0
+        # everything up to this bucket's block-table rows, in one copy
+        self.inputs.copy(self.inputs.offsets["block_tables"] + num_lanes * self.max_blocks * 4)
 
     # ---- capture ----------------------------------------------------------------------
     def _step_fn(self, key) -> Callable[[], StepOut]:
@@ -211,20 +230,21 @@ class GraphedStep:
         num_t, num_lanes = num_b * num_l, _num_lanes(key[:2])
         runner, model = self.runner, self.runner.model
         router = self.router if with_router else None
+        d = self.dev
         meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping[1][:num_t], block_tables=self.block_tables[1][:num_lanes],
-            seq_lens=self.seq_lens[1][:num_lanes], query_start_loc=self.query_start_loc[1][:num_lanes + 1],
+            slot_mapping=d.slot_mapping[:num_t], block_tables=d.block_tables[:num_lanes],
+            seq_lens=d.seq_lens[:num_lanes], query_start_loc=d.query_start_loc[:num_lanes + 1],
             max_query_len=num_l, max_seq_len=self.max_blocks * runner.block_size,
         )
-        ids, pos = self.input_ids[1][:num_t], self.positions[1][:num_t]
-        last_idx, temperature, seeds = self.last_idx[1][:num_b], self.temperature[1][:num_b], self.seeds[1][:num_b]
+        ids, pos = d.input_ids[:num_t], d.positions[:num_t]
+        last_idx, temperature, seeds = d.last_idx[:num_b], d.temperature[:num_b], d.seeds[:num_b]
         lm_head = model.lm_head.weight[:self.vocab_limit]
 
         def step() -> StepOut:
             hidden = model(runner.ops, ids, pos, runner.kv_cache, meta)[last_idx]
             tokens, top_prob, score = runner.ops.routed_head(hidden, model.norm.weight, model.norm.eps, lm_head,
                                                              router, temperature, seeds)
-            return hidden, tokens, top_prob, score
+            return hidden, torch.stack([x.to(torch.float64) for x in (tokens, top_prob, score)])
 
         return step
 

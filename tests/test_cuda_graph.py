@@ -25,6 +25,21 @@ def test_buckets():
     assert [pick_bucket([1, 2, 4, 5], n) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 5, None]
 
 
+def test_static_inputs_share_one_buffer_without_overlap():
+    from citer.engine.cuda_graph import StaticInputs
+
+    fields = [("a", (3,), torch.int64, -1), ("b", (5,), torch.float32, 0.5), ("c", (2, 3), torch.int32, 7)]
+    s = StaticInputs(fields, torch.device(DEVICE))
+    assert s.offsets == {"a": 0, "b": 24, "c": 48} and s.nbytes == 72  # 8-byte aligned regions
+    assert s.dev.a.tolist() == [-1] * 3 and s.dev.b.tolist() == [0.5] * 5 and s.dev.c.tolist() == [[7] * 3] * 2
+    s.host.a[:] = torch.tensor([1, 2, 3])
+    s.host.b[:] = torch.arange(5, dtype=torch.float32)
+    s.host.c[:] = torch.arange(6, dtype=torch.int32).view(2, 3)
+    s.copy(s.offsets["c"] + 3 * 4)  # through the first row of c only
+    assert s.dev.a.tolist() == [1, 2, 3] and s.dev.b.tolist() == [0, 1, 2, 3, 4]
+    assert s.dev.c.tolist() == [[0, 1, 2], [7, 7, 7]]
+
+
 def _engine(hf_models, router_path, graphs: bool, backend: str = "torch") -> Engine:
     e = Engine(hf_models["qwen2"][0], hf_models["llama"][0], router_path, device=DEVICE, block_size=8,
                num_blocks=24, max_model_len=64, max_num_seqs=4, max_graph_query_len=4, backend=backend,
@@ -98,17 +113,17 @@ def test_padding_and_tail_lanes_use_the_sink(hf_models, router_path):
     sink_slot = e.core.llm.sink_block * e.config.block_size
     e.add_request([5, 6, 7], SamplingParams(max_tokens=3, policy="llm", ignore_eos=True), request_id="a")
     e.step()  # a: 3-token prefill -> bucket (1, 4): lane 0 real, lane 1 the tail row
-    assert g.query_start_loc[1][:3].tolist() == [0, 3, 4]
-    assert g.slot_mapping[1][3].item() == sink_slot
-    assert all(0 <= s < sink_slot for s in g.slot_mapping[1][:3].tolist())
+    assert g.dev.query_start_loc[:3].tolist() == [0, 3, 4]
+    assert g.dev.slot_mapping[3].item() == sink_slot
+    assert all(0 <= s < sink_slot for s in g.dev.slot_mapping[:3].tolist())
     e.add_request([8, 9], SamplingParams(max_tokens=3, policy="llm", ignore_eos=True), request_id="b")
     e.add_request([10, 11], SamplingParams(max_tokens=3, policy="llm", ignore_eos=True), request_id="c")
     e.step()  # a: 1 token, b and c: 2-token prefills -> bucket (4, 2): lane 3 padding, lane 4 tail
-    assert g.query_start_loc[1][:9].tolist() == [0, 1, 3, 5, 6, 8, 8, 8, 8]
-    assert g.seq_lens[1][3:8].tolist() == [1, 2, 0, 0, 0]
-    assert g.positions[1][5:8].tolist() == [0, 0, 1]
-    assert g.slot_mapping[1][5:8].tolist() == [sink_slot, sink_slot, sink_slot + 1]
-    assert (g.block_tables[1][3:8, :1] == e.core.llm.sink_block).all()
+    assert g.dev.query_start_loc[:9].tolist() == [0, 1, 3, 5, 6, 8, 8, 8, 8]
+    assert g.dev.seq_lens[3:8].tolist() == [1, 2, 0, 0, 0]
+    assert g.dev.positions[5:8].tolist() == [0, 0, 1]
+    assert g.dev.slot_mapping[5:8].tolist() == [sink_slot, sink_slot, sink_slot + 1]
+    assert (g.dev.block_tables[3:8, :1] == e.core.llm.sink_block).all()
     while e.has_unfinished_requests():
         e.step()
     assert_all_free(e)
