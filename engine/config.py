@@ -14,6 +14,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192  # prompt tokens admitted per step (at least one request)
     backend: Optional[str] = None  # "torch" | "triton"; None: CITER_BACKEND or by device
+    attention: Optional[str] = None  # "flash-attn": flash-attn's paged attention; None: the backend's
     enforce_eager: bool = False  # True: no CUDA graphs
     max_graph_query_len: int = 32  # LLM catch-ups up to this many tokens per sequence replay a graph
     profile: bool = False  # per-phase timers (SLM step, router, LLM catch-up, rest)

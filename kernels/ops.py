@@ -8,13 +8,16 @@ No global state: the engine holds its Ops and passes them down.
 - CITER_BACKEND=triton forces the Triton kernels (on CPU only with TRITON_INTERPRET=1)
   and fails loudly when Triton cannot run; it never falls back silently.
 - CITER_BACKEND=torch forces the references.
+- Engine(attention="flash-attn") replaces the paged attention op with flash-attn's
+  (CUDA, fp16/bf16, pages of a multiple of 256 tokens; kernels/flash_attention.py).
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 
+from .flash_attention import ATTENTION_CHOICES
 from .kv_store import store_kvcache_ref
 from .paged_attention import paged_attention_ref
 from .rmsnorm import rms_norm_ref
@@ -55,11 +58,21 @@ def _check_triton_runs(device: torch.device) -> None:
         )
 
 
-def get_ops(backend: str) -> Ops:
+def get_ops(backend: str, attention: Optional[str] = None) -> Ops:
+    """The backend's ops; attention="flash-attn" swaps in flash-attn's paged attention
+    (check it with flash_attention.check_flash_attn first)."""
     if backend == "torch":
-        return Ops("torch", store_kvcache_ref, paged_attention_ref, rms_norm_ref, routed_head_ref)
-    if backend == "triton":
+        ops = Ops("torch", store_kvcache_ref, paged_attention_ref, rms_norm_ref, routed_head_ref)
+    elif backend == "triton":
         from . import triton_ops  # imported lazily: defining @triton.jit needs a driver
 
-        return triton_ops.OPS
-    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        ops = triton_ops.OPS
+    else:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if attention is None:
+        return ops
+    if attention == "flash-attn":
+        from .flash_attention import paged_attention_flash
+
+        return replace(ops, paged_attention=paged_attention_flash)
+    raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTION_CHOICES} or None")

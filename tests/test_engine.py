@@ -200,6 +200,25 @@ def test_mismatched_vocab_or_tokenizer_refused(tmp_path, hf_models):
         Engine(hf_models["qwen2"][0], str(diff), block_size=BS, num_blocks=8)
 
 
+def test_attention_choice_is_checked(hf_models):
+    from citer.kernels.flash_attention import check_flash_attn
+
+    with pytest.raises(ValueError, match="unknown attention 'flash'"):
+        Engine(hf_models["qwen2"][0], attention="flash", num_blocks=4)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Engine(hf_models["qwen2"][0], attention="flash-attn", num_blocks=4)
+    cuda = torch.device("cuda")  # a device object only: the rules are checked before any use
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        check_flash_attn(cuda, torch.float32, 256)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        check_flash_attn(cuda, torch.bfloat16, 16)
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="flash_attn package is not importable"):
+            check_flash_attn(cuda, torch.bfloat16, 512)
+
+
 def test_kv_pool_too_small(hf_models):
     # 6 blocks of 8 = 48 tokens: each request below needs 4 blocks, so they take turns
     eng = Engine(hf_models["qwen2"][0], block_size=BS, num_blocks=6, max_model_len=128)

@@ -186,3 +186,21 @@ def test_engine_on_cuda_matches_transformers(hf_models):
                 ref = hf.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
             assert o.token_ids == ref  # fp32, IEEE dots in the kernels: same greedy tokens
+
+
+def test_engine_with_flash_attn_attention(hf_models):
+    """attention="flash-attn": same first tokens as the Triton kernel (fp16), and its CUDA
+    graphs replay what the eager engine computes."""
+    pytest.importorskip("flash_attn")
+    from citer import Engine, SamplingParams
+    from conftest import random_prompts
+
+    path = hf_models["qwen2"][0]
+    kw = dict(device="cuda", dtype="float16", block_size=256, num_blocks=8, max_model_len=512)
+    prompts = random_prompts(4, 5, 300, seed=41)  # one spans two pages
+    params = SamplingParams(max_tokens=6, policy="slm", ignore_eos=True)
+    triton_out = Engine(path, enforce_eager=True, **kw).generate(prompts, params)
+    flash_eager = Engine(path, attention="flash-attn", enforce_eager=True, **kw).generate(prompts, params)
+    flash_graphs = Engine(path, attention="flash-attn", **kw).generate(prompts, params)
+    assert [o.token_ids[0] for o in flash_eager] == [o.token_ids[0] for o in triton_out]
+    assert [o.token_ids for o in flash_graphs] == [o.token_ids for o in flash_eager]

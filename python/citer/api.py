@@ -13,6 +13,7 @@ from citer.engine.core import EngineCore
 from citer.engine.cuda_graph import attach_graphs
 from citer.engine.model_runner import ModelRunner
 from citer.engine.sequence import Sequence as Seq
+from citer.kernels.flash_attention import ATTENTION_CHOICES, check_flash_attn
 from citer.kernels.ops import get_ops, resolve_backend
 
 from .models import load_model, load_model_config
@@ -42,6 +43,8 @@ class Engine:
     model arguments it loads the embedded default pair and router (see citer.assets).
     On CUDA (Triton backend) the SLM decode step and LLM catch-ups of up to
     max_graph_query_len tokens replay CUDA graphs; enforce_eager=True turns them off.
+    attention="flash-attn" uses flash-attn's paged attention (CUDA, fp16/bf16,
+    block_size a multiple of 256) instead of the Triton kernel.
     """
 
     def __init__(self, slm: Optional[str] = None, llm: Optional[str] = None, router: Optional[str] = None, *,
@@ -49,6 +52,7 @@ class Engine:
                  num_blocks: Optional[int] = None, kv_cache_memory: Optional[int] = None,
                  max_model_len: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 8192, backend: Optional[str] = None,
+                 attention: Optional[str] = None,
                  enforce_eager: bool = False, max_graph_query_len: int = 32, profile: bool = False,
                  seed: int = 0):
         if slm is None and llm is None and router is None:
@@ -75,7 +79,11 @@ class Engine:
         torch_device = torch.device(device)
         torch_dtype = resolve_dtype(dtype)
         self.backend = resolve_backend(torch_device, backend)
-        ops = get_ops(self.backend)
+        if attention is not None:
+            if attention not in ATTENTION_CHOICES:
+                raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTION_CHOICES} or None")
+            check_flash_attn(torch_device, torch_dtype, block_size)
+        ops = get_ops(self.backend, attention)
 
         models = {}
         for name, path in (("slm", slm), ("llm", llm)):
@@ -93,7 +101,7 @@ class Engine:
         self.config = EngineConfig(
             device=str(torch_device), dtype=str(dtype), block_size=block_size, num_blocks=num_blocks,
             kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, backend=self.backend,
+            max_num_batched_tokens=max_num_batched_tokens, backend=self.backend, attention=attention,
             enforce_eager=enforce_eager, max_graph_query_len=max_graph_query_len, profile=profile, seed=seed,
         )
         from citer._C import BlockManager
