@@ -119,10 +119,14 @@ def main():
                     router, default_threshold=0.5)
     bw = copy_bandwidth(args.device)
     max_len = args.prompt_len + args.steps + 8
-    modes = {}
+    modes, capture = {}, ""
     for mode, eager in (("graphs", False), ("eager", True)):
         modes[mode] = Engine(slm, llm, router, device=args.device, dtype=args.dtype, max_model_len=max_len,
                              max_num_seqs=max(args.batches), enforce_eager=eager)
+        if not eager:
+            t0 = time.perf_counter()
+            n = modes[mode].capture_cuda_graphs()
+            capture = f"; {n} CUDA graphs captured up front in {time.perf_counter() - t0:.1f} s"
     if args.device != "cuda":
         del modes["graphs"]  # graphs are CUDA-only: on CPU both engines would be eager
     hf = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype).to(args.device).eval()
@@ -160,7 +164,7 @@ def main():
     ctx = args.prompt_len + args.steps // 2
     print(f"\n{args.shapes} shapes ({slm_name} SLM, {llm_name} LLM), {args.dtype}, device "
           f"{torch.cuda.get_device_name() if args.device == 'cuda' else args.device}, prompt {args.prompt_len}, "
-          f"{args.steps} decode steps, median of {args.repeats}; copy bandwidth {bw / 1e9:.0f} GB/s")
+          f"{args.steps} decode steps, median of {args.repeats}; copy bandwidth {bw / 1e9:.0f} GB/s{capture}")
     print(f"{'batch':>5} {'mode':>12} {'policy':>14} {'ms/step':>9} {'bound ms':>9} {'% of bound':>10}")
     for (batch, mode, name), sec in res.items():
         which = "slm" if name.startswith("slm") else "llm" if name == "llm" else None

@@ -15,9 +15,11 @@ Padding and tail lanes have block tables that point at the sink block only, so t
 KV writes land there and their attention reads only it; the kernels take lengths from
 seq_lens / query_start_loc and L only as an upper bound, so one graph serves every
 batch that fits its bucket. Rows never mix outside attention, and attention is per
-lane, so padding cannot reach a real row. Graphs are captured at a bucket's first use,
-after two eager warm-up runs on padding-only buffers (Triton compiles and cuBLAS picks
-its kernels then, never during capture), and share one memory pool.
+lane, so padding cannot reach a real row; the Triton attention splits the keys by the
+real-lane bucket B, as an eager step of B sequences would. Graphs are captured at a
+bucket's first use (or all at once by Engine.capture_cuda_graphs), after two eager
+warm-up runs on padding-only buffers (Triton compiles and cuBLAS picks its kernels then,
+never during capture), and share one memory pool.
 
 `graph_cls` is what captures: CUDAGraph on a GPU; EagerGraph re-runs the captured
 function on the static buffers, which lets the CPU tests check the padding and buffer
@@ -29,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence as Seq, Tuple
 import numpy as np
 import torch
 
+from citer.kernels.paged_attention import SPLIT_KV_MAX_Q, split_kv_num_splits
 from citer.models.attention import AttentionMetadata
 
 # pre-norm hidden [B, H]; head [3, B] float64: token ids, top probability, router score
@@ -113,6 +116,7 @@ class StaticInputs:
         self.offsets = offsets
         self.host_buf = torch.zeros(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
         self.dev_buf = torch.zeros(total, dtype=torch.uint8, device=device)
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None  # the last copy's completion
         self.host, self.dev = SimpleNamespace(), SimpleNamespace()
         for name, shape, dtype, fill in fields:
             n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
@@ -124,6 +128,13 @@ class StaticInputs:
     def copy(self, nbytes: int) -> None:
         """Device <- host, the first nbytes (asynchronous from pinned memory)."""
         self.dev_buf[:nbytes].copy_(self.host_buf[:nbytes], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+
+    def writable(self) -> None:
+        """Wait until the last copy has read the host buffer (call before writing it)."""
+        if self.copied is not None:
+            self.copied.synchronize()
 
 
 class GraphedStep:
@@ -164,28 +175,29 @@ class GraphedStep:
             seeds: List[int]) -> Optional[StepOut]:
         """Positions [start, end) of each sequence through the graph of its bucket ->
         (pre-norm hidden [b, H], head [3, b] float64: tokens, top_prob, router score) on
-        the device (views of static outputs, valid until the next run), or None when no
-        bucket fits.
+        the device, or None when no bucket fits. The outputs are views of graph memory:
+        read them before any other graph (of either model: they share a pool) replays
+        or is captured.
         router: the router's params (a tuple of tensors) or None."""
         q_lens = [e - s for s, e in zip(starts, ends)]
+        if min(q_lens) < 1:  # the padding layout gives every row to a lane only then
+            raise ValueError(f"every sequence needs at least one new token, got query lengths {q_lens}")
         bucket = self.bucket(q_lens)
         if bucket is None:
             return None
-        if router is not None and not _same_tensors(router, self.router):
-            # graphs read the router's tensors in place: another router means new graphs
-            self.graphs = {k: g for k, g in self.graphs.items() if not k[2]}
-            self.router = router
+        if router is not None:
+            self.use_router(router)
         key = (*bucket, router is not None)
         graph = self.graphs.get(key)
         if graph is None:
-            self._pad_and_copy(bucket, 0, 0)  # capture on padding lanes only
-            graph = self.graphs[key] = self._capture(key)
+            graph = self._capture(key)
         self._fill(seqs, starts, ends, q_lens, bucket, temperature, seeds)
         hidden, head = graph.replay()
         return hidden[:len(seqs)], head[:, :len(seqs)]
 
     def _fill(self, seqs, starts, ends, q_lens, bucket, temperature, seeds) -> None:
         """Host staging <- this step's batch plus its padding; then one copy to the device."""
+        self.inputs.writable()
         h = self.host
         b, t = len(seqs), sum(q_lens)
         handles = [s.handle for s in seqs]
@@ -231,10 +243,14 @@ class GraphedStep:
         runner, model = self.runner, self.runner.model
         router = self.router if with_router else None
         d = self.dev
+        cfg = model.cfg
+        splits = None  # the tail lanes must not change how the Triton kernel splits the keys
+        if runner.ops.name == "triton" and num_l <= SPLIT_KV_MAX_Q:
+            splits = split_kv_num_splits(num_b, num_l, cfg.num_heads, cfg.num_kv_heads, runner.device)
         meta = AttentionMetadata(
             slot_mapping=d.slot_mapping[:num_t], block_tables=d.block_tables[:num_lanes],
             seq_lens=d.seq_lens[:num_lanes], query_start_loc=d.query_start_loc[:num_lanes + 1],
-            max_query_len=num_l, max_seq_len=self.max_blocks * runner.block_size,
+            max_query_len=num_l, max_seq_len=self.max_blocks * runner.block_size, num_splits=splits,
         )
         ids, pos = d.input_ids[:num_t], d.positions[:num_t]
         last_idx, temperature, seeds = d.last_idx[:num_b], d.temperature[:num_b], d.seeds[:num_b]
@@ -248,16 +264,36 @@ class GraphedStep:
 
         return step
 
+    def use_router(self, router) -> None:
+        """The router params (a tuple of tensors) graphs with a router read in place:
+        another router's means new graphs."""
+        if not _same_tensors(router, self.router):
+            self.graphs = {k: g for k, g in self.graphs.items() if not k[2]}
+            self.router = router
+
+    def capture_all(self, with_router: bool) -> int:
+        """Capture every bucket not yet captured, largest first (so the shared pool is
+        sized by the first); -> how many. with_router: the graphs that run the router
+        too (after use_router)."""
+        keys = [(b, l, with_router) for b in reversed(self.batch_sizes) for l in reversed(self.query_lens)]
+        todo = [k for k in keys if k not in self.graphs]
+        for key in todo:
+            self._capture(key)
+        return len(todo)
+
     @torch.inference_mode()
     def _capture(self, key):
         """Warm up twice on padding-only buffers (compiles every kernel; writes only the
-        sink block), then capture."""
+        sink block), then capture; -> the graph, also kept in self.graphs."""
+        self.inputs.writable()
+        self._pad_and_copy(key[:2], 0, 0)
         fn = self._step_fn(key)
         for _ in range(self.graph_cls.warmup_runs):
             fn()
         if self.graph_cls is CUDAGraph:
             torch.cuda.synchronize(self.runner.device)
-        return self.graph_cls(fn, self.pool)
+        graph = self.graphs[key] = self.graph_cls(fn, self.pool)
+        return graph
 
 
 def _same_tensors(a, b) -> bool:

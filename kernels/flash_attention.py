@@ -40,6 +40,7 @@ def paged_attention_flash(
     scale: float,
     max_query_len: int,
     max_seq_len: int,
+    num_splits=None,  # the Triton kernel's split-KV count; flash-attn picks its own
 ) -> torch.Tensor:  # [T, Hq, D]
     from flash_attn import flash_attn_varlen_func
 

@@ -23,6 +23,7 @@ def paged_attention_ref(
     scale: float,
     max_query_len: int,
     max_seq_len: int,
+    num_splits=None,  # the Triton kernel's split-KV count; no effect here
 ) -> torch.Tensor:  # [T, Hq, D]
     num_seqs = seq_lens.shape[0]
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
@@ -331,6 +332,21 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device, sm
     return min(128, max(16, triton.next_power_of_2(want)))
 
 
+def _split_kv_block_q(max_query_len: int, block_h: int) -> int:
+    # rows = BLOCK_Q tokens x BLOCK_H heads: at least 16 (the dot's M), at most 64
+    return max(16 // block_h, min(triton.next_power_of_2(max_query_len), PREFILL_ROWS // block_h), 1)
+
+
+def split_kv_num_splits(num_seqs: int, max_query_len: int, num_heads: int, num_kv_heads: int,
+                        device: torch.device) -> int:
+    """The split count paged_attention_triton picks for this batch shape. A CUDA graph
+    whose batch carries extra empty lanes passes the count of its real-lane bucket, so
+    it splits like the eager step."""
+    block_h = triton.next_power_of_2(num_heads // num_kv_heads)
+    q_blocks = triton.cdiv(max_query_len, _split_kv_block_q(max_query_len, block_h))
+    return decode_num_splits(num_seqs * q_blocks, num_kv_heads, device)
+
+
 def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                            max_query_len, max_seq_len, num_splits=None):
     """Same contract as paged_attention_ref. q: unit stride along D (heads may be a strided
@@ -360,10 +376,9 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_st
     strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     dot_fp32 = _dot_fp32(k_cache.dtype)
     if max_query_len <= SPLIT_KV_MAX_Q:
-        # rows = BLOCK_Q tokens x BLOCK_H heads: at least 16 (the dot's M), at most 64
-        block_q = max(16 // block_h, min(triton.next_power_of_2(max_query_len), PREFILL_ROWS // block_h), 1)
+        block_q = _split_kv_block_q(max_query_len, block_h)
         q_blocks = triton.cdiv(max_query_len, block_q)
-        splits = num_splits or decode_num_splits(num_seqs * q_blocks, num_kv_heads, q.device)
+        splits = num_splits or split_kv_num_splits(num_seqs, max_query_len, num_heads, num_kv_heads, q.device)
         if splits & (splits - 1):
             raise ValueError(f"num_splits must be a power of two, got {splits}")
         part_out = torch.empty((num_tokens, num_heads, splits, block_d), dtype=torch.float32, device=q.device)

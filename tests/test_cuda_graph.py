@@ -140,3 +140,25 @@ def test_new_router_means_new_graphs(hf_models, router_path):
     again = e.generate([[3, 4, 5]], params)[0]
     assert g.router[0] is e.router.params[0]
     assert again.token_ids == first.token_ids and again.router_scores == pytest.approx(first.router_scores)
+
+
+def test_capture_all_up_front(hf_models, router_path):
+    """Engine.capture_cuda_graphs captures every bucket (largest first); serving then
+    captures nothing more and gives the eager engine's tokens."""
+    e = _engine(hf_models, router_path, True)
+    assert e.capture_cuda_graphs() == 9 + 3 + 3  # LLM (1,2,4)x(1,2,4); SLM (1,2,4) without and with router
+    assert e.capture_cuda_graphs() == 0
+    slm, llm = dict(e.core.slm.graphs.graphs), dict(e.core.llm.graphs.graphs)
+    assert next(iter(llm)) == (4, 4, False)  # the largest bucket first: it sizes the shared pool
+    prompts = random_prompts(3, 2, 8, seed=12)
+    for policy in (dict(policy="random", llm_fraction=0.5), dict(policy="router", threshold=0.5)):
+        params = SamplingParams(max_tokens=6, ignore_eos=True, **policy)
+        ref = _engine(hf_models, router_path, False).generate(prompts, params)
+        assert [o.token_ids for o in e.generate(prompts, params)] == [o.token_ids for o in ref]
+    assert e.core.slm.graphs.graphs == slm and e.core.llm.graphs.graphs == llm  # the same graph objects
+
+
+def test_graph_step_needs_a_token_per_sequence(hf_models, router_path):
+    e = _engine(hf_models, router_path, True)
+    with pytest.raises(ValueError, match="at least one new token"):
+        e.core.llm.graphs.run([object()], [3], [3], None, [0.0], [0])

@@ -62,3 +62,39 @@ def test_each_bucket_is_captured_once(hf_models, router_path):
         after = getattr(e.core, name).graphs.graphs
         for key, g in before.items():
             assert after[key] is g
+
+
+def test_long_catch_ups_and_a_new_router_in_graphs(hf_models, router_path):
+    """Catch-up buckets up to 32 tokens (the prefill kernel inside a graph, queries longer
+    than a 16-token page, tail lanes wrapping around the sink block); a router swapped
+    under captured graphs; everything captured up front."""
+    kw = dict(device="cuda", dtype="float32", block_size=16, num_blocks=96, max_model_len=256, max_num_seqs=4,
+              max_graph_query_len=32)
+    eager = Engine(hf_models["qwen2"][0], hf_models["llama"][0], router_path, enforce_eager=True, **kw)
+    graphed = Engine(hf_models["qwen2"][0], hf_models["llama"][0], router_path, **kw)
+    assert graphed.capture_cuda_graphs() == 3 * 6 + 3 + 3
+    prompts = random_prompts(3, 3, 12, seed=10)
+    for p in (SamplingParams(max_tokens=60, ignore_eos=True, policy="random", llm_fraction=0.05),
+              SamplingParams(max_tokens=30, ignore_eos=True, policy="router", threshold=0.5)):
+        ref, outs = eager.generate(prompts, p), graphed.generate(prompts, p)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+        assert [o.from_llm for o in outs] == [o.from_llm for o in ref]
+    graphed.set_router(router_path)
+    p = SamplingParams(max_tokens=30, ignore_eos=True, policy="router", threshold=0.5)
+    assert [o.token_ids for o in graphed.generate(prompts, p)] == [o.token_ids for o in eager.generate(prompts, p)]
+    assert_all_free(graphed)
+
+
+def test_bf16_graphs_track_eager(hf_models, router_path):
+    """bf16: padded batches may take other GEMM kernels, so tokens may drift apart after a
+    near-tie; most must still agree (garbage from a wrong buffer would not)."""
+    kw = dict(device="cuda", dtype="bfloat16", block_size=16, num_blocks=96, max_model_len=256, max_num_seqs=8)
+    prompts = random_prompts(5, 3, 40, seed=11)
+    p = SamplingParams(max_tokens=24, ignore_eos=True, policy="random", llm_fraction=0.2)
+    ref = Engine(hf_models["qwen2"][0], hf_models["llama"][0], enforce_eager=True, **kw).generate(prompts, p)
+    graphed = Engine(hf_models["qwen2"][0], hf_models["llama"][0], **kw)
+    outs = graphed.generate(prompts, p)
+    first = [o.token_ids[:4] == r.token_ids[:4] for o, r in zip(outs, ref)]
+    assert sum(first) >= 4, first
+    assert graphed.core.slm.graphs.graphs and graphed.core.llm.graphs.graphs
+    assert_all_free(graphed)

@@ -135,6 +135,21 @@ class Engine:
         self.router = self.core.router = folded
         self.paths["router"] = router
 
+    def capture_cuda_graphs(self) -> int:
+        """Capture every CUDA-graph bucket now, largest first, instead of at each bucket's
+        first use (which costs that step a warm-up and a capture); -> graphs captured.
+        Nothing to do without graphs (CPU, enforce_eager=True, profile=True)."""
+        n = 0
+        for which in ("llm", "slm"):  # the LLM's largest bucket sizes the shared pool
+            runner = getattr(self.core, which)
+            if runner is None or runner.graphs is None:
+                continue
+            n += runner.graphs.capture_all(with_router=False)
+            if which == "slm" and self.router is not None:
+                runner.graphs.use_router(self.router.params)
+                n += runner.graphs.capture_all(with_router=True)
+        return n
+
     @staticmethod
     def _default_kv_memory(device: torch.device) -> int:
         if device.type == "cuda":

@@ -6,7 +6,7 @@ through the backend's ops (torch references on CPU, Triton kernels on CUDA, flas
 as an option). The model never sees blocks or sequences beyond this.
 """
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -19,6 +19,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B + 1] int32: packed query offsets
     max_query_len: int
     max_seq_len: int
+    num_splits: Optional[int] = None  # split-KV count override (CUDA graphs); None: the kernel's choice
 
 
 KVCache = List[Tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v): [N, block_size, Hkv, D]
@@ -30,5 +31,5 @@ def paged_attention(ops, q, k, v, kv: Tuple[torch.Tensor, torch.Tensor], meta: A
     ops.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
     return ops.paged_attention(
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        scale, meta.max_query_len, meta.max_seq_len,
+        scale, meta.max_query_len, meta.max_seq_len, num_splits=meta.num_splits,
     )
