@@ -2,10 +2,11 @@
 
 A step of `b` sequences with at most `l` new tokens each runs in the graph of the
 smallest bucket (B >= b, L >= l): the SLM decode step uses buckets (B, 1), the LLM
-catch-up step (B, L) for L up to `max_query_len`. Prompt prefills and longer catch-ups
-run eagerly. A graph replays the kernels it captured on fixed (static) buffers, so each
-step only copies its inputs into them (one host-to-device copy). A graph has B*L token rows and B lanes, plus B
-tail lanes when L > 1; every row belongs to a lane:
+catch-up step (B, L) for L up to `max_query_len` and B x L up to MAX_GRAPH_TOKENS.
+Prompt prefills and longer or larger catch-ups run eagerly. A graph replays the kernels
+it captured on fixed (static) buffers, so each step only copies its inputs into them
+(one host-to-device copy). A graph has B*L token rows and B lanes, plus B tail lanes
+when L > 1; every row belongs to a lane:
 
   lanes [0, b)   the real sequences, their t new tokens packed as in an eager step
   lanes [b, B)   padding: one token each at position 0 (its head output is dropped)
@@ -33,6 +34,8 @@ import torch
 
 from citer.kernels.paged_attention import SPLIT_KV_MAX_Q, split_kv_num_splits
 from citer.models.attention import AttentionMetadata
+
+MAX_GRAPH_TOKENS = 2048  # buckets with more token rows (B x L) run eagerly: big graphs, rare steps
 
 # pre-norm hidden [B, H]; head [3, B] float64: token ids, top probability, router score
 # (one tensor, so the step's results reach the host in one copy)
@@ -168,7 +171,7 @@ class GraphedStep:
     def bucket(self, q_lens: Seq[int]) -> Optional[Tuple[int, int]]:
         b = pick_bucket(self.batch_sizes, len(q_lens))
         l = pick_bucket(self.query_lens, max(q_lens))
-        return None if b is None or l is None else (b, l)
+        return None if b is None or l is None or b * l > MAX_GRAPH_TOKENS else (b, l)
 
     # ---- one step ---------------------------------------------------------------------
     def run(self, seqs: Seq, starts: List[int], ends: List[int], router, temperature: List[float],
@@ -275,7 +278,8 @@ class GraphedStep:
         """Capture every bucket not yet captured, largest first (so the shared pool is
         sized by the first); -> how many. with_router: the graphs that run the router
         too (after use_router)."""
-        keys = [(b, l, with_router) for b in reversed(self.batch_sizes) for l in reversed(self.query_lens)]
+        keys = [(b, l, with_router) for b in reversed(self.batch_sizes) for l in reversed(self.query_lens)
+                if b * l <= MAX_GRAPH_TOKENS]
         todo = [k for k in keys if k not in self.graphs]
         for key in todo:
             self._capture(key)

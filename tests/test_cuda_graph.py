@@ -162,3 +162,12 @@ def test_graph_step_needs_a_token_per_sequence(hf_models, router_path):
     e = _engine(hf_models, router_path, True)
     with pytest.raises(ValueError, match="at least one new token"):
         e.core.llm.graphs.run([object()], [3], [3], None, [0.0], [0])
+
+
+def test_token_cap_on_graph_buckets(hf_models, router_path):
+    from citer.engine.cuda_graph import MAX_GRAPH_TOKENS, GraphedStep
+
+    runner = _engine(hf_models, router_path, False).core.llm
+    g = GraphedStep(runner, 128, 64, [1, 64, 128], [1, 16, 32], graph_cls=EagerGraph)
+    assert g.bucket([1] * 64) == (64, 1) and g.bucket([20] * 64) == (64, 32)
+    assert 128 * 32 > MAX_GRAPH_TOKENS and g.bucket([20] * 100) is None  # 4096 rows: eager
