@@ -120,10 +120,11 @@ class EngineCore:
 
         Fused (Triton or CUDA graphs, not profiling): one routed-head pass gives every row
         its token, top probability and router score (in a CUDA graph with the model body,
-        when enabled), then each row is routed. Otherwise the router MLP runs first, policies that need
-        nothing from the SLM's head ("router", "random") decide at once, and the lm_head
-        runs only for the rows the SLM keeps (plus the "confidence" rows, whose rule reads
-        the SLM's top probability)."""
+        when enabled), then each row is routed. Otherwise the router MLP runs first,
+        policies that need nothing from the SLM's head ("router", "random") decide at
+        once, and the lm_head runs only for the rows the SLM keeps (plus the "confidence"
+        rows, whose rule reads the SLM's top probability). Every row draws its sampling
+        seed either way, so seeded sampling gives the same tokens on both paths."""
         use_router = self.router is not None and any(s.policy == "router" for s in seqs)
         fused = self.slm.ops.name == "triton" or self.slm.graphs is not None  # a graph holds the head too
         if fused and not self.config.profile:
