@@ -104,6 +104,7 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from citer import Engine, SamplingParams
+    from citer.models import load_model_config
     from citer.router import RouterMLP, save_router
 
     dtype = getattr(torch, args.dtype)
@@ -115,8 +116,7 @@ def main():
     router = os.path.join(root, f"router-{slm_name}")
     if not os.path.isfile(os.path.join(router, "config.json")):
         torch.manual_seed(0)
-        save_router(RouterMLP(Engine(slm, device="cpu", num_blocks=1, max_model_len=64).slm_config.hidden_size).eval(),
-                    router, default_threshold=0.5)
+        save_router(RouterMLP(load_model_config(slm).hidden_size).eval(), router, default_threshold=0.5)
     bw = copy_bandwidth(args.device)
     max_len = args.prompt_len + args.steps + 8
     modes, capture = {}, ""
