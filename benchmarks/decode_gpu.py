@@ -53,7 +53,7 @@ def streamed_bytes(engine, which: str, batch: int, ctx: int) -> int:
             seen.add(p.data_ptr())
             n += p.numel() * p.element_size()
     cfg = model.cfg
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * batch * ctx
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.norm.weight.element_size() * batch * ctx
     return n + kv
 
 
@@ -147,7 +147,7 @@ def main():
             for mode, engine in modes.items():
                 for name, pol in policies.items():
                     params = SamplingParams(**base, **pol)  # seeds per request: lanes route independently
-                    time_steps(engine, prompts, params, 4)  # warm-up: captures this batch's graphs
+                    time_steps(engine, prompts, params, args.steps)  # warm-up: compiles what this run meets
                     runs = []
                     for _ in range(args.repeats):
                         runs.append(time_steps(engine, prompts, params, args.steps))

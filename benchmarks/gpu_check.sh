@@ -11,14 +11,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 sections=${*:-tests kernels decode}
-$PY -c "import citer._C, citer.engine" 2>/dev/null || $PY -m pip install -q --no-build-isolation --no-deps -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+$PY -c "import torch, triton, transformers, setuptools; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'setuptools', setuptools.__version__, 'cuda', torch.cuda.is_available())"
+$PY -c "import citer._C, citer.engine" 2>/dev/null || $PY -m pip install -q --no-build-isolation --no-deps -e . || exit 1
 status=0
 for s in $sections; do
     echo "=== $s ($(date -u +%H:%M:%S))"
     case $s in
-        tests) $PY -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_cuda_graph_gpu.py \
+        tests) $PY -m pytest -q -p no:cacheprovider --durations=15 tests/test_kernels_gpu.py tests/test_cuda_graph_gpu.py \
                    tests/test_kernels.py tests/test_engine_triton.py tests/test_cuda_graph.py || status=1 ;;
         kernels) $PY benchmarks/kernels.py || status=1 ;;
         decode) $PY benchmarks/decode_gpu.py || status=1 ;;

@@ -40,7 +40,7 @@ class Sequence:
         self.from_llm: List[bool] = []
         self.router_scores: List[Optional[float]] = []
         self.text = ""  # detokenized output so far (stop strings cut)
-        self.sampler = torch.Generator().manual_seed(seed)  # draws per-step sampling seeds
+        self.sampler = torch.Generator(device="cpu").manual_seed(seed)  # draws per-step sampling seeds
         self.route_rng = np.random.default_rng(seed)  # policy "random"
         self.stats = {"slm_forward_tokens": 0, "llm_forward_tokens": 0, "llm_calls": 0}
         self.arrival_time = time.perf_counter()
@@ -61,4 +61,4 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     def next_sampling_seed(self) -> int:
-        return int(torch.randint(0, 2**62, (1,), generator=self.sampler))
+        return int(torch.randint(0, 2**62, (1,), generator=self.sampler, device="cpu"))

@@ -43,8 +43,8 @@ def paged_attention_ref(
         uniform = True
     else:
         q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
-        row_seq = torch.repeat_interleave(torch.arange(num_seqs), q_lens)
-        row_off = torch.arange(num_tokens) - query_start_loc[:-1].long()[row_seq]
+        row_seq = torch.repeat_interleave(torch.arange(num_seqs, device=q.device), q_lens)
+        row_off = torch.arange(num_tokens, device=q.device) - query_start_loc[:-1].long()[row_seq]
         qp = q.new_zeros(num_seqs, max_query_len, num_heads, head_dim)
         qp[row_seq, row_off] = q
         qp = qp.transpose(1, 2)
@@ -60,8 +60,8 @@ def paged_attention_ref(
         causal = True  # one sequence prefilled from position 0
     else:
         # query row i of sequence b sits at position seq_len - q_len + i
-        qpos = (seq_lens_l - q_lens_l)[:, None] + torch.arange(max_query_len)[None, :]
-        kpos = torch.arange(max_seq_len)
+        qpos = (seq_lens_l - q_lens_l)[:, None] + torch.arange(max_query_len, device=q.device)[None, :]
+        kpos = torch.arange(max_seq_len, device=q.device)
         mask = kpos[None, None, :] <= qpos[:, :, None]  # [B, Q, S]
         mask[:, :, 0] = True  # keep padded query rows finite; they are dropped below
         mask = mask[:, None]

@@ -29,9 +29,9 @@ def router_mlp_ref(
     return torch.sigmoid(torch.mv(z, w2).add_(b2))
 
 
-def gumbel_noise(seed: int, vocab: int) -> torch.Tensor:  # [V] float32
-    g = torch.Generator().manual_seed(int(seed))
-    u = torch.rand(vocab, generator=g, dtype=torch.float32).clamp_(min=1e-20)
+def gumbel_noise(seed: int, vocab: int) -> torch.Tensor:  # [V] float32, on the CPU whatever the device
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    u = torch.rand(vocab, generator=g, dtype=torch.float32, device="cpu").clamp_(min=1e-20)
     return -torch.log((-torch.log(u)).clamp_(min=1e-20))
 
 
@@ -59,7 +59,7 @@ def head_from_logits(
     top_prob = torch.softmax(logits, dim=-1).amax(dim=-1)
     tokens = logits.argmax(dim=-1)
     for b in torch.nonzero(temperature > 0).flatten().tolist():
-        noisy = logits[b] / temperature[b] + gumbel_noise(int(seeds[b]), logits.shape[1])
+        noisy = logits[b] / temperature[b] + gumbel_noise(int(seeds[b]), logits.shape[1]).to(logits.device)
         tokens[b] = noisy.argmax()
     if router is None:
         score = torch.full_like(top_prob, float("nan"))

@@ -107,6 +107,17 @@ def test_graphed_engine_equals_eager(pairs, backend, case):
         assert any(1 < k[1] <= 4 for k in llm_keys)
 
 
+def test_graph_step_names_its_devices(pairs):
+    """The graph path makes no tensor on the default device (see test_engine's check)."""
+    eager, graphed = pairs("torch")
+    prompts = random_prompts(3, 2, 8, seed=13)
+    params = SamplingParams(max_tokens=6, ignore_eos=True, policy="random", llm_fraction=0.5, temperature=0.7)
+    ref = eager.generate(prompts, params)
+    with torch.device("meta"):
+        outs = graphed.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+
+
 def test_padding_and_tail_lanes_use_the_sink(hf_models, router_path):
     e = _engine(hf_models, router_path, True)
     g = e.core.llm.graphs

@@ -133,6 +133,24 @@ def test_max_model_len_caps_generation(hf_models):
     assert_all_free(eng)
 
 
+def test_no_tensor_lands_on_the_default_device(engine):
+    """Every tensor the engine makes names its device (the model's, or the CPU on purpose):
+    with the default device set to "meta", a CPU engine still runs. On a GPU a tensor that
+    forgot its device would land on the CPU beside CUDA ones; this finds that here."""
+    prompts = random_prompts(3, 2, 12, seed=1)
+    ref = engine.generate(prompts, SamplingParams(max_tokens=5, policy="random", llm_fraction=0.5, seed=2,
+                                                  ignore_eos=True))
+    with torch.device("meta"):
+        for kw in (dict(policy="slm"), dict(policy="llm", temperature=0.7),
+                   dict(policy="confidence", temperature=0.7, top_p=0.9),
+                   dict(policy="random", llm_fraction=0.5, temperature=0.8, top_k=5)):
+            engine.generate(prompts, SamplingParams(max_tokens=5, ignore_eos=True, **kw))
+        outs = engine.generate(prompts, SamplingParams(max_tokens=5, policy="random", llm_fraction=0.5, seed=2,
+                                                       ignore_eos=True))
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    assert_all_free(engine)
+
+
 # ---- bad input: clear errors, nothing leaked ------------------------------------------------
 
 @pytest.mark.parametrize("kw,match", [
