@@ -35,3 +35,16 @@ def test_triton_engine_mixed_routing_equals_torch_backend(engine, hf_models):
     assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
     assert [o.from_llm for o in outs] == [o.from_llm for o in ref]
     assert any(any(o.from_llm) for o in outs) and not all(all(o.from_llm) for o in outs)
+
+
+def test_triton_path_names_its_devices(engine):
+    """No tensor of the Triton path lands on the default device (see test_engine's check):
+    what would put a CPU tensor beside CUDA ones on a GPU fails here under "meta"."""
+    import torch
+
+    prompts = random_prompts(2, 2, 12, seed=23)
+    params = SamplingParams(max_tokens=3, policy="random", llm_fraction=0.5, temperature=0.7, seed=3, ignore_eos=True)
+    ref = engine.generate(prompts, params)
+    with torch.device("meta"):
+        outs = engine.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
