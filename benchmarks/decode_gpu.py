@@ -46,15 +46,9 @@ def copy_bandwidth(device: str) -> float:
 def streamed_bytes(engine, which: str, batch: int, ctx: int) -> int:
     """Bytes one decode step must read: every weight once (the tied embedding once, as
     the lm_head) plus the KV cache of `batch` sequences of `ctx` tokens."""
-    model = getattr(engine.core, which).model
-    seen, n = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            n += p.numel() * p.element_size()
-    cfg = model.cfg
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.norm.weight.element_size() * batch * ctx
-    return n + kv
+    runner = getattr(engine.core, which)
+    weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())  # a tied weight once
+    return weights + runner.kv_bytes_per_block(runner.cfg, 1, runner.dtype) * batch * ctx
 
 
 def time_steps(engine, prompts, params, steps: int) -> float:

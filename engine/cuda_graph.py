@@ -110,11 +110,11 @@ class StaticInputs:
     8-byte aligned, in the order given; `host.<name>` / `dev.<name>` are the views."""
 
     def __init__(self, fields, device: torch.device):
-        offsets, total = {}, 0
+        offsets, sizes, total = {}, {}, 0
         for name, shape, dtype, _ in fields:
             offsets[name] = total
-            nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-            total += -(-nbytes // 8) * 8
+            sizes[name] = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            total += -(-sizes[name] // 8) * 8
         self.nbytes = total
         self.offsets = offsets
         self.host_buf = torch.zeros(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
@@ -122,9 +122,8 @@ class StaticInputs:
         self.copied = torch.cuda.Event() if device.type == "cuda" else None  # the last copy's completion
         self.host, self.dev = SimpleNamespace(), SimpleNamespace()
         for name, shape, dtype, fill in fields:
-            n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
             for ns, buf in ((self.host, self.host_buf), (self.dev, self.dev_buf)):
-                setattr(ns, name, buf[offsets[name]:offsets[name] + n].view(dtype).view(shape))
+                setattr(ns, name, buf[offsets[name]:offsets[name] + sizes[name]].view(dtype).view(shape))
             getattr(self.host, name).fill_(fill)
         self.copy(total)
 
@@ -237,7 +236,7 @@ class GraphedStep:
         h.temperature.numpy()[b:num_b] = 0.0
         h.seeds.numpy()[b:num_b] = 0
         # everything up to this bucket's block-table rows, in one copy
-        self.inputs.copy(self.inputs.offsets["block_tables"] + num_lanes * self.max_blocks * 4)
+        self.inputs.copy(self.inputs.offsets["block_tables"] + h.block_tables[:num_lanes].nbytes)
 
     # ---- capture ----------------------------------------------------------------------
     def _step_fn(self, key) -> Callable[[], StepOut]:

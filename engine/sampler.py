@@ -46,14 +46,14 @@ def run_head(ops, model, hidden: torch.Tensor, seqs: Seq, vocab_limit: int,
     temps, seed_list = inputs if inputs is not None else sampling_inputs(seqs)
     temperature = torch.tensor(temps, dtype=torch.float32, device=device)
     seeds = torch.tensor(seed_list, dtype=torch.int64, device=device)
-    if ops.name == "triton":
-        if not any(p.filtered for p in params):
-            tokens, top_prob, score = ops.routed_head(hidden, model.norm.weight, model.norm.eps,
-                                                      model.lm_head.weight[:vocab_limit], router, temperature, seeds)
-            return HeadOutput(tokens.tolist(), top_prob, score)
+    full_logits = needs_full_logits(seqs)
+    if ops.name == "triton" and not full_logits:
+        tokens, top_prob, score = ops.routed_head(hidden, model.norm.weight, model.norm.eps,
+                                                  model.lm_head.weight[:vocab_limit], router, temperature, seeds)
+        return HeadOutput(tokens.tolist(), top_prob, score)
     h = model.final_norm(ops, hidden)
     logits = model.logits_from_normed(h)[:, :vocab_limit]
-    if not any(p.filtered for p in params):
+    if not full_logits:
         tokens, top_prob, score = head_from_logits(logits, h, router, temperature, seeds)
         return HeadOutput(tokens.tolist(), top_prob, score)
     top_prob = torch.softmax(logits, dim=-1).amax(dim=-1)

@@ -13,7 +13,7 @@ from citer.engine.core import EngineCore
 from citer.engine.cuda_graph import attach_graphs
 from citer.engine.model_runner import ModelRunner
 from citer.engine.sequence import Sequence as Seq
-from citer.kernels.flash_attention import ATTENTION_CHOICES, check_flash_attn
+from citer.kernels.flash_attention import check_flash_attn
 from citer.kernels.ops import get_ops, resolve_backend
 
 from .models import load_model, load_model_config
@@ -79,11 +79,9 @@ class Engine:
         torch_device = torch.device(device)
         torch_dtype = resolve_dtype(dtype)
         self.backend = resolve_backend(torch_device, backend)
-        if attention is not None:
-            if attention not in ATTENTION_CHOICES:
-                raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTION_CHOICES} or None")
+        ops = get_ops(self.backend, attention)  # raises on an unknown attention
+        if attention == "flash-attn":
             check_flash_attn(torch_device, torch_dtype, block_size)
-        ops = get_ops(self.backend, attention)
 
         models = {}
         for name, path in (("slm", slm), ("llm", llm)):
