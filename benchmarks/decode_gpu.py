@@ -48,7 +48,7 @@ def streamed_bytes(engine, which: str, batch: int, ctx: int) -> int:
     the lm_head) plus the KV cache of `batch` sequences of `ctx` tokens."""
     runner = getattr(engine.core, which)
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())  # a tied weight once
-    return weights + runner.kv_bytes_per_block(runner.cfg, 1, runner.dtype) * batch * ctx
+    return weights + runner.cfg.kv_bytes_per_token(runner.dtype) * batch * ctx
 
 
 def time_steps(engine, prompts, params, steps: int) -> float:

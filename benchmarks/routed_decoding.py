@@ -74,7 +74,7 @@ def main():
         res = interleaved_medians(fns, args.repeats, bar)
     t = {k: median(v) for k, v in res.items()}
     out = routed()
-    share = sum(out.from_llm) / n
+    share = out.llm_share
 
     # router overhead: folded router MLP at batch 1 vs one SLM decode step (measured by the profiler)
     prof = Engine(slm_path, llm_path, router_path, max_model_len=512, num_blocks=64, profile=True)

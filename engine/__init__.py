@@ -1,1 +1,3 @@
-"""citer.engine: the runtime (sequences, KV pools, model runner, routed decode loop)."""
+"""citer.engine: the runtime (requests, sequences, scheduler, model runners, routing,
+CUDA graphs, the step loop) and the types it owns: SamplingParams, RequestOutput,
+TokenEvent. It imports citer.models and citer.kernels, never the API modules above it."""

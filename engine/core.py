@@ -1,60 +1,73 @@
 """EngineCore: the step loop of routed decoding (add_request / step / abort).
 
-One step, for every running sequence:
-  1. SLM: one varlen forward over each sequence's positions the SLM has not computed
-     (the whole prompt on the first step, else the one new token), then the head:
-     the SLM's proposal, its top probability and the router score.
-  2. Routing: per sequence, keep the SLM's token or hand this position to the LLM.
-  3. LLM catch-up: one varlen forward over every position the LLM has not seen yet, for
+One step, for every running sequence (top-down: core -> runner -> model -> ops):
+  1. SLM: `self.slm.run` forwards each sequence's positions the SLM has not computed
+     (the whole prompt on the first step, else the one new token) and runs the head on
+     the last: per row the SLM's token, its top probability and the router score.
+  2. Routing: `routing.decide` turns those signals into one decision per row (keep the
+     SLM's token, or hand this position to the LLM).
+  3. LLM catch-up: `self.llm.run` forwards every position the LLM has not seen yet, for
      all routed sequences together; the LLM's token replaces the proposal.
   4. Append, check stop conditions, free finished sequences' blocks.
 The SLM never sees its rejected proposal: it reads the chosen token as its next input,
 so routing needs no rollback and no position is computed twice by the same model.
 """
+import itertools
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional, Tuple
 
-import torch
-
-from citer.outputs import RequestOutput, TokenEvent
+import numpy as np
 
 from .detokenizer import Detokenizer
+from .head import HeadSpec, StepResult
 from .model_runner import ModelRunner
-from .profiler import PhaseTimer
-from .routing import needs_slm, route_to_llm
-from .sampler import HeadOutput, needs_full_logits, run_head, sampling_inputs
+from .outputs import RequestOutput, TokenEvent, llm_share
+from .requests import Prompt, check_params, check_servable, prompt_token_ids
+from .routing import decide, draws, needs_head_first, needs_slm
 from .scheduler import Scheduler
 from .sequence import Sequence
 
 
 class EngineCore:
     def __init__(self, config, block_manager, slm: Optional[ModelRunner], llm: Optional[ModelRunner],
-                 router, tokenizer, eos_token_ids, vocab_limit: int):
+                 router, tokenizer, eos_token_ids, vocab_limit: int, timer):
         self.config = config
         self.bm = block_manager
-        self.slm, self.llm, self.router = slm, llm, router
+        self.slm, self.llm = slm, llm
+        self.router = router  # a citer.router.FoldedRouter (params, default_threshold) or None
         self.scheduler = Scheduler(config, block_manager)
+        self.tokenizer = tokenizer
         self.detok = Detokenizer(tokenizer)
         self.eos_token_ids = set(eos_token_ids)
         self.vocab_limit = vocab_limit
-        sync = torch.cuda.synchronize if torch.device(config.device).type == "cuda" else None
-        self.timer = PhaseTimer(config.profile, sync)
+        self.timer = timer
+        self._rng = np.random.default_rng(config.seed)  # seeds of requests that bring none
+        self._ids = itertools.count()
 
     # ---- requests -------------------------------------------------------------------
-    def validate(self, seq: Sequence) -> None:
-        """Raise if this engine cannot serve the request; changes nothing."""
-        if seq.policy != "llm" and self.slm is None:
-            raise ValueError(f"policy {seq.policy!r} needs an SLM")
-        if seq.policy != "slm" and self.llm is None:
-            raise ValueError(f"policy {seq.policy!r} needs an LLM, and this engine has none")
-        if seq.policy == "router" and self.router is None:
-            raise ValueError("policy 'router' needs a router, and this engine has none")
-        if seq.policy == "router" and seq.threshold is None:
-            raise ValueError("policy 'router' needs a threshold")
-        self.scheduler.check_fits(seq.num_prompt_tokens, seq.params.max_tokens)
+    def default_policy(self) -> str:
+        if self.router is not None and self.llm is not None:
+            return "router"
+        return "slm" if self.slm is not None else "llm"
 
-    def add_request(self, seq: Sequence) -> None:
-        self.validate(seq)
+    def make_sequence(self, prompt: Prompt, params, index: int = 0, request_id: Optional[str] = None) -> Sequence:
+        """Every check a request gets, in one place; -> its Sequence. Changes no state
+        but the engine's seed and id draws."""
+        params = check_params(params)
+        ids = prompt_token_ids(prompt, index, self.tokenizer, self.vocab_limit, self.config.max_model_len)
+        policy = params.policy or self.default_policy()
+        threshold = params.threshold
+        if threshold is None and self.router is not None:
+            threshold = self.router.default_threshold
+        check_servable(policy, threshold, self.slm is not None, self.llm is not None, self.router is not None)
+        self.scheduler.check_fits(len(ids), params.max_tokens)
+        if request_id is not None and request_id in self.scheduler.by_id:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**62))
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        return Sequence(rid, ids, params, policy, threshold, seed)
+
+    def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> Optional[RequestOutput]:
@@ -67,8 +80,9 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def get(self, request_id: str) -> Optional[Sequence]:
-        return self.scheduler.by_id.get(request_id)
+    def set_router(self, router) -> None:
+        """Requests already running keep their policy; graphs that read the old router go."""
+        self.router = router
 
     # ---- the step -------------------------------------------------------------------
     def step(self) -> List[TokenEvent]:
@@ -88,118 +102,54 @@ class EngineCore:
         self.timer.reset()
         for seq in running:
             self.scheduler.ensure_slots(seq)
-
-        slm_seqs = [s for s in running if needs_slm(s)]
-        slm_tokens: Dict[int, int] = {}
-        scores: Dict[int, float] = {}
-        routed = [s for s in running if not needs_slm(s)]  # policy "llm"
-        if slm_seqs:
-            self._slm_step(slm_seqs, slm_tokens, scores, routed)
-
-        llm_tokens: Dict[int, int] = {}
-        if routed:
-            with self.timer.phase("llm"):
-                head = self._forward_head(self.llm, routed, "llm", None)
-            for seq, tok in zip(routed, head.tokens):
-                llm_tokens[id(seq)] = tok
+        n = len(running)
+        token: List[Optional[int]] = [None] * n
+        score: List[Optional[float]] = [None] * n
+        from_llm = [False] * n
+        llm_rows = [i for i, s in enumerate(running) if not needs_slm(s)]  # policy "llm"
+        slm_rows = [i for i, s in enumerate(running) if needs_slm(s)]
+        if slm_rows:
+            out, to_llm = self._slm_step([running[i] for i in slm_rows])
+            for j, i in enumerate(slm_rows):
+                token[i] = out.tokens[j]
+                score[i] = out.router_score[j] if out.router_score is not None else None
+                if to_llm[j]:
+                    llm_rows.append(i)
+        if llm_rows:
+            seqs = [running[i] for i in llm_rows]
+            out = self.llm.run(seqs, HeadSpec.for_seqs(seqs))
+            for i, seq, tok in zip(llm_rows, seqs, out.tokens):
+                token[i], from_llm[i] = tok, True
                 seq.stats["llm_calls"] += 1
-
-        events = []
-        for seq in running:
-            from_llm = id(seq) in llm_tokens
-            token = llm_tokens[id(seq)] if from_llm else slm_tokens[id(seq)]
-            score = scores.get(id(seq), float("nan"))
-            events.append(self._append(seq, token, from_llm, None if score != score else score))
-        self._attribute_time(running, slm_seqs, routed, time.perf_counter() - t_step)
+        events = [self._append(seq, token[i], from_llm[i], score[i]) for i, seq in enumerate(running)]
+        self._attribute_time(running, [running[i] for i in slm_rows], [running[i] for i in llm_rows],
+                             time.perf_counter() - t_step)
         return events
 
-    def _slm_step(self, seqs: List[Sequence], tokens: Dict[int, int], scores: Dict[int, float],
-                  routed: List[Sequence]) -> None:
-        """SLM forward, router, routing decisions, SLM head. Fills tokens (the SLM's, for the
-        sequences it keeps) and scores, and appends the sequences routed to the LLM.
+    def _slm_step(self, seqs: List[Sequence]) -> Tuple[StepResult, List[bool]]:
+        """The SLM's step and the routing decisions, aligned with seqs.
 
-        Fused (Triton or CUDA graphs, not profiling): one routed-head pass gives every row
-        its token, top probability and router score (in a CUDA graph with the model body,
-        when enabled), then each row is routed. Otherwise the router MLP runs first,
-        policies that need nothing from the SLM's head ("router", "random") decide at
-        once, and the lm_head runs only for the rows the SLM keeps (plus the "confidence"
-        rows, whose rule reads the SLM's top probability). Every row draws its sampling
-        seed either way, so seeded sampling gives the same tokens on both paths."""
+        A fused head (the Triton kernel, CUDA graphs) gives every row its token, top
+        probability and router score in one pass over the lm_head. An unfused head (the
+        torch references on CPU, or profiling) exits early: rows whose policy does not
+        read the SLM's top probability ("router", "random") are decided on the router
+        score / draw, and the lm_head runs only for the rows the SLM keeps. Every row
+        draws its sampling seed either way (HeadSpec.for_seqs), so seeded sampling gives
+        the same tokens on both paths."""
         use_router = self.router is not None and any(s.policy == "router" for s in seqs)
-        fused = self.slm.ops.name == "triton" or self.slm.graphs is not None  # a graph holds the head too
-        if fused and not self.config.profile:
-            with self.timer.phase("slm"):
-                head = self._forward_head(self.slm, seqs, "slm", self.router.params if use_router else None)
-            top_prob, score = head.top_prob.tolist(), head.router_score.tolist()
-            for j, seq in enumerate(seqs):
-                tokens[id(seq)] = head.tokens[j]
-                if use_router:
-                    scores[id(seq)] = score[j]
-                if route_to_llm(seq, top_prob[j], score[j]):
-                    routed.append(seq)
-            return
+        spec = HeadSpec.for_seqs(seqs, self.router.params if use_router else None)
+        draw = draws(seqs)
+        first = None if self.slm.fused_head else [i for i, s in enumerate(seqs) if needs_head_first(s.policy)]
+        out = self.slm.run(seqs, spec, head_rows=first)
+        to_llm = decide(seqs, out.top_prob, out.router_score, draw)
+        if first is not None:
+            done = set(first)
+            rest = [i for i in range(len(seqs)) if i not in done and not to_llm[i]]
+            if rest:
+                self.slm.head(out, rest, spec)
+        return out, to_llm
 
-        with self.timer.phase("slm"):
-            hidden = self._forward(self.slm, seqs, "slm")
-        temperature, seeds = sampling_inputs(seqs)  # every row draws, as in the fused path
-        if use_router:
-            with self.timer.phase("slm"):
-                h = self.slm.model.final_norm(self.slm.ops, hidden)
-            with self.timer.phase("router"):
-                scores.update(zip(map(id, seqs), self.router.score(h).tolist()))
-        head_rows = []
-        for i, seq in enumerate(seqs):
-            if seq.policy in ("router", "random"):  # decided before the head
-                if route_to_llm(seq, float("nan"), scores.get(id(seq), float("nan"))):
-                    routed.append(seq)
-                    continue
-            head_rows.append(i)
-        if not head_rows:
-            return
-        head_seqs = [seqs[i] for i in head_rows]
-        with self.timer.phase("slm"):
-            head = run_head(self.slm.ops, self.slm.model, hidden[head_rows], head_seqs, self.vocab_limit,
-                            inputs=([temperature[i] for i in head_rows], [seeds[i] for i in head_rows]))
-        top_prob = head.top_prob.tolist()
-        for j, seq in enumerate(head_seqs):
-            tokens[id(seq)] = head.tokens[j]
-            if seq.policy not in ("router", "random") and route_to_llm(seq, top_prob[j], float("nan")):
-                routed.append(seq)
-
-    def _forward_head(self, runner: ModelRunner, seqs: List[Sequence], which: str, router) -> HeadOutput:
-        """Forward the positions `which` has not computed, then the head on each last one:
-        through the runner's CUDA graphs when it has them and the step fits a bucket."""
-        starts, ends = self._spans(seqs, which)
-        inputs = sampling_inputs(seqs)
-        out = runner.graphs.run(seqs, starts, ends, router, *inputs) if runner.graphs is not None else None
-        if out is None:
-            hidden = runner.forward(seqs, starts, ends)
-            head = run_head(runner.ops, runner.model, hidden, seqs, self.vocab_limit, router, inputs)
-        elif needs_full_logits(seqs):  # top-k / top-p rows: the graph's body, the eager head
-            head = run_head(runner.ops, runner.model, out[0], seqs, self.vocab_limit, router, inputs)
-        else:
-            packed = out[1].cpu()  # tokens, top_prob, score: one copy
-            head = HeadOutput(packed[0].long().tolist(), packed[1].float(), packed[2].float())
-        self._mark_computed(seqs, which, starts, ends)
-        return head
-
-    def _forward(self, runner: ModelRunner, seqs: List[Sequence], which: str) -> torch.Tensor:
-        starts, ends = self._spans(seqs, which)
-        hidden = runner.forward(seqs, starts, ends)
-        self._mark_computed(seqs, which, starts, ends)
-        return hidden
-
-    @staticmethod
-    def _spans(seqs: List[Sequence], which: str):
-        return [getattr(s, f"{which}_computed") for s in seqs], [len(s) for s in seqs]
-
-    @staticmethod
-    def _mark_computed(seqs: List[Sequence], which: str, starts: List[int], ends: List[int]) -> None:
-        for s, a, b in zip(seqs, starts, ends):
-            setattr(s, f"{which}_computed", b)
-            s.stats[f"{which}_forward_tokens"] += b - a
-
-    def _append(self, seq: Sequence, token: int, from_llm: bool, score) -> TokenEvent:
+    def _append(self, seq: Sequence, token: int, from_llm: bool, score: Optional[float]) -> TokenEvent:
         seq.token_ids.append(token)
         seq.from_llm.append(from_llm)
         seq.router_scores.append(score)
@@ -227,17 +177,16 @@ class EngineCore:
 
     # ---- outputs --------------------------------------------------------------------
     def output(self, seq: Sequence) -> RequestOutput:
-        stats = dict(seq.stats)
-        n = seq.num_output_tokens
-        stats["llm_tokens"] = sum(seq.from_llm)
-        stats["llm_share"] = stats["llm_tokens"] / n if n else 0.0
-        return RequestOutput(
+        out = RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=list(seq.prompt_token_ids),
             token_ids=seq.output_token_ids,
-            text=seq.text if self.detok.tokenizer is not None else None,
+            text=seq.text if self.tokenizer is not None else None,
             finish_reason=seq.finish_reason,
             from_llm=list(seq.from_llm),
             router_scores=list(seq.router_scores),
-            stats=stats,
+            stats=dict(seq.stats),
         )
+        out.stats["llm_tokens"] = sum(seq.from_llm)
+        out.stats["llm_share"] = llm_share([out])
+        return out

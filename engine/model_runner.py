@@ -1,64 +1,160 @@
-"""ModelRunner: one model, its KV pool, and the packing of ragged batches.
+"""ModelRunner: one model's step on the shared page table.
 
-Both models index their own KV storage with the same block tables (one page table per
-sequence). Storage per layer is [num_blocks + 1, block_size, Hkv, D]; the extra last
-block is a sink that padded lanes may write to.
+`run(seqs, spec)` is the step. For each sequence it forwards the positions this model
+has not computed yet, [num_computed[name], len), marks them computed (and counts them
+in the sequence's `<name>_forward_tokens`), runs the head on each sequence's last
+position and returns one StepResult, aligned with seqs. The runner picks the path
+itself: a CUDA graph (model body + fused head) when it has graphs and the batch fits a
+bucket, else the eager forward. Both pack the batch with batch.pack_batch.
+
+The KV pool per layer is [num_blocks + 1, block_size, Hkv, D]: the extra last block is
+the sink that padded graph lanes write to.
 """
-from typing import List, Sequence as Seq
+from typing import Callable, List, Optional, Sequence as Seq, Tuple
 
-import numpy as np
 import torch
 
 from citer.models.attention import AttentionMetadata
+from citer.models.head import HeadInputs, HeadOutput
+
+from .batch import eager_inputs, pack_batch
+from .config import EngineConfig
+from .cuda_graph import CUDAGraph, GraphKey, StepGraphs, batch_buckets, query_len_buckets
+from .head import HeadSpec, StepResult
 
 
 class ModelRunner:
-    def __init__(self, model, cfg, ops, block_manager, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype):
-        self.model, self.cfg, self.ops, self.bm = model, cfg, ops, block_manager
-        self.device, self.dtype = device, dtype
-        self.block_size = block_size
-        self.sink_block = num_blocks
-        self.graphs = None  # a cuda_graph.GraphedStep when the engine uses CUDA graphs
-        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
+    def __init__(self, name: str, model, ops, block_manager, config: EngineConfig, device: torch.device,
+                 dtype: torch.dtype, timer, graph_pool=None):
+        self.name = name  # "slm" | "llm": which of a sequence's computed counts is this model's
+        self.model, self.cfg, self.ops, self.bm = model, model.cfg, ops, block_manager
+        self.config, self.device, self.dtype, self.timer = config, device, dtype, timer
+        self.block_size = config.block_size
+        self.sink_block = config.num_blocks
+        shape = (config.num_blocks + 1, config.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
         self.kv_cache = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(cfg.num_layers)
+            for _ in range(self.cfg.num_layers)
         ]
+        self.graphs: Optional[StepGraphs] = None
+        if config.cuda_graphs:
+            self.build_graphs(CUDAGraph, graph_pool)
 
-    @staticmethod
-    def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
-        return cfg.kv_bytes_per_token * block_size * torch.empty((), dtype=dtype).element_size()
+    @property
+    def fused_head(self) -> bool:
+        """One head pass gives every row its token, top probability and router score (the
+        ops' fused head, or a graph, which holds the whole head), so the step never
+        splits the head; profiling times the router apart."""
+        return (self.ops.fused_head or self.graphs is not None) and not self.config.profile
 
-    def prepare(self, seqs: Seq, starts: List[int], ends: List[int]):
-        """Pack positions [start, end) of each sequence -> (input_ids, positions, metadata)."""
-        q_lens = np.asarray(ends, dtype=np.int64) - np.asarray(starts, dtype=np.int64)
-        handles = [s.handle for s in seqs]
-        input_ids = [t for s, a, b in zip(seqs, starts, ends) for t in s.token_ids[a:b]]
-        positions = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
-        slot_mapping = np.empty(int(q_lens.sum()), dtype=np.int64)
-        self.bm.fill_slot_mapping(handles, np.asarray(starts, np.int64), np.asarray(ends, np.int64), slot_mapping)
-        max_seq_len = int(max(ends))
-        block_tables = np.empty((len(seqs), -(-max_seq_len // self.block_size)), dtype=np.int32)
-        self.bm.fill_block_tables(handles, block_tables, self.sink_block)
-        query_start_loc = np.zeros(len(seqs) + 1, dtype=np.int32)
-        np.cumsum(q_lens, out=query_start_loc[1:])
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slot_mapping).to(dev),
-            block_tables=torch.from_numpy(block_tables).to(dev),
-            seq_lens=torch.tensor(ends, dtype=torch.int32, device=dev),
-            query_start_loc=torch.from_numpy(query_start_loc).to(dev),
-            max_query_len=int(q_lens.max()),
-            max_seq_len=max_seq_len,
-        )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        return ids, torch.from_numpy(positions).to(dev), meta
+    def build_graphs(self, graph_cls=CUDAGraph, pool=None) -> None:
+        """CUDA graphs of this model's step: decode buckets (B, 1) for the SLM, catch-up
+        buckets (B, L <= max_graph_query_len) for the LLM. graph_cls=EagerGraph replays
+        the same buffers eagerly (the CPU tests)."""
+        cfg = self.config
+        query_lens = [1] if self.name == "slm" else query_len_buckets(min(cfg.max_graph_query_len, cfg.max_model_len))
+        self.graphs = StepGraphs(batch_buckets(cfg.max_num_seqs), query_lens, -(-cfg.max_model_len // self.block_size),
+                                 self.sink_block, self.block_size, self.device, graph_cls, pool)
+
+    # ---- the step -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, seqs: Seq, spec: HeadSpec, head_rows: Optional[List[int]] = None) -> StepResult:
+        """Forward what this model has not computed of each sequence, then the head on
+        each sequence's last position. head_rows: only those rows get the lm_head (the
+        others' tokens stay None; `head` can add them from result.hidden), the router
+        still scores every row; None: every row, in one fused pass where the ops have one."""
+        starts, ends = [s.num_computed[self.name] for s in seqs], [len(s) for s in seqs]
+        graphed = None
+        with self.timer.phase(self.name):
+            if self.graphs is not None and head_rows is None:
+                graphed = self._replay(seqs, starts, ends, spec)
+            hidden = graphed[0] if graphed is not None else self.forward(seqs, starts, ends)
+            self._mark_computed(seqs, starts, ends)
+            if graphed is not None and spec.filters is None:
+                return StepResult(*graphed[1].to_host(), hidden)
+            if self.fused_head and head_rows is None:  # the fused head (or top-k / top-p rows after a graph)
+                return StepResult(*self.model.head(self.ops, hidden, spec.inputs(self.device)).to_host(), hidden)
+        # an unfused head: the router on its own, the lm_head only where asked
+        score = None
+        if spec.router is not None:
+            with self.timer.phase("router"):
+                score = self.model.router_score(self.ops, hidden, spec.router).tolist()
+        n = len(seqs)
+        result = StepResult([None] * n, [None] * n, score, hidden)
+        rows = list(range(n)) if head_rows is None else head_rows
+        if rows:
+            self.head(result, rows, spec)
+        return result
 
     @torch.inference_mode()
+    def head(self, result: StepResult, rows: List[int], spec: HeadSpec) -> None:
+        """The lm_head (token and top probability) for rows of a step that run() left
+        without one, from the hidden states it kept."""
+        with self.timer.phase(self.name):
+            inputs = spec.rows(rows).without_router().inputs(self.device)
+            tokens, top_prob, _ = self.model.head(self.ops, result.hidden[rows], inputs).to_host()
+        result.fill(rows, tokens, top_prob)
+
     def forward(self, seqs: Seq, starts: List[int], ends: List[int]) -> torch.Tensor:
-        """Run positions [start, end) of each sequence -> pre-norm hidden of each last position [B, H]."""
-        ids, positions, meta = self.prepare(seqs, starts, ends)
+        """Eager: positions [start, end) of each sequence -> pre-norm hidden of each last position [B, H]."""
+        ids, positions, meta = eager_inputs(self.bm, self.sink_block, self.block_size, seqs, starts, ends, self.device)
         hidden = self.model(self.ops, ids, positions, self.kv_cache, meta)
-        last = meta.query_start_loc[1:].long() - 1
-        return hidden[last]
+        return hidden[meta.query_start_loc[1:].long() - 1]
+
+    def _mark_computed(self, seqs: Seq, starts: List[int], ends: List[int]) -> None:
+        for s, a, b in zip(seqs, starts, ends):
+            s.num_computed[self.name] = b
+            s.stats[f"{self.name}_forward_tokens"] += b - a
+
+    # ---- CUDA graphs ----------------------------------------------------------------------
+    def _replay(self, seqs: Seq, starts: List[int], ends: List[int],
+                spec: HeadSpec) -> Optional[Tuple[torch.Tensor, HeadOutput]]:
+        """The step through the graph of its bucket -> (hidden [b, H], head of b rows),
+        views of graph memory valid until the next replay or capture of either model
+        (they share a pool); None when no bucket fits."""
+        g = self.graphs
+        bucket = g.bucket([e - s for s, e in zip(starts, ends)])
+        if bucket is None:
+            return None
+        if spec.router is not None:
+            g.use_router(spec.router)
+        graph = g.get((*bucket, spec.router is not None), self._graph_step)
+        g.inputs.writable()
+        t, _ = pack_batch(self.bm, self.sink_block, seqs, starts, ends, g.host_batch())
+        g.stage(bucket, len(seqs), t, spec.temperature, spec.seeds)
+        hidden, head = graph.replay()
+        return hidden[:len(seqs)], head.first(len(seqs))
+
+    def _graph_step(self, key: GraphKey) -> Callable[[], Tuple[torch.Tensor, HeadOutput]]:
+        """The function a graph of this bucket captures: body + fused head on the static buffers."""
+        num_b, num_l, with_router = key
+        v, cfg = self.graphs.views((num_b, num_l)), self.cfg
+        # padding and tail lanes must not change how the attention op splits the keys: the
+        # split count of the real-lane bucket, as an eager step of num_b sequences gets
+        splits = self.ops.attention_splits(num_b, num_l, cfg.num_heads, cfg.num_kv_heads, self.device)
+        meta = AttentionMetadata(slot_mapping=v.slot_mapping, block_tables=v.block_tables, seq_lens=v.seq_lens,
+                                 query_start_loc=v.query_start_loc, max_query_len=num_l, max_seq_len=v.max_seq_len,
+                                 num_splits=splits)
+        inputs = HeadInputs(v.temperature, v.seeds, self.graphs.router if with_router else None)
+        model, ops, kv_cache = self.model, self.ops, self.kv_cache
+
+        def step() -> Tuple[torch.Tensor, HeadOutput]:
+            hidden = model(ops, v.input_ids, v.positions, kv_cache, meta)[v.last_idx]
+            return hidden, model.head(ops, hidden, inputs)
+
+        return step
+
+    def capture_graphs(self, router=None) -> int:
+        """Capture every bucket not yet captured (with this router too, when given),
+        largest first; -> how many."""
+        if self.graphs is None:
+            return 0
+        n = 0
+        for with_router in (False, True) if router is not None else (False,):
+            if with_router:
+                self.graphs.use_router(router)
+            todo = [k for k in self.graphs.keys(with_router) if k not in self.graphs.graphs]
+            for key in todo:
+                self.graphs.get(key, self._graph_step)
+            n += len(todo)
+        return n

@@ -36,9 +36,7 @@ class Scheduler:
             )
 
     def add(self, seq: Sequence) -> None:
-        if seq.request_id in self.by_id:
-            raise ValueError(f"request id {seq.request_id!r} is already in the engine")
-        self.check_fits(seq.num_prompt_tokens, seq.params.max_tokens)
+        """Queue a request that EngineCore.make_sequence checked."""
         self.waiting.append(seq)
         self.by_id[seq.request_id] = seq
 

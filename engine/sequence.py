@@ -6,7 +6,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from citer.sampling_params import SamplingParams
+from .sampling_params import SamplingParams
 
 
 class Status(enum.Enum):
@@ -18,9 +18,9 @@ class Status(enum.Enum):
 class Sequence:
     """Token ids (prompt + generated), what each model has in its KV cache, routing log.
 
-    Positions [0, slm_computed) are in the SLM's cache, [0, llm_computed) in the LLM's;
-    both index the one block table behind `handle`. Invariant: each model computes each
-    position at most once, so *_computed only grows.
+    Positions [0, num_computed["slm"]) are in the SLM's cache, [0, num_computed["llm"])
+    in the LLM's; both index the one block table behind `handle`. Invariant: each model
+    computes each position at most once, so num_computed only grows.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: List[int], params: SamplingParams,
@@ -35,8 +35,7 @@ class Sequence:
         self.finish_reason: Optional[str] = None
         self.handle: Optional[int] = None  # block-manager handle while running
         self.reserved_blocks = 0  # blocks this sequence may still need (admission budget)
-        self.slm_computed = 0
-        self.llm_computed = 0
+        self.num_computed = {"slm": 0, "llm": 0}  # per model: positions in its KV cache
         self.from_llm: List[bool] = []
         self.router_scores: List[Optional[float]] = []
         self.text = ""  # detokenized output so far (stop strings cut)

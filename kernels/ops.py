@@ -1,8 +1,9 @@
 """Backend dispatch for the hot-path ops.
 
 `resolve_backend` picks "torch" (the references) or "triton" (the kernels) once, at
-engine construction; `get_ops(backend)` returns the functions the model runner calls.
-No global state: the engine holds its Ops and passes them down.
+engine construction; `get_ops(backend)` returns the functions the model runner calls
+and what they can do (capability flags), so the engine asks the ops, never the
+backend's name. No global state: the engine holds its Ops and passes them down.
 
 - CITER_BACKEND unset: "triton" on CUDA, "torch" elsewhere.
 - CITER_BACKEND=triton forces the Triton kernels (on CPU only with TRITON_INTERPRET=1)
@@ -17,13 +18,18 @@ from typing import Callable, Optional
 
 import torch
 
-from .flash_attention import ATTENTION_CHOICES
-from .kv_store import store_kvcache_ref
-from .paged_attention import paged_attention_ref
-from .rmsnorm import rms_norm_ref
-from .routed_head import routed_head_ref
+from .flash_attention import ATTENTION_CHOICES, paged_attention_flash
+from .kv_store import store_kvcache_ref, store_kvcache_triton
+from .paged_attention import paged_attention_ref, paged_attention_splits, paged_attention_triton
+from .rmsnorm import rms_norm_ref, rms_norm_triton
+from .routed_head import routed_head_ref, routed_head_triton
 
 BACKENDS = ("torch", "triton")
+
+
+def no_splits(num_seqs: int, max_query_len: int, num_heads: int, num_kv_heads: int, device) -> None:
+    """An attention op without a split-count knob."""
+    return None
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,20 @@ class Ops:
     paged_attention: Callable
     rms_norm: Callable
     routed_head: Callable
+    # (num_seqs, max_query_len, num_heads, num_kv_heads, device) -> the split count the
+    # attention op picks for such a batch, or None (no such knob)
+    attention_splits: Callable
+    # routed_head streams the lm_head once with the router folded in and never builds
+    # [B, vocab] logits: skipping its lm_head for some rows saves nothing
+    fused_head: bool
+    # no op synchronises with the host, so a model step can be captured in a CUDA graph
+    graph_safe: bool
+
+
+TORCH_OPS = Ops("torch", store_kvcache_ref, paged_attention_ref, rms_norm_ref, routed_head_ref, no_splits,
+                fused_head=False, graph_safe=False)
+TRITON_OPS = Ops("triton", store_kvcache_triton, paged_attention_triton, rms_norm_triton, routed_head_triton,
+                 paged_attention_splits, fused_head=True, graph_safe=True)
 
 
 def resolve_backend(device: torch.device, requested: Optional[str] = None) -> str:
@@ -47,10 +67,6 @@ def resolve_backend(device: torch.device, requested: Optional[str] = None) -> st
 
 
 def _check_triton_runs(device: torch.device) -> None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:  # pragma: no cover - triton is a pinned dependency
-        raise RuntimeError("backend 'triton' requested but triton is not installed") from e
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"backend 'triton' on device {device} needs TRITON_INTERPRET=1 "
@@ -61,18 +77,11 @@ def _check_triton_runs(device: torch.device) -> None:
 def get_ops(backend: str, attention: Optional[str] = None) -> Ops:
     """The backend's ops; attention="flash-attn" swaps in flash-attn's paged attention
     (check it with flash_attention.check_flash_attn first)."""
-    if backend == "torch":
-        ops = Ops("torch", store_kvcache_ref, paged_attention_ref, rms_norm_ref, routed_head_ref)
-    elif backend == "triton":
-        from . import triton_ops  # imported lazily: defining @triton.jit needs a driver
-
-        ops = triton_ops.OPS
-    else:
+    if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    ops = TORCH_OPS if backend == "torch" else TRITON_OPS
     if attention is None:
         return ops
     if attention == "flash-attn":
-        from .flash_attention import paged_attention_flash
-
-        return replace(ops, paged_attention=paged_attention_flash)
+        return replace(ops, paged_attention=paged_attention_flash, attention_splits=no_splits)
     raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTION_CHOICES} or None")

@@ -14,8 +14,15 @@ sample for sample).
 from typing import Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
 
-from .rmsnorm import rms_norm_ref
+from .rmsnorm import _num_warps, _rms_norm_kernel, rms_norm_ref
+from .sampling import choose_tokens
+from .triton_utils import dot_fp32, sm_count
+
+BLOCK_V = 64  # vocab rows per tile
+ROUTER_BLOCK = 64  # router hidden units per tile
 
 
 def router_mlp_ref(
@@ -29,12 +36,6 @@ def router_mlp_ref(
     return torch.sigmoid(torch.mv(z, w2).add_(b2))
 
 
-def gumbel_noise(seed: int, vocab: int) -> torch.Tensor:  # [V] float32, on the CPU whatever the device
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    u = torch.rand(vocab, generator=g, dtype=torch.float32, device="cpu").clamp_(min=1e-20)
-    return -torch.log((-torch.log(u)).clamp_(min=1e-20))
-
-
 def routed_head_ref(
     hidden: torch.Tensor,  # [B, H] last layer output (incl. residual), before the final norm
     norm_weight: torch.Tensor,  # [H]
@@ -45,27 +46,13 @@ def routed_head_ref(
     seeds: torch.Tensor,  # [B] int64, per-row sampling seed for this step
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # token [B] int64, top_prob [B], score [B]
     h, _ = rms_norm_ref(hidden, norm_weight, eps)
-    return head_from_logits(torch.nn.functional.linear(h, lm_head).float(), h, router, temperature, seeds)
+    tokens, top_prob = choose_tokens(torch.nn.functional.linear(h, lm_head).float(), temperature, seeds)
+    return tokens, top_prob, router_scores_ref(h, router, top_prob)
 
 
-def head_from_logits(
-    logits: torch.Tensor,  # [B, V] float32
-    h: torch.Tensor,  # [B, H] normed hidden state (router input)
-    router: Optional[Tuple[torch.Tensor, ...]],
-    temperature: torch.Tensor,  # [B] float32, 0 = greedy
-    seeds: torch.Tensor,  # [B] int64
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The routed head's choices given full logits (what the reference does after lm_head)."""
-    top_prob = torch.softmax(logits, dim=-1).amax(dim=-1)
-    tokens = logits.argmax(dim=-1)
-    for b in torch.nonzero(temperature > 0).flatten().tolist():
-        noisy = logits[b] / temperature[b] + gumbel_noise(int(seeds[b]), logits.shape[1]).to(logits.device)
-        tokens[b] = noisy.argmax()
-    if router is None:
-        score = torch.full_like(top_prob, float("nan"))
-    else:
-        score = router_mlp_ref(h, *router)
-    return tokens, top_prob, score
+def router_scores_ref(h: torch.Tensor, router, like: torch.Tensor) -> torch.Tensor:
+    """The router's score per row of the normed h, or NaN per row without a router."""
+    return router_mlp_ref(h, *router) if router is not None else torch.full_like(like, float("nan"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -87,18 +74,6 @@ def head_from_logits(
 # V_SPLITS defaults to about four programs per SM: a batch-1 call streams the lm_head with
 # the whole GPU, and a batch of up to 64 rows reads every lm_head byte once.
 # ---------------------------------------------------------------------------------------
-import functools  # noqa: E402
-import os  # noqa: E402
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from .rmsnorm import _num_warps, _rms_norm_kernel  # noqa: E402
-
-BLOCK_V = 64  # vocab rows per tile
-ROUTER_BLOCK = 64  # router hidden units per tile
-
-
 @triton.jit
 def _head_partial_kernel(
     h_ptr,  # [B, H] normed hidden rows, contiguous (hidden dtype)
@@ -238,15 +213,10 @@ def _head_reduce_kernel(
         tl.store(score_ptr + b, float("nan"))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _default_v_splits(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # under the interpreter few programs are fastest
-    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4 * sm_count(device)
 
 
 def routed_head_triton(hidden, norm_weight, eps, lm_head, router, temperature, seeds,
@@ -268,7 +238,6 @@ def routed_head_triton(hidden, norm_weight, eps, lm_head, router, temperature, s
     score = torch.empty(batch, **f32)
     if batch == 0:
         return tokens, top_prob, score
-    dot_fp32 = lm_head.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
 
     # 1. final RMSNorm -> h [B, H] in the hidden dtype (the reference's rounding)
     h = torch.empty((batch, hidden_size), dtype=hidden.dtype, device=dev)
@@ -304,7 +273,7 @@ def routed_head_triton(hidden, norm_weight, eps, lm_head, router, temperature, s
         h, lm_head, temperature, seeds, w1, b1, w2, part_best, part_idx, part_max, part_sum, part_router,
         batch, hidden_size, vocab, num_r, lm_head.stride(0), v_per_split, r_per_split,
         V_SPLITS=v_splits, BLOCK_B=block_b, BLOCK_V=BLOCK_V, BLOCK_H=block_h, BLOCK_R=ROUTER_BLOCK,
-        HAS_ROUTER=router is not None, DOT_FP32=dot_fp32, num_warps=num_warps,
+        HAS_ROUTER=router is not None, DOT_FP32=dot_fp32(lm_head.dtype), num_warps=num_warps,
     )
 
     # 3. merge the splits

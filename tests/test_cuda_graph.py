@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from citer import Engine, SamplingParams
-from citer.engine.cuda_graph import EagerGraph, attach_graphs, batch_buckets, pick_bucket, query_len_buckets
+from citer.engine.cuda_graph import EagerGraph, batch_buckets, pick_bucket, query_len_buckets
 from conftest import DEVICE, assert_all_free, random_prompts
 
 
@@ -43,9 +43,10 @@ def test_static_inputs_share_one_buffer_without_overlap():
 def _engine(hf_models, router_path, graphs: bool, backend: str = "torch") -> Engine:
     e = Engine(hf_models["qwen2"][0], hf_models["llama"][0], router_path, device=DEVICE, block_size=8,
                num_blocks=24, max_model_len=64, max_num_seqs=4, max_graph_query_len=4, backend=backend,
-               enforce_eager=True)  # graphs attached below, replayed eagerly
+               enforce_eager=True)  # graphs built below, replayed eagerly
     if graphs:
-        attach_graphs(e.core.slm, e.core.llm, e.config, e.vocab_limit, graph_cls=EagerGraph)
+        for runner in (e.core.slm, e.core.llm):
+            runner.build_graphs(EagerGraph)
     return e
 
 
@@ -172,13 +173,13 @@ def test_capture_all_up_front(hf_models, router_path):
 def test_graph_step_needs_a_token_per_sequence(hf_models, router_path):
     e = _engine(hf_models, router_path, True)
     with pytest.raises(ValueError, match="at least one new token"):
-        e.core.llm.graphs.run([object()], [3], [3], None, [0.0], [0])
+        e.core.llm.graphs.bucket([0])
 
 
 def test_token_cap_on_graph_buckets(hf_models, router_path):
-    from citer.engine.cuda_graph import MAX_GRAPH_TOKENS, GraphedStep
+    from citer.engine.cuda_graph import MAX_GRAPH_TOKENS, StepGraphs
 
     runner = _engine(hf_models, router_path, False).core.llm
-    g = GraphedStep(runner, 128, 64, [1, 64, 128], [1, 16, 32], graph_cls=EagerGraph)
+    g = StepGraphs([1, 64, 128], [1, 16, 32], 8, runner.sink_block, runner.block_size, runner.device, EagerGraph)
     assert g.bucket([1] * 64) == (64, 1) and g.bucket([20] * 64) == (64, 32)
     assert 128 * 32 > MAX_GRAPH_TOKENS and g.bucket([20] * 100) is None  # 4096 rows: eager

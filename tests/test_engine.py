@@ -106,8 +106,7 @@ def test_stop_token_ids_and_eos(engine, hf_models):
     assert o.token_ids == full[: first + 1] and o.finish_reason == "stop"
     # the model's EOS (id 2) stops generation unless ignore_eos
     eng = Engine(hf_models["qwen2"][0], block_size=BS, num_blocks=32, max_model_len=128)
-    eng.eos_token_ids = None  # not used by the core; the core holds its own copy
-    eng.core.eos_token_ids = {stop_tok}
+    eng.core.eos_token_ids = {stop_tok}  # the one copy: Engine.eos_token_ids reads it
     o = eng.generate([prompt], SamplingParams(max_tokens=20))[0]
     assert o.token_ids == full[: first + 1] and o.finish_reason == "stop"
 

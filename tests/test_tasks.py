@@ -69,7 +69,7 @@ def test_unknown_task():
 def test_tokenizer_round_trip_and_autotokenizer(tmp_path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
-    from citer.tasks.tokenizer import train_tokenizer
+    from citer.tasks.bpe_tokenizer import train_tokenizer
 
     t = get_task("arith")
     tok = train_tokenizer(p.prompt + p.solution for p in t.train_problems(500, np.random.default_rng(0)))

@@ -14,6 +14,7 @@ import time
 import torch
 
 from . import Engine, SamplingParams
+from .engine.outputs import llm_share
 
 BOLD, RESET = "\033[1;33m", "\033[0m"
 
@@ -88,8 +89,7 @@ def mechanics_demo(engine: Engine) -> None:
         print(f"policy={policy}")
         for p, o in zip(prompts, outs):
             print(f"  {p!r} -> {highlight(engine, o)}")
-        n = sum(len(o.token_ids) for o in outs)
-        rows.append((policy, sum(sum(o.from_llm) for o in outs) / n,
+        rows.append((policy, llm_share(outs),
                      sum(o.stats["slm_forward_tokens"] for o in outs), sum(o.stats["llm_forward_tokens"] for o in outs)))
     print(f"\n{'policy':<12} {'LLM share':>9} {'SLM fwd tokens':>15} {'LLM fwd tokens':>15}")
     for r in rows:

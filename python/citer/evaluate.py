@@ -1,6 +1,7 @@
-"""`citer eval`: accuracy vs LLM-token share (and wall-clock per token) on a task's held-out
-split, for CITER's router, the CITER-S ablation, random and confidence routing, and the
-two single-model baselines. Writes a JSON table and a PNG plot.
+"""Evaluation on a task: `run_point` (accuracy, LLM-token share and wall-clock per token of
+one setting on a list of problems; what training, the reports and the demo measure with)
+and `citer eval`'s sweep over CITER's router, the CITER-S ablation, random and
+confidence routing and the two single-model baselines, written as a JSON table and a PNG.
 """
 import json
 import os
@@ -11,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from citer import Engine, SamplingParams
+from citer.engine.outputs import llm_share
 from citer.tasks import Task
 
 ROUTER_TAUS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
@@ -25,7 +27,7 @@ def run_point(engine: Engine, task: Task, problems, params: SamplingParams) -> d
     tokens = sum(len(o.token_ids) for o in outs)
     return {
         "accuracy": float(np.mean([task.check(o.text, p) for o, p in zip(outs, problems)])),
-        "llm_share": sum(sum(o.from_llm) for o in outs) / max(tokens, 1),
+        "llm_share": llm_share(outs),
         "ms_per_token": seconds / max(tokens, 1) * 1e3,
         "tokens": tokens,
         "llm_forward_tokens": sum(o.stats["llm_forward_tokens"] for o in outs),

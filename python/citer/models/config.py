@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import torch
 from transformers import AutoConfig, PretrainedConfig
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM")
@@ -36,10 +37,9 @@ class ModelConfig:
     eos_token_ids: Tuple[int, ...]
     bos_token_id: Optional[int]
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """K and V elements for one token across all layers (multiply by dtype size)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes of K and V for one token across all layers, in a cache of this dtype."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def load_model_config(path: str) -> ModelConfig:

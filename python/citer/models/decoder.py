@@ -9,8 +9,12 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from citer.kernels.routed_head import router_mlp_ref
+from citer.kernels.sampling import choose_tokens
+
 from .attention import AttentionMetadata, KVCache, paged_attention
 from .config import ModelConfig
+from .head import HeadInputs, HeadOutput, RouterParams
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -84,12 +88,14 @@ class DecoderLM(nn.Module):
 
     `forward` returns the last layer's output *before* the final norm (h + residual
     folded together), so the head (final norm + lm_head + router, fused on GPU) can run
-    only on the rows that need a token.
+    only on the rows that need a token. `head` is that head: tokens are chosen among the
+    first `vocab_limit` ids (the vocabulary an SLM/LLM pair shares).
     """
 
-    def __init__(self, cfg: ModelConfig, max_positions: int):
+    def __init__(self, cfg: ModelConfig, max_positions: int, vocab_limit: Optional[int] = None):
         super().__init__()
         self.cfg = cfg
+        self.vocab_limit = vocab_limit or cfg.vocab_size
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -108,6 +114,25 @@ class DecoderLM(nn.Module):
         for layer, kv in zip(self.layers, kv_cache):
             x, residual = layer(ops, x, residual, rope_cs, kv, meta)
         return x + residual
+
+    def head(self, ops, hidden: torch.Tensor, inputs: HeadInputs) -> HeadOutput:
+        """Pre-norm hidden [B, H] (one row per sequence) -> each row's token, top
+        probability and, with inputs.router, router score. The fused op (ops.fused_head:
+        one pass over the lm_head, no [B, vocab] logits) unless a row filters (top-k /
+        top-p), which needs the whole logits row."""
+        if ops.fused_head and inputs.filters is None:
+            lm_head = self.lm_head.weight[:self.vocab_limit]
+            return HeadOutput(*ops.routed_head(hidden, self.norm.weight, self.norm.eps, lm_head, inputs.router,
+                                               inputs.temperature, inputs.seeds))
+        h = self.final_norm(ops, hidden)
+        logits = self.logits_from_normed(h)[:, :self.vocab_limit]
+        tokens, top_prob = choose_tokens(logits, inputs.temperature, inputs.seeds, inputs.filters)
+        score = router_mlp_ref(h, *inputs.router) if inputs.router is not None else None
+        return HeadOutput(tokens, top_prob, score)
+
+    def router_score(self, ops, hidden: torch.Tensor, router: RouterParams) -> torch.Tensor:
+        """Pre-norm hidden [B, H] -> the router's score per row [B], without the lm_head."""
+        return router_mlp_ref(self.final_norm(ops, hidden), *router)
 
     def final_norm(self, ops, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm(ops, hidden)[0]

@@ -102,14 +102,15 @@ def load_weights(model: DecoderLM, files) -> None:
         raise ValueError(f"checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
 
-def load_model(path: str, device="cpu", dtype="float32", max_positions: int = 4096):
-    """-> (DecoderLM in eval mode on device/dtype, ModelConfig)."""
+def load_model(path: str, device="cpu", dtype="float32", max_positions: int = 4096, vocab_limit=None):
+    """-> (DecoderLM in eval mode on device/dtype, ModelConfig). vocab_limit: the head
+    chooses among the first vocab_limit token ids (None: all of the model's)."""
     cfg = load_model_config(path)
     files = safetensors_files(path)
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
     with torch.device("meta"):
-        model = DecoderLM(cfg, 1)
+        model = DecoderLM(cfg, 1, vocab_limit)
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

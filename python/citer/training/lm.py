@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from citer.tasks import get_task
-from citer.tasks.tokenizer import train_tokenizer
+from citer.tasks.bpe_tokenizer import train_tokenizer
 
 
 @dataclass
@@ -104,13 +104,13 @@ def save_hf(model, tok, path: str, dtype=torch.float16):
 
 
 def quick_eval(path: str, task, n: int, seed: int = 1) -> float:
-    from citer import Engine
-    from citer.training.evaluate import accuracy
+    from citer import Engine, SamplingParams
+    from citer.evaluate import run_point
 
     # a validation sample from the training distribution (the test split is kept for the end)
     problems = task.train_problems(n, np.random.default_rng(10_000 + seed))
     engine = Engine(path, dtype="float32", max_model_len=256, max_num_seqs=n, num_blocks=n * 16 + 16)
-    return accuracy(engine, task, problems)["accuracy"]
+    return run_point(engine, task, problems, SamplingParams(max_tokens=96))["accuracy"]
 
 
 def train(name: str, spec: ModelSpec, task, tok, out: str, seed: int = 0, minutes: float = None,

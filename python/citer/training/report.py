@@ -8,10 +8,10 @@ import os
 
 import torch
 
-from citer import Engine
+from citer import Engine, SamplingParams
+from citer.evaluate import run_point
 from citer.tasks import get_task
 
-from .evaluate import accuracy
 from .labels import TeacherForcer
 
 
@@ -49,7 +49,7 @@ def main():
     rows = []
     for name, path in (("SLM", args.slm), ("LLM", args.llm)):
         engine = Engine(path, max_model_len=256, max_num_seqs=args.n, num_blocks=args.n * 16 + 16)
-        acc = accuracy(engine, task, problems, max_tokens=128)["accuracy"]
+        acc = run_point(engine, task, problems, SamplingParams(max_tokens=128))["accuracy"]
         params = sum(p.numel() for p in engine.core.slm.model.parameters())
         size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
         rows.append((name, params, size, acc))

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from citer import Engine, SamplingParams
+from citer.evaluate import run_point
 from citer.router import RouterMLP, save_router
 from citer.tasks import Task
 
@@ -83,10 +84,8 @@ def choose_threshold(engine: Engine, task: Task, problems, taus=(0.5, 0.7, 0.8, 
                      max_tokens: int = 128, slack: float = 0.02) -> dict:
     """The cheapest τ whose accuracy is within `slack` of the LLM's on these problems."""
     def run(params):
-        outs = engine.generate([p.prompt for p in problems], params)
-        acc = float(np.mean([task.check(o.text, p) for o, p in zip(outs, problems)]))
-        n = sum(len(o.from_llm) for o in outs)
-        return acc, sum(sum(o.from_llm) for o in outs) / max(n, 1)
+        r = run_point(engine, task, problems, params)
+        return r["accuracy"], r["llm_share"]
 
     llm_acc, _ = run(SamplingParams(max_tokens=max_tokens, policy="llm"))
     sweep = [(tau, *run(SamplingParams(max_tokens=max_tokens, policy="router", threshold=tau))) for tau in taus]

@@ -1,4 +1,5 @@
-"""Tokenizer loading (transformers AutoTokenizer) and the SLM/LLM compatibility check."""
+"""The tokenizer an SLM/LLM pair shares: loading it from a model folder (transformers
+AutoTokenizer), the check that both folders have the same one, and the vocabulary limit."""
 import os
 from typing import Optional
 

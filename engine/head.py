@@ -1,0 +1,59 @@
+"""What one step asks of a model's head (HeadSpec) and what a model step returns (StepResult).
+
+A HeadSpec is built once per step and model from the step's sequences: per row the
+temperature, this step's sampling seed (drawn from each sequence's own generator, so a
+seeded request gives the same tokens in any batch, on any head path), the top-k / top-p
+filters where some row has them, and the router to score the rows with. The model's
+head (citer.models.DecoderLM.head) makes the choices; StepResult carries them back per
+row, aligned with the step's sequences.
+"""
+from dataclasses import dataclass, replace
+from typing import List, Optional, Sequence as Seq
+
+import torch
+
+from citer.models.head import HeadInputs, RouterParams
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    temperature: List[float]  # per row, 0 = greedy
+    seeds: List[int]  # per row: this step's sampling seed (0 for greedy rows)
+    filters: Optional[List[tuple]]  # per row (top_k, top_p) when some row filters, else None
+    router: Optional[RouterParams] = None  # score every row with this router
+
+    @classmethod
+    def for_seqs(cls, seqs: Seq, router: Optional[RouterParams] = None) -> "HeadSpec":
+        """Draws each sampling row's seed for this step (once per step and model)."""
+        temperature = [s.params.temperature for s in seqs]
+        seeds = [0 if s.params.greedy else s.next_sampling_seed() for s in seqs]
+        filtered = any(s.params.filtered for s in seqs)
+        filters = [(s.params.top_k, s.params.top_p) for s in seqs] if filtered else None
+        return cls(temperature, seeds, filters, router)
+
+    def rows(self, idx: Seq[int]) -> "HeadSpec":
+        """The spec of a subset of rows."""
+        return HeadSpec([self.temperature[i] for i in idx], [self.seeds[i] for i in idx],
+                        [self.filters[i] for i in idx] if self.filters is not None else None, self.router)
+
+    def without_router(self) -> "HeadSpec":
+        return replace(self, router=None)
+
+    def inputs(self, device: torch.device) -> HeadInputs:
+        return HeadInputs(torch.tensor(self.temperature, dtype=torch.float32, device=device),
+                          torch.tensor(self.seeds, dtype=torch.int64, device=device), self.router, self.filters)
+
+
+@dataclass
+class StepResult:
+    """One model step, per row of its batch (aligned with the sequences it was given)."""
+
+    tokens: List[Optional[int]]  # the model's choice; None for rows whose head did not run
+    top_prob: List[Optional[float]]  # the model's top probability; None likewise
+    router_score: Optional[List[float]]  # None when no router ran
+    hidden: Optional[torch.Tensor] = None  # [B, H] pre-norm hidden of each row's last position
+
+    def fill(self, idx: Seq[int], tokens: Seq[int], top_prob: Seq[float]) -> None:
+        """Put the head's choices for rows idx (a later head call on the same step)."""
+        for i, t, p in zip(idx, tokens, top_prob):
+            self.tokens[i], self.top_prob[i] = t, p

@@ -1,0 +1,45 @@
+"""What generate / stream / step return, and the LLM-share count every report uses."""
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: List[int]
+    token_ids: List[int]
+    text: Optional[str]  # None when the engine has no tokenizer
+    finish_reason: Optional[str]  # "stop" | "length" | "abort" | None while running
+    from_llm: List[bool]  # per generated token: True if the LLM made it
+    router_scores: List[Optional[float]]  # per generated token; None where no router ran
+    stats: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def llm_share(self) -> float:
+        return llm_share([self])
+
+
+@dataclass
+class TokenEvent:
+    """One decided token, as stream() yields it."""
+
+    request_id: str
+    token_id: int
+    text: str  # the text delta this token adds (may be "" while a character is incomplete)
+    from_llm: bool
+    router_score: Optional[float]
+    finish_reason: Optional[str] = None
+    output: Optional[RequestOutput] = None  # the whole request's output, on its last event
+
+
+def llm_share(outputs: Iterable[RequestOutput]) -> float:
+    """Share of all generated tokens of these outputs that the LLM made (0 when none)."""
+    made = total = 0
+    for o in outputs:
+        made += sum(o.from_llm)
+        total += len(o.from_llm)
+    return made / total if total else 0.0

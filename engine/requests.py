@@ -1,0 +1,51 @@
+"""The checks a request gets before it enters the engine, in one place (EngineCore.make_sequence
+calls them all before any state changes): its prompt, its params, and whether this
+engine can serve its policy and fit it in its KV pool."""
+from typing import List, Optional, Sequence as Seq, Union
+
+import numpy as np
+
+from .sampling_params import SamplingParams
+
+Prompt = Union[str, Seq[int]]
+
+
+def prompt_token_ids(prompt: Prompt, index: int, tokenizer, vocab_limit: int, max_model_len: int) -> List[int]:
+    """A text or token-id prompt -> its token ids, checked."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError(f"prompt {index} is text, but the model folders have no tokenizer; "
+                             "pass token ids instead")
+        ids = tokenizer(prompt).input_ids
+    else:
+        ids = list(prompt)
+        if any(not isinstance(t, (int, np.integer)) for t in ids):
+            raise ValueError(f"prompt {index} must be a string or a list of int token ids")
+        ids = [int(t) for t in ids]
+        bad = [t for t in ids if not 0 <= t < vocab_limit]
+        if bad:
+            raise ValueError(f"prompt {index} has token ids outside the vocabulary [0, {vocab_limit}): {bad[:5]}")
+    if not ids:
+        raise ValueError(f"prompt {index} is empty")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"prompt {index} has {len(ids)} tokens; max_model_len is {max_model_len} "
+                         "(prompt plus at least one new token must fit)")
+    return ids
+
+
+def check_params(params) -> SamplingParams:
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+    return params
+
+
+def check_servable(policy: str, threshold: Optional[float], has_slm: bool, has_llm: bool, has_router: bool) -> None:
+    """Raise unless an engine with these models can serve the policy."""
+    if policy != "llm" and not has_slm:
+        raise ValueError(f"policy {policy!r} needs an SLM")
+    if policy != "slm" and not has_llm:
+        raise ValueError(f"policy {policy!r} needs an LLM, and this engine has none")
+    if policy == "router" and not has_router:
+        raise ValueError("policy 'router' needs a router, and this engine has none")
+    if policy == "router" and threshold is None:
+        raise ValueError("policy 'router' needs a threshold")

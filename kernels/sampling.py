@@ -1,0 +1,56 @@
+"""Token choice from full logits: the torch reference of the routed head's choices.
+
+Per row: greedy (argmax, lowest index on ties, as torch.argmax), temperature sampling by
+the Gumbel-max trick (token = argmax(logits / T + G), G ~ Gumbel(0, 1) drawn from a
+torch.Generator seeded with the row's seed for this step), and top-k / top-p filtering,
+which needs the whole logits row (the fused Triton head has no filters). The top
+probability is the softmax maximum of the raw logits (the "confidence" rule's signal).
+"""
+from typing import List, Optional, Tuple
+
+import torch
+
+
+def gumbel_noise(seed: int, vocab: int) -> torch.Tensor:  # [V] float32, on the CPU whatever the device
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    u = torch.rand(vocab, generator=g, dtype=torch.float32, device="cpu").clamp_(min=1e-20)
+    return -torch.log((-torch.log(u)).clamp_(min=1e-20))
+
+
+def choose_tokens(
+    logits: torch.Tensor,  # [B, V] float32
+    temperature: torch.Tensor,  # [B] float32, 0 = greedy
+    seeds: torch.Tensor,  # [B] int64, per-row sampling seed for this step
+    filters: Optional[List[Tuple[int, float]]] = None,  # per row (top_k, top_p); (0, 1.0) = no filter
+) -> Tuple[torch.Tensor, torch.Tensor]:  # tokens [B] int64, top_prob [B] float32
+    top_prob = torch.softmax(logits, dim=-1).amax(dim=-1)
+    if filters is not None:
+        temps, seed_list = temperature.tolist(), seeds.tolist()
+        tokens = [sample_row(logits[b], temps[b], top_k, top_p, seed_list[b])
+                  for b, (top_k, top_p) in enumerate(filters)]
+        return torch.tensor(tokens, dtype=torch.int64, device=logits.device), top_prob
+    tokens = logits.argmax(dim=-1)
+    for b in torch.nonzero(temperature > 0).flatten().tolist():
+        noisy = logits[b] / temperature[b] + gumbel_noise(int(seeds[b]), logits.shape[1]).to(logits.device)
+        tokens[b] = noisy.argmax()
+    return tokens, top_prob
+
+
+def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int) -> int:
+    """logits [V] float32 -> one token id: greedy at temperature 0, else Gumbel-max over
+    logits / temperature restricted to the top_k largest (0: all) and to the smallest
+    set whose probability reaches top_p (the first token always stays)."""
+    if temperature == 0.0:
+        return int(logits.argmax())
+    scaled = logits.float() / temperature
+    if 0 < top_k < scaled.numel():
+        kth = torch.topk(scaled, top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    noise = gumbel_noise(seed, scaled.numel()).to(scaled.device)
+    return int((scaled + noise).argmax())

@@ -1,0 +1,113 @@
+"""Building an engine: what Engine(...) does with its arguments, in order.
+
+Model folders and their configs, tokenizers (one shared vocabulary), sizes, ops,
+weights, the router, the KV pool, EOS ids, then the EngineConfig (filled once, from the
+arguments and what they resolve to), the page table, both model runners (each builds
+its own CUDA graphs when the config says so) and the EngineCore that owns them all.
+Every check of an argument happens here, before the step loop exists.
+"""
+import json
+import os
+from typing import List, Optional
+
+import torch
+
+from citer.engine.config import EngineConfig, check_positive_ints
+from citer.engine.core import EngineCore
+from citer.engine.model_runner import ModelRunner
+from citer.engine.profiler import PhaseTimer
+from citer.kernels.flash_attention import check_flash_attn
+from citer.kernels.ops import get_ops, resolve_backend
+
+from .models import load_model, load_model_config
+from .models.loader import resolve_dtype
+from .pair_tokenizer import check_same_tokenizer, load_tokenizer, vocab_limit
+from .router import load_router
+
+DEFAULT_CPU_KV_MEMORY = 1 << 30  # 1 GiB for both models' caches
+DEFAULT_GPU_KV_FRACTION = 0.85  # of the memory left after loading the weights
+DEFAULT_MAX_MODEL_LEN = 4096  # when the models allow more
+
+
+def build_core(slm: Optional[str], llm: Optional[str], router: Optional[str], *, device: str = "cpu",
+               dtype: str = "float32", block_size: int = 16, num_blocks: Optional[int] = None,
+               kv_cache_memory: Optional[int] = None, max_model_len: Optional[int] = None, max_num_seqs: int = 64,
+               max_num_batched_tokens: int = 8192, backend: Optional[str] = None, attention: Optional[str] = None,
+               enforce_eager: bool = False, max_graph_query_len: int = 32, profile: bool = False,
+               seed: int = 0) -> EngineCore:
+    check_positive_ints(block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
+                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                        max_graph_query_len=max_graph_query_len)
+    if slm is None and llm is None:
+        raise ValueError("Engine needs at least one model folder (slm= or llm=)")
+    if router is not None and (slm is None or llm is None):
+        raise ValueError("a router needs both an SLM and an LLM")
+    cfgs = {name: load_model_config(path) for name, path in (("slm", slm), ("llm", llm)) if path is not None}
+    slm_tok = load_tokenizer(slm) if slm is not None else None
+    llm_tok = load_tokenizer(llm) if llm is not None else None
+    check_same_tokenizer(slm_tok, llm_tok, slm, llm)
+    tokenizer = slm_tok if slm_tok is not None else llm_tok
+    limit = vocab_limit(cfgs.get("slm"), cfgs.get("llm"), tokenizer, slm, llm)
+    model_max = min(c.max_position_embeddings for c in cfgs.values())
+    if max_model_len is None:
+        max_model_len = min(model_max, DEFAULT_MAX_MODEL_LEN)
+    elif max_model_len > model_max:
+        raise ValueError(f"max_model_len {max_model_len} exceeds the models' max_position_embeddings {model_max}")
+    torch_device, torch_dtype = torch.device(device), resolve_dtype(dtype)
+    ops = get_ops(resolve_backend(torch_device, backend), attention)  # raises on an unknown attention
+    if attention == "flash-attn":
+        check_flash_attn(torch_device, torch_dtype, block_size)
+
+    paths = {"slm": slm, "llm": llm}
+    models = {name: load_model(paths[name], torch_device, torch_dtype, max_positions=max_model_len,
+                               vocab_limit=limit)[0] for name in cfgs}
+    folded = load_router(router, cfgs["slm"].hidden_size).to(torch_device) if router is not None else None
+    if num_blocks is None:
+        per_block = sum(c.kv_bytes_per_token(torch_dtype) for c in cfgs.values()) * block_size
+        budget = kv_cache_memory or default_kv_memory(torch_device)
+        num_blocks = max(1, min(budget // per_block, max_num_seqs * -(-max_model_len // block_size)))
+    config = EngineConfig(
+        device=str(torch_device), block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+        cuda_graphs=torch_device.type == "cuda" and ops.graph_safe and not enforce_eager and not profile,
+        max_graph_query_len=max_graph_query_len, profile=profile, seed=seed,
+    )
+    from citer._C import BlockManager
+
+    block_manager = BlockManager(num_blocks, block_size)
+    timer = PhaseTimer(profile, torch.cuda.synchronize if torch_device.type == "cuda" else None)
+    pool = torch.cuda.graph_pool_handle() if config.cuda_graphs else None  # one pool for both models' graphs
+    runners = {name: ModelRunner(name, model, ops, block_manager, config, torch_device, torch_dtype, timer, pool)
+               for name, model in models.items()}
+    eos = eos_token_ids(cfgs, paths, tokenizer)
+    return EngineCore(config, block_manager, runners.get("slm"), runners.get("llm"), folded, tokenizer, eos,
+                      limit, timer)
+
+
+def default_kv_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * DEFAULT_GPU_KV_FRACTION)
+    return DEFAULT_CPU_KV_MEMORY
+
+
+def eos_token_ids(cfgs, paths, tokenizer) -> List[int]:
+    """Every id that ends a generation: the configs', generation_config.json's, the tokenizer's."""
+    eos = set()
+    for name, cfg in cfgs.items():
+        eos.update(cfg.eos_token_ids)
+        eos.update(_generation_eos(paths[name]))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return sorted(eos)
+
+
+def _generation_eos(path: str) -> List[int]:
+    fn = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(fn):
+        return []
+    with open(fn) as f:
+        eos = json.load(f).get("eos_token_id")
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)

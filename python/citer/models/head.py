@@ -1,0 +1,49 @@
+"""The head's interface: what a step asks of a model's head, and what it returns.
+
+The head is the final RMSNorm, the lm_head (up to the vocabulary both models share) and
+the token choice, with the router folded in where one is given (DecoderLM.head). Its
+results for a batch are held in one [3, B] float64 tensor (token ids, top
+probability, router score), so that on a GPU they reach the host in one copy, from an
+eager step or a CUDA graph alike; this class is the only place that layout is known.
+"""
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+RouterParams = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # folded (w1, b1, w2, b2)
+
+
+@dataclass
+class HeadInputs:
+    temperature: torch.Tensor  # [B] float32 on the model's device, 0 = greedy
+    seeds: torch.Tensor  # [B] int64 on the model's device: each row's sampling seed for this step
+    router: Optional[RouterParams] = None  # score every row with this router
+    filters: Optional[List[Tuple[int, float]]] = None  # per row (top_k, top_p) when some row filters
+
+
+class HeadOutput:
+    """Per row of a batch: the chosen token, the model's top probability, the router score."""
+
+    def __init__(self, tokens: torch.Tensor, top_prob: torch.Tensor, router_score: Optional[torch.Tensor]):
+        score = router_score if router_score is not None else torch.full_like(top_prob, float("nan"))
+        self.packed = torch.stack([t.to(torch.float64) for t in (tokens, top_prob, score)])  # [3, B]
+        self.has_router = router_score is not None
+
+    @classmethod
+    def _view(cls, packed: torch.Tensor, has_router: bool) -> "HeadOutput":
+        out = cls.__new__(cls)
+        out.packed, out.has_router = packed, has_router
+        return out
+
+    def __len__(self) -> int:
+        return self.packed.shape[1]
+
+    def first(self, n: int) -> "HeadOutput":
+        """The first n rows (a view: a CUDA graph's output stays graph memory)."""
+        return self._view(self.packed[:, :n], self.has_router)
+
+    def to_host(self) -> Tuple[List[int], List[float], Optional[List[float]]]:
+        """-> (tokens, top_prob, router_score or None without a router), in one copy."""
+        tokens, top_prob, score = self.packed.cpu().tolist()
+        return [int(t) for t in tokens], top_prob, score if self.has_router else None
