@@ -15,9 +15,12 @@ Derived: graph speed-up (eager / graphs), bound = (weights streamed per step + K
 slm+router / slm - 1, routed efficiency = (slm + F x llm) / routed (the batch-1 ideal;
 at larger batches lanes route independently, so most steps have some LLM catch-up).
 
-Run: python benchmarks/decode_gpu.py          (CUDA; --shapes tiny --device cpu smoke-tests it)
+Run: python benchmarks/decode_gpu.py          (CUDA; --shapes tiny --device cpu --modes eager
+smoke-tests it on a CPU). `gpu_check.sh quick` runs --batches 1 --modes graphs with a
+--json file for its summary table.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -94,6 +97,10 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fraction", type=float, default=0.15)
+    ap.add_argument("--modes", nargs="+", choices=("graphs", "eager"), default=["graphs", "eager"])
+    ap.add_argument("--max-graph-query-len", type=int, default=32)
+    ap.add_argument("--no-transformers", action="store_true", help="skip the transformers generate rows")
+    ap.add_argument("--json", help="also write the table and the derived numbers to this file")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -114,16 +121,19 @@ def main():
     bw = copy_bandwidth(args.device)
     max_len = args.prompt_len + args.steps + 8
     modes, capture = {}, ""
-    for mode, eager in (("graphs", False), ("eager", True)):
+    if args.device != "cuda" and "graphs" in args.modes:
+        raise SystemExit("--modes graphs needs --device cuda (CUDA graphs are CUDA-only)")
+    capture_s = None
+    for mode in args.modes:
         modes[mode] = Engine(slm, llm, router, device=args.device, dtype=args.dtype, max_model_len=max_len,
-                             max_num_seqs=max(args.batches), enforce_eager=eager)
-        if not eager:
+                             max_num_seqs=max(args.batches), enforce_eager=mode == "eager",
+                             max_graph_query_len=args.max_graph_query_len)
+        if mode == "graphs":
             t0 = time.perf_counter()
             n = modes[mode].capture_cuda_graphs()
-            capture = f"; {n} CUDA graphs captured up front in {time.perf_counter() - t0:.1f} s"
-    if args.device != "cuda":
-        del modes["graphs"]  # graphs are CUDA-only: on CPU both engines would be eager
-    hf = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype).to(args.device).eval()
+            capture_s = time.perf_counter() - t0
+            capture = f"; {n} CUDA graphs captured up front in {capture_s:.1f} s"
+    hf = None if args.no_transformers else AutoModelForCausalLM.from_pretrained(llm, dtype=dtype).to(args.device).eval()
 
     base = dict(max_tokens=args.steps + 1, ignore_eos=True)
     policies = {
@@ -134,7 +144,7 @@ def main():
     }
     g = torch.Generator().manual_seed(0)
     res = {}
-    total = len(args.batches) * (len(modes) * len(policies) + 1) * args.repeats
+    total = len(args.batches) * (len(modes) * len(policies) + (hf is not None)) * args.repeats
     with tqdm(total=total, desc="decode") as bar:
         for batch in args.batches:
             prompts = [torch.randint(3, 30000, (args.prompt_len,), generator=g).tolist() for _ in range(batch)]
@@ -147,6 +157,8 @@ def main():
                         runs.append(time_steps(engine, prompts, params, args.steps))
                         bar.update(1)
                     res[(batch, mode, name)] = median(runs)
+            if hf is None:
+                continue
             time_transformers(hf, prompts, 2, args.device)  # warm-up
             runs = []
             for _ in range(args.repeats):
@@ -156,29 +168,43 @@ def main():
 
     eng = next(iter(modes.values()))
     ctx = args.prompt_len + args.steps // 2
-    print(f"\n{args.shapes} shapes ({slm_name} SLM, {llm_name} LLM), {args.dtype}, device "
-          f"{torch.cuda.get_device_name() if args.device == 'cuda' else args.device}, prompt {args.prompt_len}, "
-          f"{args.steps} decode steps, median of {args.repeats}; copy bandwidth {bw / 1e9:.0f} GB/s{capture}")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    print(f"\n{args.shapes} shapes ({slm_name} SLM, {llm_name} LLM), {args.dtype}, device {device}, prompt "
+          f"{args.prompt_len}, {args.steps} decode steps, median of {args.repeats}; copy bandwidth "
+          f"{bw / 1e9:.0f} GB/s{capture}")
     print(f"{'batch':>5} {'mode':>12} {'policy':>14} {'ms/step':>9} {'bound ms':>9} {'% of bound':>10}")
+    rows = []
     for (batch, mode, name), sec in res.items():
         which = "slm" if name.startswith("slm") else "llm" if name == "llm" else None
         bound = streamed_bytes(eng, which, batch, ctx) / bw if which else float("nan")
         pct = 100 * bound / sec if which else float("nan")
+        rows.append(dict(batch=batch, mode=mode, policy=name, ms_per_step=sec * 1e3, bound_ms=bound * 1e3,
+                         pct_of_bound=pct))
         print(f"{batch:>5} {mode:>12} {name:>14} {sec * 1e3:>9.3f} {bound * 1e3:>9.3f} {pct:>10.1f}")
     print("\nderived")
     routed = f"routed@{args.fraction:g}"
+    derived = []
     for batch in args.batches:
+        hf_sec = res.get((batch, "transformers", "llm"), float("nan"))
         for mode in modes:
             r = {k[2]: v for k, v in res.items() if k[0] == batch and k[1] == mode}
-            ideal = r["slm"] + args.fraction * r["llm"]
-            print(f"batch {batch:>3} {mode:>6}: router overhead {100 * (r['slm+router'] / r['slm'] - 1):+.2f}%  "
-                  f"routed efficiency {ideal / r[routed]:.2f}  routed vs transformers llm "
-                  f"{res[(batch, 'transformers', 'llm')] / r[routed]:.2f}x  llm vs transformers "
-                  f"{res[(batch, 'transformers', 'llm')] / r['llm']:.2f}x")
-        if "graphs" in modes:
+            d = dict(batch=batch, mode=mode, router_overhead_pct=100 * (r["slm+router"] / r["slm"] - 1),
+                     routed_efficiency=(r["slm"] + args.fraction * r["llm"]) / r[routed],
+                     routed_vs_llm=r["llm"] / r[routed], routed_vs_transformers=hf_sec / r[routed],
+                     llm_vs_transformers=hf_sec / r["llm"])
+            derived.append(d)
+            print(f"batch {batch:>3} {mode:>6}: router overhead {d['router_overhead_pct']:+.2f}%  routed efficiency "
+                  f"{d['routed_efficiency']:.2f}  routed vs llm-only {d['routed_vs_llm']:.2f}x  routed vs "
+                  f"transformers llm {d['routed_vs_transformers']:.2f}x  llm vs transformers "
+                  f"{d['llm_vs_transformers']:.2f}x")
+        if "graphs" in modes and "eager" in modes:
             sp = {n: res[(batch, "eager", n)] / res[(batch, "graphs", n)] for n in policies}
             print(f"batch {batch:>3} graph speed-up (eager / graphs): "
                   + "  ".join(f"{n} {v:.2f}x" for n, v in sp.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(shapes=[slm_name, llm_name], dtype=args.dtype, device=device, copy_GBps=bw / 1e9,
+                           capture_s=capture_s, fraction=args.fraction, rows=rows, derived=derived), f, indent=1)
 
 
 if __name__ == "__main__":

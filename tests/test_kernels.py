@@ -3,8 +3,6 @@ compiled for real on a GPU): fresh random inputs, permuted block tables, ragged 
 non-power-of-two sizes, GQA, fp32 / fp16 / bf16 (bf16 compared with the reference run in
 fp32 on the same bf16 values: the interpreter computes bf16 in fp32 and truncates)."""
 import os
-import subprocess
-import sys
 
 import torch
 
@@ -13,15 +11,12 @@ if not torch.cuda.is_available():  # before anything defines @triton.jit kernels
 
 import pytest  # noqa: E402
 
-from citer.kernels import ops as ops_mod  # noqa: E402
 from citer.kernels.kv_store import store_kvcache_ref, store_kvcache_triton  # noqa: E402
-from citer.kernels.ops import get_ops, resolve_backend  # noqa: E402
 from citer.kernels.paged_attention import SPLIT_KV_MAX_Q, paged_attention_ref, paged_attention_triton  # noqa: E402
 from citer.kernels.rmsnorm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from citer.kernels.routed_head import router_mlp_ref, routed_head_ref, routed_head_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernels.py")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -277,54 +272,3 @@ def test_routed_head_empty_batch():
     hs, nw, lm, router = make_head(1, 16, 50, torch.float32, seed=2, router_rows=32)
     tok, top, score = routed_head_triton(hs[:0], nw, 1e-6, lm, router, *greedy(0))
     assert tok.shape == top.shape == score.shape == (0,)
-
-
-# ---------------------------------------------------------------------------------------
-# Backend selection
-# ---------------------------------------------------------------------------------------
-def test_resolve_backend(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.delenv("CITER_BACKEND", raising=False)
-    assert resolve_backend(cpu) == "torch"
-    assert resolve_backend(torch.device("cuda", 0)) == "triton"  # the default on CUDA (no check needed)
-    with pytest.raises(ValueError, match="unknown backend"):
-        resolve_backend(cpu, "cuda-magic")
-    monkeypatch.setenv("CITER_BACKEND", "nope")
-    with pytest.raises(ValueError, match="unknown backend"):
-        resolve_backend(cpu)
-    monkeypatch.setenv("CITER_BACKEND", "torch")
-    assert resolve_backend(cpu) == "torch"
-    assert resolve_backend(cpu, "torch") == "torch"
-    with pytest.raises(ValueError, match="unknown backend"):
-        get_ops("cuda-magic")
-    assert get_ops("torch").paged_attention is paged_attention_ref
-
-
-def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve_backend(cpu, "triton") == "triton"
-    ops = get_ops("triton")
-    assert ops.name == "triton"
-    assert (ops.store_kvcache, ops.paged_attention, ops.rms_norm, ops.routed_head) == (
-        store_kvcache_triton, paged_attention_triton, rms_norm_triton, routed_head_triton)
-    monkeypatch.delenv("TRITON_INTERPRET")  # the check reads the environment at call time
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        resolve_backend(cpu, "triton")
-    monkeypatch.setenv("CITER_BACKEND", "triton")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ops_mod.resolve_backend(cpu)
-
-
-# ---------------------------------------------------------------------------------------
-# The interpreter does not compile: check that every launch also compiles for an H100
-# ---------------------------------------------------------------------------------------
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile the kernels for real")
-def test_kernels_compile_for_sm90_without_register_spills():
-    """Every kernel, launched exactly as its wrapper launches it at Qwen2-7B shapes (bf16),
-    compiles for sm_90 with Triton's own ptxas and spills no registers."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, BENCH, "--compile-only", "--quick"], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert "0 with register spills" in res.stdout

@@ -1,0 +1,48 @@
+"""The GPU check's scripts on a CPU: gpu_check.sh refuses cleanly, the decode benchmark's
+smoke run writes the JSON the quick check's summary reads, and the summary tells ok,
+failed and timed-out parts apart. (On a GPU, benchmarks/gpu_check.sh runs them for real.)"""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, **kw):
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_gpu_check_needs_a_gpu_and_says_so():
+    if torch.cuda.is_available():
+        return  # on a GPU machine the script runs for real
+    res = _run(["bash", "benchmarks/gpu_check.sh", "quick"], env={**os.environ, "PY": sys.executable})
+    assert res.returncode != 0
+    assert "needs a CUDA GPU" in res.stdout and "Nothing was run" in res.stdout
+    assert "Traceback" not in res.stdout + res.stderr
+
+
+def test_decode_smoke_json_feeds_the_summary(tmp_path):
+    log = tmp_path / "log"
+    log.mkdir()
+    res = _run([sys.executable, "benchmarks/decode_gpu.py", "--shapes", "tiny", "--device", "cpu", "--dtype",
+                "float32", "--modes", "eager", "--batches", "1", "--steps", "2", "--repeats", "1", "--prompt-len", "4",
+                "--no-transformers", "--json", str(log / "headline.json")],
+               env={**os.environ, "CITER_BENCH_DIR": str(tmp_path / "models")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    h = json.loads((log / "headline.json").read_text())
+    assert {r["policy"] for r in h["rows"]} == {"slm", "slm+router", "llm", "routed@0.15"}
+    assert h["derived"][0]["routed_vs_llm"] > 0
+    (log / "parts").write_text("kernels 0 41 90\ngraphs 1 12 80\nparity 124 50 50\nheadline 0 70 160\n")
+    (log / "kernels.log").write_text("....\n9 passed in 38.20s\n")
+    (log / "graphs.log").write_text("F..\n1 failed, 2 passed in 11.00s\n")
+    res = _run([sys.executable, "benchmarks/gpu_summary.py", str(log)])
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert any(ln.startswith("kernels   ok") and "9 passed" in ln for ln in lines)
+    assert any(ln.startswith("graphs    FAIL (rc 1)") and "1 failed" in ln for ln in lines)
+    assert any(ln.startswith("parity    TIMEOUT") for ln in lines)
+    assert any("eager slm:" in ln and "weight-bandwidth bound" in ln for ln in lines)
+    assert any("faster than LLM-only" in ln for ln in lines)
