@@ -11,10 +11,19 @@ One step, for every running sequence (top-down: core -> runner -> model -> ops):
   4. Append, check stop conditions, free finished sequences' blocks.
 The SLM never sees its rejected proposal: it reads the chosen token as its next input,
 so routing needs no rollback and no position is computed twice by the same model.
+
+Every request has one owner, the consumer that added it: the step API (STEP_API), or
+one generate() call or one stream() (an opaque key each). The core puts each event of a
+step into its owner's inbox as the event is made, and keeps it there until that owner
+takes it (`take`), so consumers that share the engine never see, or lose, each other's
+events; a step that fails part-way keeps what it had already made. A request whose
+final event is still in an inbox keeps its id.
 """
 import itertools
 import time
-from typing import List, Optional, Tuple
+from collections import deque
+from dataclasses import replace
+from typing import Deque, Dict, Hashable, List, Optional, Tuple
 
 import numpy as np
 
@@ -26,6 +35,8 @@ from .requests import Prompt, check_params, check_servable, prompt_token_ids
 from .routing import decide, draws, needs_head_first, needs_slm
 from .scheduler import Scheduler
 from .sequence import Sequence
+
+STEP_API = "step-api"  # the owner of requests added through Engine.add_request
 
 
 class EngineCore:
@@ -43,6 +54,8 @@ class EngineCore:
         self.timer = timer
         self._rng = np.random.default_rng(config.seed)  # seeds of requests that bring none
         self._ids = itertools.count()
+        self.owner: Dict[str, Hashable] = {}  # request id -> its consumer, until it took the final event
+        self.inbox: Dict[Hashable, Deque[TokenEvent]] = {}  # consumer -> events not yet taken
 
     # ---- requests -------------------------------------------------------------------
     def default_policy(self) -> str:
@@ -51,9 +64,10 @@ class EngineCore:
         return "slm" if self.slm is not None else "llm"
 
     def make_sequence(self, prompt: Prompt, params, index: int = 0, request_id: Optional[str] = None) -> Sequence:
-        """Every check a request gets, in one place; -> its Sequence. Changes no state
-        but the engine's seed and id draws."""
-        params = check_params(params)
+        """Every check a request gets, in one place; -> its Sequence, which owns a copy of
+        params (a caller changing its object later changes nothing). Changes no state but
+        the engine's seed and id draws."""
+        params = replace(check_params(params))  # re-validated, and the request's own
         ids = prompt_token_ids(prompt, index, self.tokenizer, self.vocab_limit, self.config.max_model_len)
         policy = params.policy or self.default_policy()
         threshold = params.threshold
@@ -61,21 +75,71 @@ class EngineCore:
             threshold = self.router.default_threshold
         check_servable(policy, threshold, self.slm is not None, self.llm is not None, self.router is not None)
         self.scheduler.check_fits(len(ids), params.max_tokens)
-        if request_id is not None and request_id in self.scheduler.by_id:
-            raise ValueError(f"request id {request_id!r} is already in the engine")
+        if request_id is not None:
+            if not isinstance(request_id, str) or not request_id:
+                raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+            if request_id in self.owner:
+                raise ValueError(f"request id {request_id!r} is already in the engine")
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**62))
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        return Sequence(rid, ids, params, policy, threshold, seed)
+        return Sequence(request_id if request_id is not None else self._new_id(), ids, params, policy, threshold,
+                        seed)
 
-    def add(self, seq: Sequence) -> None:
+    def _new_id(self) -> str:
+        """An id no request in the engine has (a caller's own ids included)."""
+        while True:
+            rid = f"req-{next(self._ids)}"
+            if rid not in self.owner:
+                return rid
+
+    def add(self, seq: Sequence, owner: Hashable = STEP_API) -> None:
+        if seq.request_id in self.owner:  # two sequences made before either was added
+            raise ValueError(f"request id {seq.request_id!r} is already in the engine")
+        self.owner[seq.request_id] = owner
+        self.inbox.setdefault(owner, deque())
         self.scheduler.add(seq)
 
+    def take(self, owner: Hashable) -> List[TokenEvent]:
+        """The events waiting for this consumer, oldest first (each is given out once)."""
+        box = self.inbox.get(owner)
+        if not box:
+            return []
+        events = list(box)
+        box.clear()
+        for ev in events:
+            if ev.finish_reason is not None:
+                self.owner.pop(ev.request_id, None)
+        return events
+
+    def release(self, owner: Hashable) -> None:
+        """A generate() or stream() is done: drop its inbox and its requests' ids (abort
+        its live requests first)."""
+        self.inbox.pop(owner, None)
+        for rid in [r for r, o in self.owner.items() if o == owner]:
+            del self.owner[rid]
+
     def abort(self, request_id: str) -> Optional[RequestOutput]:
+        """End a live request now and free its blocks; -> its output (None when it is not
+        live: unknown, or already finished). A stream or generate that owns it gets a
+        final "abort" event; the step API's own requests get none (the caller holds the
+        output), and their events not yet taken are dropped."""
         seq = self.scheduler.by_id.get(request_id)
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
-        return self.output(seq)
+        out = self.output(seq)
+        owner = self.owner.get(request_id)
+        if owner == STEP_API:
+            box = self.inbox[owner]
+            kept = [ev for ev in box if ev.request_id != request_id]
+            box.clear()
+            box.extend(kept)
+            del self.owner[request_id]
+        elif owner is not None:
+            self._deliver(TokenEvent(request_id, None, "", False, None, "abort", out))
+        return out
+
+    def _deliver(self, ev: TokenEvent) -> None:
+        self.inbox[self.owner[ev.request_id]].append(ev)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -85,19 +149,28 @@ class EngineCore:
         self.router = router
 
     # ---- the step -------------------------------------------------------------------
-    def step(self) -> List[TokenEvent]:
+    def step(self) -> None:
+        """One step of every running request; its events go to their owners' inboxes. If
+        the step fails as a whole (a model forward raised), every request in it that has
+        not finished fails ("error" final event, blocks freed) and the error propagates."""
         running = list(self.scheduler.schedule())
         if not running:
-            return []
+            return
         try:
-            return self._step(running)
-        except BaseException:
+            self._step(running)
+        except BaseException as exc:
             for seq in running:  # leave nothing half-done: these requests fail, blocks come back
                 if seq.finish_reason is None:
-                    self.scheduler.finish(seq, "error")
+                    self._fail(seq, exc)
             raise
 
-    def _step(self, running: List[Sequence]) -> List[TokenEvent]:
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        self.scheduler.finish(seq, "error")  # also when it had finished: its final event is this one
+        out = self.output(seq)
+        out.error = f"{type(exc).__name__}: {exc}"
+        self._deliver(TokenEvent(seq.request_id, None, "", False, None, "error", out))
+
+    def _step(self, running: List[Sequence]) -> None:
         t_step = time.perf_counter()
         self.timer.reset()
         for seq in running:
@@ -112,7 +185,8 @@ class EngineCore:
             out, to_llm = self._slm_step([running[i] for i in slm_rows])
             for j, i in enumerate(slm_rows):
                 token[i] = out.tokens[j]
-                score[i] = out.router_score[j] if out.router_score is not None else None
+                if running[i].policy == "router":  # reported where it decides, whatever the batch
+                    score[i] = out.router_score[j]
                 if to_llm[j]:
                     llm_rows.append(i)
         if llm_rows:
@@ -121,10 +195,13 @@ class EngineCore:
             for i, seq, tok in zip(llm_rows, seqs, out.tokens):
                 token[i], from_llm[i] = tok, True
                 seq.stats["llm_calls"] += 1
-        events = [self._append(seq, token[i], from_llm[i], score[i]) for i, seq in enumerate(running)]
         self._attribute_time(running, [running[i] for i in slm_rows], [running[i] for i in llm_rows],
                              time.perf_counter() - t_step)
-        return events
+        for i, seq in enumerate(running):
+            try:  # one request's failure here (say, detokenization) is that request's alone
+                self._deliver(self._append(seq, token[i], from_llm[i], score[i]))
+            except Exception as exc:
+                self._fail(seq, exc)
 
     def _slm_step(self, seqs: List[Sequence]) -> Tuple[StepResult, List[bool]]:
         """The SLM's step and the routing decisions, aligned with seqs.

@@ -17,7 +17,7 @@ from citer.models.head import HeadInputs, RouterParams
 
 @dataclass(frozen=True)
 class HeadSpec:
-    temperature: List[float]  # per row, 0 = greedy
+    temperature: List[float]  # per row, 0 = greedy (so are temperatures under MIN_TEMPERATURE)
     seeds: List[int]  # per row: this step's sampling seed (0 for greedy rows)
     filters: Optional[List[tuple]]  # per row (top_k, top_p) when some row filters, else None
     router: Optional[RouterParams] = None  # score every row with this router
@@ -25,16 +25,19 @@ class HeadSpec:
     @classmethod
     def for_seqs(cls, seqs: Seq, router: Optional[RouterParams] = None) -> "HeadSpec":
         """Draws each sampling row's seed for this step (once per step and model)."""
-        temperature = [s.params.temperature for s in seqs]
+        temperature = [0.0 if s.params.greedy else s.params.temperature for s in seqs]
         seeds = [0 if s.params.greedy else s.next_sampling_seed() for s in seqs]
         filtered = any(s.params.filtered for s in seqs)
-        filters = [(s.params.top_k, s.params.top_p) for s in seqs] if filtered else None
+        filters = [(s.params.top_k, s.params.top_p) if s.params.filtered else (0, 1.0) for s in seqs] \
+            if filtered else None
         return cls(temperature, seeds, filters, router)
 
     def rows(self, idx: Seq[int]) -> "HeadSpec":
         """The spec of a subset of rows."""
-        return HeadSpec([self.temperature[i] for i in idx], [self.seeds[i] for i in idx],
-                        [self.filters[i] for i in idx] if self.filters is not None else None, self.router)
+        filters = [self.filters[i] for i in idx] if self.filters is not None else None
+        if filters is not None and all(f == (0, 1.0) for f in filters):
+            filters = None  # no row of the subset filters: the fused head can serve it
+        return HeadSpec([self.temperature[i] for i in idx], [self.seeds[i] for i in idx], filters, self.router)
 
     def without_router(self) -> "HeadSpec":
         return replace(self, router=None)

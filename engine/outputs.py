@@ -9,10 +9,11 @@ class RequestOutput:
     prompt_token_ids: List[int]
     token_ids: List[int]
     text: Optional[str]  # None when the engine has no tokenizer
-    finish_reason: Optional[str]  # "stop" | "length" | "abort" | None while running
+    finish_reason: Optional[str]  # "stop" | "length" | "abort" | "error" | None while running
     from_llm: List[bool]  # per generated token: True if the LLM made it
     router_scores: List[Optional[float]]  # per generated token; None where no router ran
     stats: Dict[str, float] = field(default_factory=dict)
+    error: Optional[str] = None  # finish_reason "error": what failed
 
     @property
     def finished(self) -> bool:
@@ -25,10 +26,12 @@ class RequestOutput:
 
 @dataclass
 class TokenEvent:
-    """One decided token, as stream() yields it."""
+    """One decided token, as stream() and step() give it; a request's last event carries its
+    output. A request that ends without a new token (aborted, or failed in a step) ends
+    with an event whose token_id is None and text "" (finish_reason "abort" / "error")."""
 
     request_id: str
-    token_id: int
+    token_id: Optional[int]
     text: str  # the text delta this token adds (may be "" while a character is incomplete)
     from_llm: bool
     router_score: Optional[float]

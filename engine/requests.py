@@ -11,17 +11,15 @@ Prompt = Union[str, Seq[int]]
 
 
 def prompt_token_ids(prompt: Prompt, index: int, tokenizer, vocab_limit: int, max_model_len: int) -> List[int]:
-    """A text or token-id prompt -> its token ids, checked."""
+    """A text or token-id prompt -> its token ids, checked. Token ids may come as a list
+    or tuple of ints, or as a 1-D integer numpy array or torch tensor."""
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError(f"prompt {index} is text, but the model folders have no tokenizer; "
                              "pass token ids instead")
         ids = tokenizer(prompt).input_ids
     else:
-        ids = list(prompt)
-        if any(not isinstance(t, (int, np.integer)) for t in ids):
-            raise ValueError(f"prompt {index} must be a string or a list of int token ids")
-        ids = [int(t) for t in ids]
+        ids = _token_id_list(prompt, index)
         bad = [t for t in ids if not 0 <= t < vocab_limit]
         if bad:
             raise ValueError(f"prompt {index} has token ids outside the vocabulary [0, {vocab_limit}): {bad[:5]}")
@@ -31,6 +29,27 @@ def prompt_token_ids(prompt: Prompt, index: int, tokenizer, vocab_limit: int, ma
         raise ValueError(f"prompt {index} has {len(ids)} tokens; max_model_len is {max_model_len} "
                          "(prompt plus at least one new token must fit)")
     return ids
+
+
+def _token_id_list(prompt, index: int) -> List[int]:
+    if prompt is None:
+        raise ValueError(f"prompt {index} is None; pass a string or a list of int token ids")
+    if isinstance(prompt, (bytes, bytearray)):
+        raise ValueError(f"prompt {index} is bytes; decode it to a str first (or pass a list of int token ids)")
+    if hasattr(prompt, "dtype") and hasattr(prompt, "shape"):  # a numpy array or a torch tensor
+        kind = getattr(prompt.dtype, "kind", None)  # numpy
+        is_int = kind in ("i", "u") if kind is not None else not (prompt.dtype.is_floating_point or
+                                                                    prompt.dtype.is_complex or
+                                                                    str(prompt.dtype) == "torch.bool")
+        if len(prompt.shape) != 1 or not is_int:
+            raise ValueError(f"prompt {index} is a {type(prompt).__name__} of shape {tuple(prompt.shape)} and "
+                             f"dtype {prompt.dtype}; token ids must be a 1-D integer array")
+        return [int(t) for t in prompt.tolist()]
+    if not isinstance(prompt, (list, tuple)):
+        raise ValueError(f"prompt {index} must be a string or a list of int token ids, got {type(prompt).__name__}")
+    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in prompt):
+        raise ValueError(f"prompt {index} must be a string or a list of int token ids")
+    return [int(t) for t in prompt]
 
 
 def check_params(params) -> SamplingParams:

@@ -1,6 +1,9 @@
 """SamplingParams: how one request is decoded and routed."""
+import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Union
+
+from citer.kernels.sampling import MIN_TEMPERATURE
 
 POLICIES = ("router", "slm", "llm", "random", "confidence")
 
@@ -34,38 +37,57 @@ class SamplingParams:
         def bad(msg):
             raise ValueError(f"invalid SamplingParams: {msg}")
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if not (self.temperature >= 0.0) or self.temperature != self.temperature:
-            bad(f"temperature must be >= 0, got {self.temperature!r}")
-        if not (0.0 < self.top_p <= 1.0):
-            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            bad(f"top_k must be -1, 0 (off) or a positive int, got {self.top_k!r}")
+        def number(name, lo=None, hi=None, lo_open=False, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or v != v:
+                bad(f"{name} must be a number, got {v!r}")
+            if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
+                where = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
+                bad(f"{name} must be in {where}, got {v!r}")
+            setattr(self, name, float(v))
+
+        def integer(name, lo, hi=None, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or (hi is not None and v >= hi):
+                bad(f"{name} must be an int >= {lo}{f' and < {hi}' if hi else ''}, got {v!r}")
+            setattr(self, name, int(v))
+
+        integer("max_tokens", 1)
+        number("temperature", 0.0)
+        number("top_p", 0.0, 1.0, lo_open=True)
+        integer("top_k", -1)
         if self.top_k == -1:
             self.top_k = 0
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            bad(f"seed must be a non-negative int, got {self.seed!r}")
+        integer("seed", 0, 2**64, optional=True)  # what torch.Generator.manual_seed takes
         if self.policy is not None and self.policy not in POLICIES:
             bad(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.threshold is not None and not (0.0 <= self.threshold):
-            bad(f"threshold must be >= 0, got {self.threshold!r}")
-        if not (0.0 <= self.llm_fraction <= 1.0):
-            bad(f"llm_fraction must be in [0, 1], got {self.llm_fraction!r}")
-        if not (0.0 <= self.confidence_threshold <= 1.0):
-            bad(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold!r}")
+        number("threshold", 0.0, optional=True)
+        number("llm_fraction", 0.0, 1.0)
+        number("confidence_threshold", 0.0, 1.0)
+        if not isinstance(self.ignore_eos, bool):
+            bad(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            bad(f"stop must be a string or a list of strings, got {self.stop!r}")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not isinstance(s, str) or not s for s in stop):
             bad(f"stop must be non-empty strings, got {self.stop!r}")
         self.stop_list = stop
-        ids = list(self.stop_token_ids or [])
-        if any(not isinstance(t, int) or t < 0 for t in ids):
+        ids = self.stop_token_ids
+        if ids is not None and not isinstance(ids, (list, tuple)):
+            bad(f"stop_token_ids must be a list of token ids, got {ids!r}")
+        ids = list(ids or [])
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 for t in ids):
             bad(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
-        self.stop_token_ids = ids
+        self.stop_token_ids = [int(t) for t in ids]
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures under MIN_TEMPERATURE decode greedily (logits / T would overflow)."""
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def filtered(self) -> bool:

@@ -6,7 +6,7 @@ p = sigmoid(relu(h @ W1.T + b1) @ w2 + b2) on the normed hidden state h (the fol
 CITER router; see citer.router). The Triton kernel never materialises [B, vocab]
 logits; this reference does, and is what runs on CPU.
 
-Sampling rows (temperature > 0) use the Gumbel-max trick: token = argmax(logits / T + G),
+Sampling rows (temperature >= MIN_TEMPERATURE; under it a row is greedy) use the Gumbel-max trick: token = argmax(logits / T + G),
 G ~ Gumbel(0, 1), drawn here from a torch.Generator seeded with seeds[b] (the Triton
 kernel draws G from Philox with the same seed, so the two agree in distribution, not
 sample for sample).
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .rmsnorm import _num_warps, _rms_norm_kernel, rms_norm_ref
-from .sampling import choose_tokens
+from .sampling import MIN_TEMPERATURE, choose_tokens
 from .triton_utils import dot_fp32, sm_count
 
 BLOCK_V = 64  # vocab rows per tile
@@ -42,7 +42,7 @@ def routed_head_ref(
     eps: float,
     lm_head: torch.Tensor,  # [V, H]
     router: Optional[Tuple[torch.Tensor, ...]],  # (w1 [R,H], b1 [R], w2 [R], b2 []) or None
-    temperature: torch.Tensor,  # [B] float32, 0 = greedy
+    temperature: torch.Tensor,  # [B] float32, under MIN_TEMPERATURE = greedy
     seeds: torch.Tensor,  # [B] int64, per-row sampling seed for this step
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # token [B] int64, top_prob [B], score [B]
     h, _ = rms_norm_ref(hidden, norm_weight, eps)
@@ -65,7 +65,7 @@ def router_scores_ref(h: torch.Tensor, router, like: torch.Tensor) -> torch.Tens
 #      accumulation); per row it keeps the running argmax (strict '>' across tiles, and
 #      tl.argmax's first index within a tile: torch.argmax's lowest-index tie-break), the
 #      running max / sum-exp of the raw logits (online logsumexp -> top probability) and,
-#      for rows with temperature > 0, the Gumbel-max choice argmax(logit / T + G) with
+#      for rows with temperature >= MIN_TEMPERATURE, the Gumbel-max choice argmax(logit / T + G) with
 #      G = -log(-log(U)), U = tl.rand(seed_b, token_id): the noise depends only on the
 #      row's seed and the token id, not on the batch or the split layout. With a router,
 #      the same program also takes its share (split s) of the router's R hidden units:
@@ -78,7 +78,7 @@ def router_scores_ref(h: torch.Tensor, router, like: torch.Tensor) -> torch.Tens
 def _head_partial_kernel(
     h_ptr,  # [B, H] normed hidden rows, contiguous (hidden dtype)
     lm_head_ptr,  # [V, H], row stride lm_stride, unit stride along H
-    temperature_ptr,  # [B] float32, 0 = greedy
+    temperature_ptr,  # [B] float32, under MIN_TEMPERATURE = greedy
     seeds_ptr,  # [B] int64
     w1_ptr,  # [R, H] float32 contiguous (unused without HAS_ROUTER)
     b1_ptr,  # [R] float32 (unused without HAS_ROUTER)
@@ -102,13 +102,14 @@ def _head_partial_kernel(
     BLOCK_R: tl.constexpr,
     HAS_ROUTER: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    MIN_TEMPERATURE: tl.constexpr,
 ):
     split = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
     temp = tl.load(temperature_ptr + rows, mask=rmask, other=0.0)
-    sampling = temp > 0
+    sampling = temp >= MIN_TEMPERATURE  # under it a row is greedy: logits / T would overflow
     any_sampling = tl.max(sampling.to(tl.int32), axis=0) > 0
     inv_temp = 1.0 / tl.where(sampling, temp, 1.0)
     seed = tl.load(seeds_ptr + rows, mask=rmask, other=0).to(tl.int64)
@@ -273,7 +274,8 @@ def routed_head_triton(hidden, norm_weight, eps, lm_head, router, temperature, s
         h, lm_head, temperature, seeds, w1, b1, w2, part_best, part_idx, part_max, part_sum, part_router,
         batch, hidden_size, vocab, num_r, lm_head.stride(0), v_per_split, r_per_split,
         V_SPLITS=v_splits, BLOCK_B=block_b, BLOCK_V=BLOCK_V, BLOCK_H=block_h, BLOCK_R=ROUTER_BLOCK,
-        HAS_ROUTER=router is not None, DOT_FP32=dot_fp32(lm_head.dtype), num_warps=num_warps,
+        HAS_ROUTER=router is not None, DOT_FP32=dot_fp32(lm_head.dtype), MIN_TEMPERATURE=MIN_TEMPERATURE,
+        num_warps=num_warps,
     )
 
     # 3. merge the splits

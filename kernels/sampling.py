@@ -1,6 +1,7 @@
 """Token choice from full logits: the torch reference of the routed head's choices.
 
-Per row: greedy (argmax, lowest index on ties, as torch.argmax), temperature sampling by
+Per row: greedy (argmax, lowest index on ties, as torch.argmax; also for temperatures
+under MIN_TEMPERATURE, where logits / T would overflow), temperature sampling by
 the Gumbel-max trick (token = argmax(logits / T + G), G ~ Gumbel(0, 1) drawn from a
 torch.Generator seeded with the row's seed for this step), and top-k / top-p filtering,
 which needs the whole logits row (the fused Triton head has no filters). The top
@@ -9,6 +10,8 @@ probability is the softmax maximum of the raw logits (the "confidence" rule's si
 from typing import List, Optional, Tuple
 
 import torch
+
+MIN_TEMPERATURE = 1e-5  # a row whose temperature is under this is greedy (logits / T would overflow)
 
 
 def gumbel_noise(seed: int, vocab: int) -> torch.Tensor:  # [V] float32, on the CPU whatever the device
@@ -30,7 +33,7 @@ def choose_tokens(
                   for b, (top_k, top_p) in enumerate(filters)]
         return torch.tensor(tokens, dtype=torch.int64, device=logits.device), top_prob
     tokens = logits.argmax(dim=-1)
-    for b in torch.nonzero(temperature > 0).flatten().tolist():
+    for b in torch.nonzero(temperature >= MIN_TEMPERATURE).flatten().tolist():
         noisy = logits[b] / temperature[b] + gumbel_noise(int(seeds[b]), logits.shape[1]).to(logits.device)
         tokens[b] = noisy.argmax()
     return tokens, top_prob
@@ -40,7 +43,7 @@ def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     """logits [V] float32 -> one token id: greedy at temperature 0, else Gumbel-max over
     logits / temperature restricted to the top_k largest (0: all) and to the smallest
     set whose probability reaches top_p (the first token always stays)."""
-    if temperature == 0.0:
+    if temperature < MIN_TEMPERATURE:
         return int(logits.argmax())
     scaled = logits.float() / temperature
     if 0 < top_k < scaled.numel():

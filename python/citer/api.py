@@ -8,6 +8,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
+from citer.engine.core import STEP_API
 from citer.engine.outputs import RequestOutput, TokenEvent, llm_share
 from citer.engine.requests import Prompt
 from citer.engine.sampling_params import SamplingParams
@@ -95,6 +96,11 @@ class Engine:
         """Load (or, with None, drop) the router; requests already running keep their policy."""
         if router is not None and (self.core.slm is None or self.core.llm is None):
             raise ValueError("a router needs both an SLM and an LLM")
+        if router is None:
+            live = [s.request_id for s in self.core.scheduler.by_id.values() if s.policy == "router"]
+            if live:
+                raise ValueError(f"cannot drop the router while {len(live)} request(s) with policy 'router' "
+                                 f"are in the engine ({live[:3]}); abort them or let them finish first")
         folded = load_router(router, self.core.slm.cfg.hidden_size).to(self.config.device) if router else None
         self.core.set_router(folded)
         self.paths["router"] = router
@@ -109,17 +115,32 @@ class Engine:
         return n
 
     # ---- step-level API (for servers) -------------------------------------------------
+    # generate, stream and the step API may be mixed on one engine (from one thread at a
+    # time): each request belongs to the consumer that added it, and its events and
+    # output reach that consumer only, exactly once. See "Mixing the APIs" in the README.
     def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None) -> str:
+        """Queue a request for the step API; -> its id. The request keeps its own copy of
+        params. Raises (ValueError / TypeError, naming the problem) before anything changes."""
         seq = self.core.make_sequence(prompt, params or SamplingParams(), 0, request_id)
-        self.core.add(seq)
+        self.core.add(seq, STEP_API)
         return seq.request_id
 
     def step(self) -> List[TokenEvent]:
-        """Advance every running request by one token; a finished request's last event carries its output."""
-        return self.core.step()
+        """Advance every running request by one token; -> the events of the step API's own
+        requests: this step's, and any made while generate() or a stream drove the
+        engine. A request's last event carries its output (finish_reason "stop",
+        "length", or "error" with token_id None when it failed in a step). If the step
+        fails as a whole the error propagates; the events made before it, and the failed
+        requests' "error" events, come with the next call."""
+        if self.core.has_unfinished():
+            self.core.step()
+        return self.core.take(STEP_API)
 
     def abort(self, request_id: str) -> Optional[RequestOutput]:
+        """End a live request and free its blocks; -> its output, or None when the id is
+        unknown or the request already finished (a no-op). A stream or generate() that
+        owns the request ends with an "abort" final event."""
         return self.core.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -128,6 +149,9 @@ class Engine:
     # ---- offline API ------------------------------------------------------------------
     def generate(self, prompts, params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                  use_tqdm: bool = False) -> List[RequestOutput]:
+        """Run these prompts to the end -> one output each, in order. Other consumers'
+        requests progress alongside; their events wait for them. Raises if one of these
+        requests fails (its error named), after aborting the others."""
         prompts = _as_prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params_list = [params or SamplingParams()] * len(prompts)
@@ -136,44 +160,54 @@ class Engine:
             if len(params_list) != len(prompts):
                 raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
         seqs = [self.core.make_sequence(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params_list))]
-        outputs = {}
-        bar = None
+        me, outputs, bar = object(), {}, None
         if use_tqdm:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(seqs), desc="generate", unit="req")
         try:
             for seq in seqs:
-                self.core.add(seq)
+                self.core.add(seq, me)
             while len(outputs) < len(seqs):
-                for ev in self.core.step():
+                self.core.step()
+                for ev in self.core.take(me):
+                    if ev.finish_reason in ("error", "abort"):
+                        raise RuntimeError(f"request {ev.request_id!r} of this generate() ended with "
+                                           f"{ev.finish_reason}: {ev.output.error or 'aborted'}")
                     if ev.output is not None:
                         outputs[ev.request_id] = ev.output
                         if bar is not None:
                             bar.update(1)
-                if not self.core.has_unfinished() and len(outputs) < len(seqs):
-                    raise RuntimeError("engine went idle with requests unfinished")  # pragma: no cover
         except BaseException:
             for seq in seqs:
                 self.core.abort(seq.request_id)
             raise
         finally:
+            self.core.release(me)
             if bar is not None:
                 bar.close()
         return [outputs[s.request_id] for s in seqs]
 
     def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None) -> Iterator[TokenEvent]:
-        """Yield this request's tokens as they are decided (other requests progress alongside)."""
-        rid = self.add_request(prompt, params)
+        """Yield this request's events as its tokens are decided (other requests progress
+        alongside). Ends after the final event: also when the request is aborted by
+        someone else (an "abort" event with token_id None); raises RuntimeError when it
+        fails in a step. Closing the stream early aborts the request."""
+        me = object()
+        seq = self.core.make_sequence(prompt, params or SamplingParams(), 0)
+        self.core.add(seq, me)
         try:
             while True:
-                for ev in self.core.step():
-                    if ev.request_id == rid:
-                        yield ev
-                        if ev.finish_reason is not None:
-                            return
+                for ev in self.core.take(me):
+                    if ev.finish_reason == "error":
+                        raise RuntimeError(f"request {ev.request_id!r} failed: {ev.output.error}")
+                    yield ev
+                    if ev.finish_reason is not None:
+                        return
+                self.core.step()
         finally:
-            self.core.abort(rid)  # no-op when finished; frees blocks if the consumer stopped early
+            self.core.abort(seq.request_id)  # no-op when finished; frees blocks if the consumer stopped early
+            self.core.release(me)
 
     def calibrate_threshold(self, prompts, target_llm_fraction: float, params: Optional[SamplingParams] = None,
                             iters: int = 10) -> Calibration:
@@ -203,8 +237,13 @@ class Engine:
 
 
 def _as_prompt_list(prompts) -> List[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
+    """One prompt (a string, token ids) or a list of them -> a list of prompts."""
+    if prompts is None:
+        raise ValueError("prompts is None; pass a string, a list of token ids, or a list of those")
+    if isinstance(prompts, (str, bytes, bytearray)):
+        return [prompts]  # bytes: refused with its index by the request checks
+    if hasattr(prompts, "shape") and hasattr(prompts, "dtype"):  # an array / tensor: one row per prompt
+        return [prompts] if len(prompts.shape) == 1 else list(prompts)
     prompts = list(prompts)
     if prompts and all(isinstance(t, (int, np.integer)) for t in prompts):
         return [prompts]  # one prompt of token ids

@@ -38,6 +38,9 @@ def build_core(slm: Optional[str], llm: Optional[str], router: Optional[str], *,
     check_positive_ints(block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         max_graph_query_len=max_graph_query_len)
+    if kv_cache_memory is not None and (isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, (int, float))
+                                        or not kv_cache_memory > 0):
+        raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
     if slm is None and llm is None:
         raise ValueError("Engine needs at least one model folder (slm= or llm=)")
     if router is not None and (slm is None or llm is None):
@@ -64,8 +67,11 @@ def build_core(slm: Optional[str], llm: Optional[str], router: Optional[str], *,
     folded = load_router(router, cfgs["slm"].hidden_size).to(torch_device) if router is not None else None
     if num_blocks is None:
         per_block = sum(c.kv_bytes_per_token(torch_dtype) for c in cfgs.values()) * block_size
-        budget = kv_cache_memory or default_kv_memory(torch_device)
-        num_blocks = max(1, min(budget // per_block, max_num_seqs * -(-max_model_len // block_size)))
+        budget = int(kv_cache_memory) if kv_cache_memory is not None else default_kv_memory(torch_device)
+        if budget < per_block:
+            raise ValueError(f"kv_cache_memory of {budget} bytes holds no KV block: one block of {block_size} "
+                             f"tokens takes {per_block} bytes for both models")
+        num_blocks = min(budget // per_block, max_num_seqs * -(-max_model_len // block_size))
     config = EngineConfig(
         device=str(torch_device), block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

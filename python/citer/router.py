@@ -98,13 +98,26 @@ def load_router_mlp(path: str) -> Tuple[RouterMLP, Dict[str, Any]]:
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"router folder {path!r} has no {os.path.basename(p)}")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
     if config.get("architecture") != ARCHITECTURE:
         raise ValueError(f"unsupported router architecture {config.get('architecture')!r} in {path!r}; "
                          f"citer supports {ARCHITECTURE!r}")
-    router = RouterMLP(int(config["hidden_size"]))
-    router.load_state_dict(load_file(w_path))
+    if not isinstance(config.get("hidden_size"), int) or config["hidden_size"] < 1:
+        raise ValueError(f"{cfg_path} has no positive int 'hidden_size'")
+    router = RouterMLP(config["hidden_size"])
+    try:
+        state = load_file(w_path)
+    except Exception as e:
+        raise ValueError(f"cannot read router weights {w_path!r} (not a valid safetensors file?): {e}") from e
+    try:
+        router.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"router weights {w_path!r} do not fit its config (hidden_size "
+                         f"{config['hidden_size']}): {e}") from e
     return router.eval(), config
 
 

@@ -3,6 +3,7 @@
 Qwen2/Qwen2.5, Qwen3 and Llama (3.x) share one decoder shape; the differences are
 flags here (attention biases, q/k norms, rope scaling, explicit head_dim).
 """
+import json
 import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -12,6 +13,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+FAMILIES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}  # model_type ->
+REQUIRED_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,26 @@ def load_model_config(path: str) -> ModelConfig:
     """Read config.json from a Hugging Face folder; clear errors for what we cannot serve."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder not found: {path!r}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    fn = os.path.join(path, "config.json")
+    if not os.path.isfile(fn):
         raise FileNotFoundError(f"no config.json in model folder {path!r}")
+    try:
+        with open(fn) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{fn} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{fn} must hold a JSON object")
+    archs = raw.get("architectures") or []
+    if not archs and raw.get("model_type") in FAMILIES:
+        raise ValueError(f"{fn} has no 'architectures' list (e.g. [\"{FAMILIES[raw['model_type']]}\"]); "
+                         f"citer supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ValueError(f"unsupported architecture {archs or raw.get('model_type')!r} in {path}; "
+                         f"citer supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+    missing = [k for k in REQUIRED_FIELDS if k not in raw]  # transformers would fill in its class defaults
+    if missing:
+        raise ValueError(f"{fn} lacks {', '.join(repr(k) for k in missing)}: the model's shape must be given")
     return from_hf_config(AutoConfig.from_pretrained(path), path)
 
 

@@ -122,8 +122,9 @@ class DecoderLM(nn.Module):
         top-p), which needs the whole logits row."""
         if ops.fused_head and inputs.filters is None:
             lm_head = self.lm_head.weight[:self.vocab_limit]
-            return HeadOutput(*ops.routed_head(hidden, self.norm.weight, self.norm.eps, lm_head, inputs.router,
-                                               inputs.temperature, inputs.seeds))
+            tokens, top_prob, score = ops.routed_head(hidden, self.norm.weight, self.norm.eps, lm_head, inputs.router,
+                                                      inputs.temperature, inputs.seeds)
+            return HeadOutput(tokens, top_prob, score if inputs.router is not None else None)  # the op: NaN
         h = self.final_norm(ops, hidden)
         logits = self.logits_from_normed(h)[:, :self.vocab_limit]
         tokens, top_prob = choose_tokens(logits, inputs.temperature, inputs.seeds, inputs.filters)

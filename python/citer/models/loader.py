@@ -38,7 +38,11 @@ def safetensors_files(path: str) -> list:
 
 def _iter_tensors(files) -> Iterator[Tuple[str, torch.Tensor]]:
     for fn in files:
-        with safe_open(fn, framework="pt") as f:
+        try:
+            f = safe_open(fn, framework="pt")
+        except Exception as e:  # safetensors' own errors name neither the file nor the cause plainly
+            raise ValueError(f"cannot read weights file {fn!r} (not a valid safetensors file?): {e}") from e
+        with f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
 
