@@ -19,6 +19,8 @@ QWEN2_SHAPES = {
                        num_key_value_heads=2, vocab_size=151936),
     "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                        num_key_value_heads=2, vocab_size=151936),
+    "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, vocab_size=152064),
     # ~1M non-embedding parameters: per-step overhead dominates
     "qwen2-tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=32000),

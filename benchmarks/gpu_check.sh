@@ -8,8 +8,10 @@
 #       the weight-bandwidth bound at the Qwen2-0.5B / 1.5B shapes, the router's share of the
 #       SLM step, routed vs LLM-only); a summary table last. Each part runs under its own
 #       timeout, so a hang or a failure in one still prints the others.
-#   bash benchmarks/gpu_check.sh [tests] [kernels] [decode]     the full sections, for a second
-#       call: every GPU test, the kernel benchmarks, the decode benchmark (default: all three).
+#   bash benchmarks/gpu_check.sh [tests] [kernels] [decode] [compare] [compare7b]   the full
+#       sections, for later calls: every GPU test, the kernel benchmarks, the decode benchmark
+#       (default: these three), the policy comparison replayed at the Qwen2-0.5B / 1.5B
+#       shapes (compare) and at 0.5B / 7B (compare7b).
 #
 # Installs citer in editable mode with $PY first if it is not importable. Logs (and the
 # headline's JSON) go to $CITER_GPU_LOG_DIR (default: a new temporary folder), e.g. $OUT.
@@ -42,7 +44,7 @@ QUICK_KERNELS=("$KG::test_paged_attention_real_sizes[q_lens0-ctx0-12-2-dtype1]" 
                "$KG::test_routed_head_fp32_matches_reference_exactly" "$KG::test_routed_head_sampling_on_gpu"
                "$KG::test_decode_step_kernels_capture_in_a_cuda_graph")
 QUICK_GRAPHS=("$GG::test_enforce_eager_turns_graphs_off" "$GG::test_graph_replay_equals_eager[random]"
-              "$GG::test_graph_replay_equals_eager[router]")
+              "$GG::test_graph_replay_equals_eager[router]" "$GG::test_speculative_under_graphs_is_the_llm")
 
 status=0
 part() {  # part NAME TIMEOUT_S COMMAND...: run under a timeout, log, record rc and seconds
@@ -72,7 +74,11 @@ for s in $sections; do
                    tests/test_cuda_graph.py ;;
         kernels) part kernels 600 $PY benchmarks/kernels.py ;;
         decode) part decode 600 $PY benchmarks/decode_gpu.py --json "$LOG/decode.json" ;;
-        *) echo "unknown section $s (quick, or any of: tests kernels decode)"; status=1 ;;
+        compare) part compare 600 $PY benchmarks/compare_policies.py --shapes gpu -n 500 --replay-n 24 \
+                     --out "$LOG/compare" ;;
+        compare7b) part compare7b 600 $PY benchmarks/compare_policies.py --shapes gpu7b -n 200 --replay-n 12 \
+                       --assisted-n 0 --out "$LOG/compare7b" ;;
+        *) echo "unknown section $s (quick, or any of: tests kernels decode compare compare7b)"; status=1 ;;
     esac
 done
 exit $status

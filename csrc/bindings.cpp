@@ -34,6 +34,7 @@ PYBIND11_MODULE(_C, m) {
       .def("blocks_needed", &BlockManager::blocks_needed, py::arg("handle"), py::arg("num_new_tokens"))
       .def("can_append", &BlockManager::can_append, py::arg("handle"), py::arg("num_new_tokens"))
       .def("append_slots", &BlockManager::append_slots, py::arg("handle"), py::arg("num_new_tokens"))
+      .def("truncate", &BlockManager::truncate, py::arg("handle"), py::arg("num_tokens"))
       .def("block_table", &BlockManager::block_table, py::arg("handle"))
       .def("num_tokens", &BlockManager::num_tokens, py::arg("handle"))
       .def("ref_count", &BlockManager::ref_count, py::arg("block"))

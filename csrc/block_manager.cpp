@@ -122,6 +122,20 @@ void BlockManager::append_slots(int64_t handle, int64_t num_new_tokens) {
   }
 }
 
+int64_t BlockManager::truncate(int64_t handle, int64_t num_tokens) {
+  Seq& s = get(handle);
+  if (num_tokens < 0 || num_tokens > s.num_tokens) {
+    throw std::invalid_argument("cannot truncate a sequence of " + std::to_string(s.num_tokens) + " tokens to " +
+                                std::to_string(num_tokens));
+  }
+  int64_t keep = ceil_div(num_tokens, block_size_);
+  int64_t dropped = static_cast<int64_t>(s.table.size()) - keep;
+  for (int64_t i = keep; i < static_cast<int64_t>(s.table.size()); ++i) release_block(s.table[i]);
+  s.table.resize(keep);
+  s.num_tokens = num_tokens;
+  return dropped;
+}
+
 const std::vector<int32_t>& BlockManager::block_table(int64_t handle) const { return get(handle).table; }
 
 int64_t BlockManager::num_tokens(int64_t handle) const { return get(handle).num_tokens; }

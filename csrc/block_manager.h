@@ -36,6 +36,9 @@ class BlockManager {
   bool can_append(int64_t handle, int64_t num_new_tokens) const;
   // Grow by num_new_tokens; all-or-nothing: throws CacheFull and changes nothing.
   void append_slots(int64_t handle, int64_t num_new_tokens);
+  // Shrink to num_tokens (a rollback): blocks past the new end are released (freed when
+  // no other sequence shares them); -> how many blocks the table dropped.
+  int64_t truncate(int64_t handle, int64_t num_tokens);
 
   const std::vector<int32_t>& block_table(int64_t handle) const;
   int64_t num_tokens(int64_t handle) const;

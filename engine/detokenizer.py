@@ -13,11 +13,12 @@ class Detokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def update(self, seq: Sequence, finishing: bool) -> Tuple[str, bool]:
-        """Recompute seq.text after a new token -> (text delta, hit a stop string)."""
+    def update(self, seq: Sequence, upto: int, finishing: bool) -> Tuple[str, bool]:
+        """Recompute seq.text for the tokens before position upto (committed ones) ->
+        (text delta, hit a stop string)."""
         if self.tokenizer is None:
             return "", False
-        full = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        full = self.tokenizer.decode(seq.token_ids[seq.num_prompt_tokens:upto], skip_special_tokens=True)
         stops = seq.params.stop_list
         hit = None
         for s in stops:

@@ -60,26 +60,34 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: Seq, spec: HeadSpec, head_rows: Optional[List[int]] = None) -> StepResult:
         """Forward what this model has not computed of each sequence, then the head on
-        each sequence's last position. head_rows: only those rows get the lm_head (the
-        others' tokens stay None; `head` can add them from result.hidden), the router
-        still scores every row; None: every row, in one fused pass where the ops have one."""
+        each sequence's last position (its last spec.positions[i] positions, for
+        verification). head_rows: only those rows get the lm_head (the others' tokens
+        stay None; `head` can add them from result.hidden), the router still scores every
+        row; None: every row, in one fused pass where the ops have one."""
         starts, ends = [s.num_computed[self.name] for s in seqs], [len(s) for s in seqs]
         graphed = None
         with self.timer.phase(self.name):
             if self.graphs is not None and head_rows is None:
                 graphed = self._replay(seqs, starts, ends, spec)
-            hidden = graphed[0] if graphed is not None else self.forward(seqs, starts, ends)
+            hidden = graphed[0] if graphed is not None else self.forward(seqs, starts, ends, spec.positions)
             self._mark_computed(seqs, starts, ends)
-            if graphed is not None and spec.filters is None:
-                return StepResult(*graphed[1].to_host(), hidden)
-            if self.fused_head and head_rows is None:  # the fused head (or top-k / top-p rows after a graph)
-                return StepResult(*self.model.head(self.ops, hidden, spec.inputs(self.device)).to_host(), hidden)
+            if graphed is not None and spec.filters is None and spec.want_probs is None:
+                return _result(graphed[1], hidden, spec)
+            if self.fused_head and head_rows is None:  # the fused head (or a graph's body + the full-logits head)
+                return _result(self.model.head(self.ops, hidden, spec.per_position().inputs(self.device)), hidden,
+                               spec)
         # an unfused head: the router on its own, the lm_head only where asked
         score = None
         if spec.router is not None:
             with self.timer.phase("router"):
                 score = self.model.router_score(self.ops, hidden, spec.router).tolist()
         n = len(seqs)
+        if spec.positions is not None or spec.want_probs is not None:  # verifying / drafting: every row, no early exit
+            with self.timer.phase(self.name):
+                out = _result(self.model.head(self.ops, hidden, spec.per_position().without_router()
+                                              .inputs(self.device)), hidden, spec)
+            out.router_score = score
+            return out
         result = StepResult([None] * n, [None] * n, score, hidden)
         rows = list(range(n)) if head_rows is None else head_rows
         if rows:
@@ -95,11 +103,13 @@ class ModelRunner:
             tokens, top_prob, _ = self.model.head(self.ops, result.hidden[rows], inputs).to_host()
         result.fill(rows, tokens, top_prob)
 
-    def forward(self, seqs: Seq, starts: List[int], ends: List[int]) -> torch.Tensor:
-        """Eager: positions [start, end) of each sequence -> pre-norm hidden of each last position [B, H]."""
-        ids, positions, meta = eager_inputs(self.bm, self.sink_block, self.block_size, seqs, starts, ends, self.device)
-        hidden = self.model(self.ops, ids, positions, self.kv_cache, meta)
-        return hidden[meta.query_start_loc[1:].long() - 1]
+    def forward(self, seqs: Seq, starts: List[int], ends: List[int],
+                positions: Optional[List[int]] = None) -> torch.Tensor:
+        """Eager: positions [start, end) of each sequence -> pre-norm hidden [rows, H] of each
+        sequence's last position (its last positions[i] positions, in order)."""
+        ids, pos, meta = eager_inputs(self.bm, self.sink_block, self.block_size, seqs, starts, ends, self.device)
+        hidden = self.model(self.ops, ids, pos, self.kv_cache, meta)
+        return hidden[_head_row_index(meta.query_start_loc.tolist(), positions, hidden.device)]
 
     def _mark_computed(self, seqs: Seq, starts: List[int], ends: List[int]) -> None:
         for s, a, b in zip(seqs, starts, ends):
@@ -118,16 +128,24 @@ class ModelRunner:
             return None
         if spec.router is not None:
             g.use_router(spec.router)
-        graph = g.get((*bucket, spec.router is not None), self._graph_step)
+        key = (*bucket, spec.router is not None) + ((True,) if spec.positions is not None else ())
+        graph = g.get(key, self._graph_step)
         g.inputs.writable()
         t, _ = pack_batch(self.bm, self.sink_block, seqs, starts, ends, g.host_batch())
-        g.stage(bucket, len(seqs), t, spec.temperature, spec.seeds)
+        temperature, seeds = (spec.temperature, spec.seeds) if spec.positions is None else ([0.0] * len(seqs), [0] * len(seqs))
+        g.stage(bucket, len(seqs), t, temperature, seeds)
         hidden, head = graph.replay()
-        return hidden[:len(seqs)], head.first(len(seqs))
+        if spec.positions is None:
+            return hidden[:len(seqs)], head.first(len(seqs))
+        idx = _head_row_index(g.host.query_start_loc[:len(seqs) + 1].tolist(), spec.positions, hidden.device)
+        return hidden[idx], head.select(idx)
 
     def _graph_step(self, key: GraphKey) -> Callable[[], Tuple[torch.Tensor, HeadOutput]]:
-        """The function a graph of this bucket captures: body + fused head on the static buffers."""
-        num_b, num_l, with_router = key
+        """The function a graph of this bucket captures: body + fused head on the static
+        buffers; the head on each lane's last token, or with key (B, L, router, True) on
+        every token row (a verifying catch-up; greedy: temperatures and seeds are zero)."""
+        num_b, num_l, with_router = key[:3]
+        all_rows = len(key) == 4
         v, cfg = self.graphs.views((num_b, num_l)), self.cfg
         # padding and tail lanes must not change how the attention op splits the keys: the
         # split count of the real-lane bucket, as an eager step of num_b sequences gets
@@ -138,8 +156,14 @@ class ModelRunner:
         inputs = HeadInputs(v.temperature, v.seeds, self.graphs.router if with_router else None)
         model, ops, kv_cache = self.model, self.ops, self.kv_cache
 
+        if all_rows:
+            num_t = num_b * num_l
+            zeros = torch.zeros(num_t, dtype=torch.int64, device=self.device)
+            inputs = HeadInputs(zeros.float(), zeros, inputs.router)
+
         def step() -> Tuple[torch.Tensor, HeadOutput]:
-            hidden = model(ops, v.input_ids, v.positions, kv_cache, meta)[v.last_idx]
+            hidden = model(ops, v.input_ids, v.positions, kv_cache, meta)
+            hidden = hidden if all_rows else hidden[v.last_idx]
             return hidden, model.head(ops, hidden, inputs)
 
         return step
@@ -158,3 +182,35 @@ class ModelRunner:
                 self.graphs.get(key, self._graph_step)
             n += len(todo)
         return n
+
+
+def _head_row_index(query_start_loc: List[int], positions: Optional[List[int]], device) -> torch.Tensor:
+    """Rows of a packed forward that get the head: each sequence's last positions[i] rows
+    (its last row when positions is None)."""
+    ends = query_start_loc[1:]
+    if positions is None:
+        idx = [e - 1 for e in ends]
+    else:
+        idx = [r for e, n in zip(ends, positions) for r in range(e - n, e)]
+    return torch.tensor(idx, dtype=torch.long, device=device)
+
+
+def _result(head: HeadOutput, hidden: torch.Tensor, spec: HeadSpec) -> StepResult:
+    """The head's rows -> one StepResult row per sequence (per-position lists with spec.positions)."""
+    tokens, top_prob, score = head.to_host()
+    if spec.positions is None:
+        probs = list(head.probs.split(1)) if head.probs is not None else None
+        return StepResult(tokens, top_prob, score, hidden, probs=probs)
+    out = StepResult([], [], [] if score is not None else None, hidden, position_tokens=[],
+                     probs=[] if head.probs is not None else None)
+    o = 0
+    for n in spec.positions:
+        out.position_tokens.append(tokens[o:o + n])
+        out.tokens.append(tokens[o + n - 1])
+        out.top_prob.append(top_prob[o + n - 1])
+        if score is not None:
+            out.router_score.append(score[o + n - 1])
+        if head.probs is not None:
+            out.probs.append(head.probs[o:o + n])
+        o += n
+    return out

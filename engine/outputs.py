@@ -46,3 +46,25 @@ def llm_share(outputs: Iterable[RequestOutput]) -> float:
         made += sum(o.from_llm)
         total += len(o.from_llm)
     return made / total if total else 0.0
+
+
+def request_output(seq, with_text: bool) -> RequestOutput:
+    """A sequence's output: its committed tokens (tentative ones are not an output yet)
+    and its stats, with the shares and rates derived from them."""
+    n = len(seq.output_token_ids)
+    out = RequestOutput(
+        request_id=seq.request_id,
+        prompt_token_ids=list(seq.prompt_token_ids),
+        token_ids=seq.output_token_ids,
+        text=seq.text if with_text else None,
+        finish_reason=seq.finish_reason,
+        from_llm=seq.from_llm[:n],
+        router_scores=seq.router_scores[:n],
+        stats=dict(seq.stats),
+    )
+    out.stats["llm_tokens"] = sum(out.from_llm)
+    out.stats["llm_share"] = llm_share([out])
+    out.stats["llm_calls_per_token"] = out.stats["llm_calls"] / max(n, 1)
+    if "drafted" in out.stats:  # policy "speculative"
+        out.stats["acceptance_rate"] = out.stats["accepted"] / max(out.stats["drafted"], 1)
+    return out

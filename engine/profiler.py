@@ -29,3 +29,15 @@ class PhaseTimer:
             if self.sync:
                 self.sync()
             self.last[name] = self.last.get(name, 0.0) + time.perf_counter() - t0
+
+
+def attribute_time(phases: Dict[str, float], running, slm_seqs, llm_seqs, total: float) -> None:
+    """Share one step's phase times among the sequences that took part in each phase
+    (the rest of the step among all): stats slm_time, router_time, llm_time, other_time."""
+    share = {"slm": slm_seqs, "router": slm_seqs, "llm": llm_seqs}
+    for phase, seqs in share.items():
+        for s in seqs:
+            s.stats[f"{phase}_time"] = s.stats.get(f"{phase}_time", 0.0) + phases.get(phase, 0.0) / len(seqs)
+    other = max(total - sum(phases.values()), 0.0)
+    for s in running:
+        s.stats["other_time"] = s.stats.get("other_time", 0.0) + other / len(running)

@@ -5,7 +5,7 @@ from typing import List, Optional, Sequence as Seq, Union
 
 import numpy as np
 
-from .sampling_params import SamplingParams
+from .sampling_params import VERIFIABLE, SamplingParams
 
 Prompt = Union[str, Seq[int]]
 
@@ -58,7 +58,8 @@ def check_params(params) -> SamplingParams:
     return params
 
 
-def check_servable(policy: str, threshold: Optional[float], has_slm: bool, has_llm: bool, has_router: bool) -> None:
+def check_servable(policy: str, threshold: Optional[float], has_slm: bool, has_llm: bool, has_router: bool,
+                   verify: bool = False) -> None:
     """Raise unless an engine with these models can serve the policy."""
     if policy != "llm" and not has_slm:
         raise ValueError(f"policy {policy!r} needs an SLM")
@@ -68,3 +69,5 @@ def check_servable(policy: str, threshold: Optional[float], has_slm: bool, has_l
         raise ValueError("policy 'router' needs a router, and this engine has none")
     if policy == "router" and threshold is None:
         raise ValueError("policy 'router' needs a threshold")
+    if verify and policy not in VERIFIABLE:
+        raise ValueError(f"verify=True applies to the policies {VERIFIABLE}, and this request's policy is {policy!r}")

@@ -5,7 +5,8 @@ from typing import List, Optional, Sequence, Union
 
 from citer.kernels.sampling import MIN_TEMPERATURE
 
-POLICIES = ("router", "slm", "llm", "random", "confidence")
+POLICIES = ("router", "slm", "llm", "random", "confidence", "speculative")
+VERIFIABLE = ("router", "confidence", "random")  # the routed policies verify=True applies to
 
 
 @dataclass
@@ -15,8 +16,16 @@ class SamplingParams:
     policy: who makes each token. "router" (CITER: the router's score p < threshold sends
     the token to the LLM), "slm" / "llm" (one model only), "random" (each token goes to
     the LLM with probability llm_fraction) or "confidence" (the LLM when the SLM's top
-    probability is under confidence_threshold). None: "router" when the engine has a
-    router and an LLM, else "slm".
+    probability is under confidence_threshold), or "speculative" (lossless: the SLM
+    drafts num_draft_tokens tokens, or fewer when draft_confidence is set and its top
+    probability falls under it, and the LLM verifies them all in one catch-up and makes
+    one more; greedy output equals policy "llm", sampled output follows the LLM's
+    distribution). None: "router" when the engine has a router and an LLM, else "slm".
+
+    verify=True (router / confidence / random): each LLM call also checks the SLM tokens
+    made since the previous one, rolls back at the first the LLM rejects and takes the
+    LLM's token there (check-and-correct); those SLM tokens are held back from streams
+    until checked.
     """
 
     max_tokens: int = 64
@@ -31,6 +40,9 @@ class SamplingParams:
     threshold: Optional[float] = None  # router τ; None: the router's own default
     llm_fraction: float = 0.0  # policy "random"
     confidence_threshold: float = 0.5  # policy "confidence"
+    num_draft_tokens: int = 4  # policy "speculative": most drafts per LLM call
+    draft_confidence: Optional[float] = None  # "speculative": stop drafting under this top probability
+    verify: bool = False  # check-and-correct for router / confidence / random
     stop_list: List[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -68,8 +80,14 @@ class SamplingParams:
         number("threshold", 0.0, optional=True)
         number("llm_fraction", 0.0, 1.0)
         number("confidence_threshold", 0.0, 1.0)
-        if not isinstance(self.ignore_eos, bool):
-            bad(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        integer("num_draft_tokens", 1)
+        number("draft_confidence", 0.0, 1.0, optional=True)
+        for flag in ("ignore_eos", "verify"):
+            if not isinstance(getattr(self, flag), bool):
+                bad(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.verify and self.policy is not None and self.policy not in VERIFIABLE:
+            bad(f"verify=True applies to the policies {VERIFIABLE} (speculative always verifies), "
+                f"not {self.policy!r}")
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
             bad(f"stop must be a string or a list of strings, got {self.stop!r}")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -71,6 +71,13 @@ class Scheduler:
         if grow > 0:
             self.bm.append_slots(seq.handle, grow)
 
+    def truncate(self, seq: Sequence, n: int) -> None:
+        """Roll the sequence back to its first n tokens: its block table too (blocks past
+        the new end go back to the pool)."""
+        if seq.handle is not None:
+            self.bm.truncate(seq.handle, min(n, self.bm.num_tokens(seq.handle)))
+        seq.truncate(n)
+
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         seq.status = Status.FINISHED

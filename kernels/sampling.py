@@ -40,11 +40,19 @@ def choose_tokens(
 
 
 def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int) -> int:
-    """logits [V] float32 -> one token id: greedy at temperature 0, else Gumbel-max over
-    logits / temperature restricted to the top_k largest (0: all) and to the smallest
-    set whose probability reaches top_p (the first token always stays)."""
+    """logits [V] float32 -> one token id: greedy at temperatures under MIN_TEMPERATURE,
+    else Gumbel-max over `filtered_logits`, i.e. a draw from `sampling_probs`."""
     if temperature < MIN_TEMPERATURE:
         return int(logits.argmax())
+    scaled = filtered_logits(logits, temperature, top_k, top_p)
+    noise = gumbel_noise(seed, scaled.numel()).to(scaled.device)
+    return int((scaled + noise).argmax())
+
+
+def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [V] -> logits / temperature restricted (the rest -inf) to the top_k largest
+    (0: all) and to the smallest set whose probability reaches top_p (the first token
+    always stays)."""
     scaled = logits.float() / temperature
     if 0 < top_k < scaled.numel():
         kth = torch.topk(scaled, top_k).values[-1]
@@ -55,5 +63,22 @@ def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
-    noise = gumbel_noise(seed, scaled.numel()).to(scaled.device)
-    return int((scaled + noise).argmax())
+    return scaled
+
+
+def sampling_probs(
+    logits: torch.Tensor,  # [B, V] float32
+    temperature: torch.Tensor,  # [B] float32
+    filters: Optional[List[Tuple[int, float]]] = None,  # per row (top_k, top_p)
+) -> torch.Tensor:  # [B, V] float32: the distribution each row's token is drawn from
+    """What choose_tokens draws each row's token from: one-hot at the argmax for greedy
+    rows, softmax(filtered_logits) otherwise (the p and q of speculative sampling)."""
+    temps = temperature.tolist()
+    rows = []
+    for b, t in enumerate(temps):
+        if t < MIN_TEMPERATURE:
+            rows.append(torch.nn.functional.one_hot(logits[b].argmax(), logits.shape[1]).float())
+        else:
+            top_k, top_p = filters[b] if filters is not None else (0, 1.0)
+            rows.append(torch.softmax(filtered_logits(logits[b], t, top_k, top_p), dim=-1))
+    return torch.stack(rows) if rows else logits.new_zeros(logits.shape)

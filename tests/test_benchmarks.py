@@ -46,3 +46,37 @@ def test_decode_smoke_json_feeds_the_summary(tmp_path):
     assert any(ln.startswith("parity    TIMEOUT") for ln in lines)
     assert any("eager slm:" in ln and "weight-bandwidth bound" in ln for ln in lines)
     assert any("faster than LLM-only" in ln for ln in lines)
+
+
+def test_a_replayed_trace_does_the_recorded_work(hf_models, router_path):
+    """compare_policies' replay: a method's recorded choices, replayed on another pair of
+    models, reproduce its LLM calls, verifications, rollbacks and forward counts."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from replay import record, replaying
+
+    from citer import Engine, SamplingParams
+    from conftest import random_prompts
+
+    kw = dict(block_size=4, num_blocks=64, max_model_len=64)
+    first = Engine(hf_models["qwen2"][0], hf_models["llama"][0], router_path, **kw)
+    other = Engine(hf_models["llama"][0], hf_models["llama"][0], **kw)  # agrees with itself: nothing rejected
+    prompts = random_prompts(2, 3, 9, seed=3)
+    keys = ("llm_calls", "slm_forward_tokens", "llm_forward_tokens", "slm_discarded_tokens", "llm_discarded_tokens")
+    for params in (dict(policy="speculative", num_draft_tokens=3), dict(policy="random", llm_fraction=0.3,
+                                                                         verify=True, seed=1)):
+        got = {}
+        with record(first, got):
+            outs = first.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True, **params))
+        traces = {f"r{i}": dict(got[o.request_id].to_json()) for i, o in enumerate(outs)}
+        replayed = []
+        with replaying(traces):
+            for i, p in enumerate(prompts):
+                rid = other.add_request(p, SamplingParams(max_tokens=12, ignore_eos=True, **params),
+                                        request_id=f"r{i}")
+                done = None
+                while done is None:
+                    done = next((ev.output for ev in other.step() if ev.request_id == rid and ev.output), None)
+                replayed.append(done)
+        for o, r in zip(outs, replayed):
+            assert [o.stats[k] for k in keys] == [r.stats[k] for k in keys]
+            assert o.from_llm == r.from_llm

@@ -72,6 +72,23 @@ def test_fork_shares_blocks_and_copies_on_write():
     bm.check_invariants()
 
 
+def test_truncate_frees_the_blocks_past_the_new_end():
+    bm = BlockManager(8, 4)
+    a = bm.create_sequence()
+    bm.append_slots(a, 10)  # 3 blocks
+    first = bm.block_table(a)
+    assert bm.truncate(a, 5) == 1 and bm.block_table(a) == first[:2] and bm.num_free_blocks == 6
+    assert bm.truncate(a, 5) == 0 and bm.truncate(a, 4) == 1 and bm.num_tokens(a) == 4
+    bm.append_slots(a, 3)  # grows again into a fresh block
+    assert len(bm.block_table(a)) == 2 and bm.num_free_blocks == 6
+    b = bm.fork(a)  # shared blocks survive the other's truncate
+    assert bm.truncate(a, 0) == 2 and bm.block_table(a) == [] and bm.num_free_blocks == 6
+    assert [bm.ref_count(x) for x in bm.block_table(b)] == [1, 1]
+    with pytest.raises(ValueError, match="cannot truncate a sequence of 7 tokens to 9"):
+        bm.truncate(b, 9)
+    bm.check_invariants()
+
+
 def test_counters():
     bm = BlockManager(6, 2)
     a, b = bm.create_sequence(), bm.create_sequence()
@@ -128,7 +145,7 @@ def test_fill_rejects_bad_arrays():
         bm.fill_slot_mapping([h], one.astype(np.int32), np.array([9]), np.zeros(9, dtype=np.int64))
 
 
-ops = st.lists(st.tuples(st.sampled_from(["create", "append", "fork", "free"]), st.integers(0, 1000),
+ops = st.lists(st.tuples(st.sampled_from(["create", "append", "fork", "truncate", "free"]), st.integers(0, 1000),
                          st.integers(0, 40)), min_size=1, max_size=120)
 
 
@@ -155,6 +172,13 @@ def test_random_operation_sequences_keep_invariants(ops, num_blocks, block_size)
                 assert bm.num_free_blocks == before
         elif op == "fork":
             live[bm.fork(h)] = live[h]
+        elif op == "truncate":
+            keep = n % (live[h] + 1)
+            before, blocks = bm.num_free_blocks, len(bm.block_table(h))
+            shared = sum(bm.ref_count(b) > 1 for b in bm.block_table(h)[-(-keep // block_size):])
+            assert bm.truncate(h, keep) == blocks - -(-keep // block_size)
+            live[h] = keep
+            assert bm.num_free_blocks == before + (blocks - -(-keep // block_size)) - shared
         else:
             bm.free_sequence(h)
             del live[h]

@@ -292,10 +292,10 @@ def test_a_fault_late_in_a_step_keeps_the_other_outputs(pair, monkeypatch):
     ids = [e.add_request([5 + i, 6, 7], p) for i in range(3)]
     update = e.core.detok.update
 
-    def flaky(seq, finishing):
+    def flaky(seq, upto, finishing):
         if seq.request_id == ids[2]:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "simulated")
-        return update(seq, finishing)
+        return update(seq, upto, finishing)
 
     monkeypatch.setattr(e.core.detok, "update", flaky)
     events = {ev.request_id: ev for ev in e.step()}

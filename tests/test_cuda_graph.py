@@ -79,6 +79,9 @@ CASES = {
     "router": dict(policy="router", threshold=0.5),
     "sampled": dict(policy="random", llm_fraction=0.4, temperature=0.8),
     "top_p": dict(policy="slm", temperature=0.9, top_p=0.8, seed=6),  # graph body, eager head
+    "speculative": dict(policy="speculative", num_draft_tokens=3),  # all-row catch-up graphs, rollbacks
+    "spec_sampled": dict(policy="speculative", temperature=0.8, seed=3),  # graph bodies, full-logits heads
+    "verify": dict(policy="random", llm_fraction=0.3, verify=True),
 }
 # under the (slow) interpreter, one case: decode and catch-up graphs, padding and tail lanes
 PARAMS = [("torch", case) for case in CASES] + [("triton", "random")]
@@ -106,6 +109,8 @@ def test_graphed_engine_equals_eager(pairs, backend, case):
         assert (4, 1, case == "router") in slm_keys
     if case in ("random", "sampled"):  # catch-ups of several tokens replayed a graph
         assert any(1 < k[1] <= 4 for k in llm_keys)
+    if case in ("speculative", "verify"):  # verifying catch-ups: the head on every row
+        assert any(len(k) == 4 for k in llm_keys)
 
 
 def test_graph_step_names_its_devices(pairs):

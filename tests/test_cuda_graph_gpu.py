@@ -34,7 +34,10 @@ def test_enforce_eager_turns_graphs_off(pair):
     dict(policy="llm"),
     dict(policy="random", llm_fraction=0.3, temperature=0.8),
     dict(policy="slm", temperature=0.9, top_p=0.8, seed=6),
-], ids=["random", "router", "llm", "sampled", "top_p"])
+    dict(policy="speculative", num_draft_tokens=3),
+    dict(policy="speculative", temperature=0.8, seed=2),
+    dict(policy="random", llm_fraction=0.3, verify=True),
+], ids=["random", "router", "llm", "sampled", "top_p", "speculative", "spec_sampled", "verify"])
 def test_graph_replay_equals_eager(pair, params):
     eager, graphed = pair
     prompts = random_prompts(5, 3, 40, seed=7)  # 5 lanes: bucket 8, three padding lanes
@@ -97,4 +100,17 @@ def test_bf16_graphs_track_eager(hf_models, router_path):
     first = [o.token_ids[:4] == r.token_ids[:4] for o, r in zip(outs, ref)]
     assert sum(first) >= 4, first
     assert graphed.core.slm.graphs.graphs and graphed.core.llm.graphs.graphs
+    assert_all_free(graphed)
+
+
+def test_speculative_under_graphs_is_the_llm(pair):
+    """Greedy speculative decoding with CUDA graphs (the SLM's decode graphs, the LLM's
+    all-row catch-up graphs, rollbacks): the LLM's own greedy output."""
+    _, graphed = pair
+    prompts = random_prompts(4, 3, 30, seed=12)
+    ref = graphed.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True, policy="llm"))
+    for kw in (dict(num_draft_tokens=4), dict(num_draft_tokens=7, draft_confidence=0.5)):
+        outs = graphed.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True, policy="speculative", **kw))
+        assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    assert any(len(k) == 4 for k in graphed.core.llm.graphs.graphs)
     assert_all_free(graphed)

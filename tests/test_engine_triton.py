@@ -48,3 +48,15 @@ def test_triton_path_names_its_devices(engine):
     with torch.device("meta"):
         outs = engine.generate(prompts, params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+
+
+def test_triton_engine_speculative_is_the_llm(engine, hf_models):
+    """Greedy speculative decoding through the kernels: the LLM's head on every catch-up
+    position (the routed head over all rows), rollbacks on the page table."""
+    prompts = random_prompts(2, 4, 12, seed=24)
+    ref = engine.generate(prompts, SamplingParams(max_tokens=5, policy="llm", ignore_eos=True))
+    outs = engine.generate(prompts, SamplingParams(max_tokens=5, policy="speculative", num_draft_tokens=2,
+                                                   ignore_eos=True))
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    assert all(o.stats["drafted"] > 0 for o in outs)
+    assert [o.router_scores for o in outs] == [[None] * 5] * 2  # no router ran: None, not NaN

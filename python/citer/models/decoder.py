@@ -10,7 +10,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from citer.kernels.routed_head import router_mlp_ref
-from citer.kernels.sampling import choose_tokens
+from citer.kernels.sampling import choose_tokens, sampling_probs
 
 from .attention import AttentionMetadata, KVCache, paged_attention
 from .config import ModelConfig
@@ -119,17 +119,28 @@ class DecoderLM(nn.Module):
         """Pre-norm hidden [B, H] (one row per sequence) -> each row's token, top
         probability and, with inputs.router, router score. The fused op (ops.fused_head:
         one pass over the lm_head, no [B, vocab] logits) unless a row filters (top-k /
-        top-p), which needs the whole logits row."""
+        top-p), which needs the whole logits row. Rows in inputs.want_probs also get their
+        sampling distribution (from full logits, for those rows only)."""
         if ops.fused_head and inputs.filters is None:
             lm_head = self.lm_head.weight[:self.vocab_limit]
             tokens, top_prob, score = ops.routed_head(hidden, self.norm.weight, self.norm.eps, lm_head, inputs.router,
                                                       inputs.temperature, inputs.seeds)
-            return HeadOutput(tokens, top_prob, score if inputs.router is not None else None)  # the op: NaN
+            probs = None
+            if inputs.want_probs is not None:
+                rows = torch.tensor([i for i, w in enumerate(inputs.want_probs) if w], device=hidden.device)
+                logits = self.logits(ops, hidden[rows])[:, :self.vocab_limit]
+                part = sampling_probs(logits, inputs.temperature[rows], _take(inputs.filters, rows))
+                probs = logits.new_zeros(len(hidden), logits.shape[1]).index_copy_(0, rows, part)
+            return HeadOutput(tokens, top_prob, score if inputs.router is not None else None, probs)  # the op: NaN
         h = self.final_norm(ops, hidden)
         logits = self.logits_from_normed(h)[:, :self.vocab_limit]
         tokens, top_prob = choose_tokens(logits, inputs.temperature, inputs.seeds, inputs.filters)
         score = router_mlp_ref(h, *inputs.router) if inputs.router is not None else None
-        return HeadOutput(tokens, top_prob, score)
+        probs = None
+        if inputs.want_probs is not None:
+            mask = torch.tensor(inputs.want_probs, device=logits.device)[:, None]
+            probs = sampling_probs(logits, inputs.temperature, inputs.filters) * mask
+        return HeadOutput(tokens, top_prob, score, probs)
 
     def router_score(self, ops, hidden: torch.Tensor, router: RouterParams) -> torch.Tensor:
         """Pre-norm hidden [B, H] -> the router's score per row [B], without the lm_head."""
@@ -152,3 +163,7 @@ class DecoderLM(nn.Module):
         twice as fast as F.linear on the [V, H] layout (measured on the project's CPUs), and
         the lm_head read dominates a small model's decode step. Costs one more V x H copy."""
         self.lm_head_t = self.lm_head.weight.detach().t().contiguous()
+
+
+def _take(filters, rows: torch.Tensor):
+    return [filters[i] for i in rows.tolist()] if filters is not None else None
