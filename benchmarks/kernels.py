@@ -119,7 +119,7 @@ def gpu_benchmark() -> int:
             sargs = filled(head_inputs(hidden, vocab, batch, dev, router=False, sampling=True))
             rows.append((name, "routed head, sampling", f"b{batch}", bench(lambda: routed_head_triton(*sargs)),
                          sargs[3].numel() * 2, 0))
-            del args, sargs
+            args = sargs = None  # frees the GPU memory before the next shape
         # RMSNorm with the residual add
         for t in (1, 64):
             x = torch.randn(t, hidden, device=dev, dtype=DT)
@@ -150,14 +150,14 @@ def gpu_benchmark() -> int:
                                  bench(lambda: flash_attn_with_kvcache(q[:, None], kf, vf, cache_seqlens=seq_lens,
                                                                        block_table=tf, softmax_scale=d ** -0.5)),
                                  kv_bytes, 4 * batch * ctx * hq * d))
-                del args
+                args = None  # frees the GPU memory
         # varlen attention: the LLM's catch-up (a few new tokens on a long context) and a prefill
         for q_len, ctx, batch in ((8, 4096, 8), (32, 4096, 8), (2048, 2048, 1)):
             args = paged_inputs(hq, hkv, d, [q_len] * batch, [ctx] * batch, dev, init=torch.randn)
             visible = batch * sum(ctx - q_len + i + 1 for i in range(q_len))
             rows.append((name, "varlen attn (catch-up/prefill)", f"b{batch} q{q_len} ctx{ctx}",
                          bench(lambda: paged_attention_triton(*args)), 2 * args[1].numel() * 2, 4 * visible * hq * d))
-            del args
+            args = None  # frees the GPU memory
         torch.cuda.empty_cache()
 
     print(f"\ndevice: {torch.cuda.get_device_name()}; measured copy bandwidth {bw / 1e9:.0f} GB/s "

@@ -21,20 +21,17 @@ Every request has one owner (inbox.py): its events wait in that owner's inbox, s
 step API, generate() calls and streams that share the engine never see, or lose, each
 other's events; a step that fails part-way keeps what it had already made.
 """
-import itertools
 import time
-from dataclasses import replace
-from typing import Hashable, List, Optional, Tuple
-
-import numpy as np
+from typing import List, Optional, Tuple
 
 from .detokenizer import Detokenizer
 from .head import HeadSpec, StepResult
-from .inbox import STEP_API, Inbox
+from .inbox import STEP_API
+from .intake import RequestIntake
 from .model_runner import ModelRunner
-from .outputs import RequestOutput, TokenEvent, request_output
+from .prefix import share_prefix
+from .outputs import RequestOutput, TokenEvent, TokenLogprob, request_output
 from .profiler import attribute_time
-from .requests import Prompt, check_params, check_servable, prompt_token_ids
 from .routing import decide, draws, needs_head_first, needs_slm
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -43,7 +40,7 @@ from .verify import verify
 __all__ = ["EngineCore", "STEP_API"]
 
 
-class EngineCore:
+class EngineCore(RequestIntake):
     def __init__(self, config, block_manager, slm: Optional[ModelRunner], llm: Optional[ModelRunner],
                  router, tokenizer, eos_token_ids, vocab_limit: int, timer):
         self.config = config
@@ -56,70 +53,7 @@ class EngineCore:
         self.eos_token_ids = set(eos_token_ids)
         self.vocab_limit = vocab_limit
         self.timer = timer
-        self.inbox = Inbox()
-        self._rng = np.random.default_rng(config.seed)  # seeds of requests that bring none
-        self._ids = itertools.count()
-
-    # ---- requests -------------------------------------------------------------------
-    def default_policy(self) -> str:
-        if self.router is not None and self.llm is not None:
-            return "router"
-        return "slm" if self.slm is not None else "llm"
-
-    def make_sequence(self, prompt: Prompt, params, index: int = 0, request_id: Optional[str] = None) -> Sequence:
-        """Every check a request gets, in one place; -> its Sequence, which owns a copy of
-        params (a caller changing its object later changes nothing). Changes no state but
-        the engine's seed and id draws."""
-        params = replace(check_params(params))  # re-validated, and the request's own
-        ids = prompt_token_ids(prompt, index, self.tokenizer, self.vocab_limit, self.config.max_model_len)
-        policy = params.policy or self.default_policy()
-        threshold = params.threshold
-        if threshold is None and self.router is not None:
-            threshold = self.router.default_threshold
-        check_servable(policy, threshold, self.slm is not None, self.llm is not None, self.router is not None,
-                       params.verify)
-        self.scheduler.check_fits(len(ids), params.max_tokens)
-        if request_id is not None:
-            if not isinstance(request_id, str) or not request_id:
-                raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
-            if request_id in self.inbox:
-                raise ValueError(f"request id {request_id!r} is already in the engine")
-        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**62))
-        return Sequence(request_id if request_id is not None else self._new_id(), ids, params, policy, threshold,
-                        seed)
-
-    def _new_id(self) -> str:
-        """An id no request in the engine has (a caller's own ids included)."""
-        while True:
-            rid = f"req-{next(self._ids)}"
-            if rid not in self.inbox:
-                return rid
-
-    def add(self, seq: Sequence, owner: Hashable = STEP_API) -> None:
-        self.inbox.register(seq.request_id, owner)
-        self.scheduler.add(seq)
-
-    def take(self, owner: Hashable) -> List[TokenEvent]:
-        return self.inbox.take(owner)
-
-    def release(self, owner: Hashable) -> None:
-        self.inbox.release(owner)
-
-    def abort(self, request_id: str) -> Optional[RequestOutput]:
-        """End a live request now and free its blocks; -> its output (None when it is not
-        live: unknown, or already finished). A stream or generate that owns it gets a
-        final "abort" event; the step API's own requests get none (the caller holds the
-        output), and their events not yet taken are dropped."""
-        seq = self.scheduler.by_id.get(request_id)
-        if seq is None:
-            return None
-        self.scheduler.finish(seq, "abort")
-        out = self.output(seq)
-        if self.inbox.owner.get(request_id) == STEP_API:
-            self.inbox.drop(request_id)
-        elif request_id in self.inbox:
-            self.inbox.put(TokenEvent(request_id, None, "", False, None, "abort", out))
-        return out
+        self.init_intake(config.seed)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -155,6 +89,9 @@ class EngineCore:
         t_step = time.perf_counter()
         self.timer.reset()
         for seq in running:
+            if seq.group is not None and seq.index == 0 and seq.num_computed["slm"] == seq.num_computed["llm"] == 0:
+                share_prefix(seq.group, self.slm, self.llm, self.bm, self.config.block_size)
+        for seq in running:
             self.scheduler.ensure_slots(seq)
         slm_rows = [i for i, s in enumerate(running) if needs_slm(s) and self._room_to_draft(s)]
         llm_rows = sorted(set(range(len(running))) - set(slm_rows))  # "llm", and speculative at its cap
@@ -168,7 +105,9 @@ class EngineCore:
                     self._keep_slm_token(seq, out, j, None)
                     if to_llm[j] or not self._room_to_draft(seq) or self._ends(seq, seq.token_ids[-1]):
                         llm_rows.append(i)
-                elif to_llm[j]:  # the LLM makes this token instead
+                elif to_llm[j] or (seq.params.verify and seq.num_tentative and self._would_end(seq, out.tokens[j])):
+                    # the LLM makes this token instead (check-and-correct: also when the SLM's
+                    # token would end the request, so that no unchecked SLM token is final)
                     routed_score[i] = score
                     llm_rows.append(i)
                 else:
@@ -197,7 +136,8 @@ class EngineCore:
         the SLM's distribution (verification needs it)."""
         use_router = self.router is not None and any(s.policy == "router" for s in seqs)
         want = [s.tentative and not s.params.greedy for s in seqs]
-        spec = HeadSpec.for_seqs(seqs, self.router.params if use_router else None, want_probs=want)
+        bans = [self._banned(s) if len(s) - s.num_prompt_tokens < s.params.min_tokens else () for s in seqs]
+        spec = HeadSpec.for_seqs(seqs, self.router.params if use_router else None, want_probs=want, bans=bans)
         draw = draws(seqs)
         first = None
         if not self.slm.fused_head and spec.want_probs is None:
@@ -212,7 +152,8 @@ class EngineCore:
         return out, to_llm
 
     def _keep_slm_token(self, seq: Sequence, out: StepResult, j: int, score: Optional[float]) -> None:
-        seq.append(out.tokens[j], False, score, commit=not seq.tentative)
+        seq.append(out.tokens[j], False, score, commit=not seq.tentative,
+                   logprob=_logprob(seq, out.logprobs, j, 0, out.tokens[j]))
         if seq.tentative:
             if out.probs is not None and not seq.params.greedy:
                 seq.draft_probs[len(seq) - 1] = out.probs[j][0].cpu()
@@ -226,10 +167,14 @@ class EngineCore:
             self.scheduler.ensure_slots(seq)  # this step's drafts
         positions = [s.num_tentative + 1 for s in seqs]
         want = [s.num_tentative > 0 and not s.params.greedy for s in seqs]
-        out = self.llm.run(seqs, HeadSpec.for_seqs(seqs, positions=positions, want_probs=want))
+        bans = [self._banned(s) if s.params.min_tokens else () for s in seqs]
+        ban_rows = [max(0, s.params.min_tokens - (s.committed - s.num_prompt_tokens)) for s in seqs]
+        out = self.llm.run(seqs, HeadSpec.for_seqs(seqs, positions=positions, want_probs=want, bans=bans,
+                                                   ban_rows=ban_rows))
         for r, (seq, score) in enumerate(zip(seqs, scores)):
             seq.stats["llm_calls"] += 1
             w = seq.num_tentative
+            kept = 0
             if w:
                 tokens = out.position_tokens[r] if out.position_tokens is not None else [out.tokens[r]]
                 kept, token = verify(seq, tokens, out.probs[r].cpu() if want[r] else None)
@@ -241,7 +186,8 @@ class EngineCore:
                     seq.stats["corrected"] = seq.stats.get("corrected", 0) + 1
             else:
                 token = out.tokens[r]
-            seq.append(token, True, score, commit=True)
+            seq.append(token, True, score, commit=True, logprob=_logprob(seq, out.logprobs, r, kept, token))
+            seq.draft_probs.clear()  # every token is committed now
 
     # ---- commit: stop checks, text, events --------------------------------------------
     def _room_to_draft(self, seq: Sequence) -> bool:
@@ -252,30 +198,38 @@ class EngineCore:
         p = seq.params
         return (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids
 
+    def _would_end(self, seq: Sequence, token: int) -> bool:
+        """Appending token would end the request (stop id, or its length)."""
+        return self._ends(seq, token) or self._at_length(seq, len(seq) + 1)
+
+    def _banned(self, seq: Sequence) -> Tuple[int, ...]:
+        """The ids a request under its min_tokens may not choose: those that would end it."""
+        p = seq.params
+        return tuple(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)))
+
     def _commit(self, seq: Sequence) -> None:
         """One event per token that became final this step, with its stop checks: the
-        first token that ends the request finishes it (later ones are dropped). An
-        unverified SLM token of check-and-correct that ends the request commits the rest."""
+        first token that ends the request finishes it (later ones are dropped)."""
         if seq.finish_reason is not None:
             return
-        if seq.num_tentative and seq.params.verify and (self._ends(seq, seq.token_ids[-1]) or self._at_length(seq)):
-            seq.committed = len(seq)
         for t in range(seq.emitted, seq.committed):
             token = seq.token_ids[t]
-            stop_id, length = self._ends(seq, token), self._at_length(seq, t + 1)
-            delta, stop_str = self.detok.update(seq, t + 1, finishing=stop_id or length)
+            early = t + 1 - seq.num_prompt_tokens < seq.params.min_tokens  # nothing but length ends it yet
+            stop_id, length = self._ends(seq, token) and not early, self._at_length(seq, t + 1)
+            delta, stop_str = self.detok.update(seq, t + 1, finishing=stop_id or length, stop_strings=not early)
             seq.emitted = t + 1
             k = t - seq.num_prompt_tokens
             reason = "stop" if (stop_str or stop_id) else "length" if length else None
             if reason is None:
-                self.inbox.put(TokenEvent(seq.request_id, token, delta, seq.from_llm[k], seq.router_scores[k]))
+                self.inbox.put(TokenEvent(seq.request_id, token, delta, seq.from_llm[k], seq.router_scores[k],
+                                          logprob=seq.logprobs[k]))
                 continue
             seq.committed = t + 1
             if len(seq) > t + 1:
                 self.scheduler.truncate(seq, t + 1)
             self.scheduler.finish(seq, reason)
             self.inbox.put(TokenEvent(seq.request_id, token, delta, seq.from_llm[k], seq.router_scores[k], reason,
-                                      self.output(seq)))
+                                      self.output(seq), seq.logprobs[k]))
             return
 
     def _at_length(self, seq: Sequence, n: Optional[int] = None) -> bool:
@@ -285,3 +239,11 @@ class EngineCore:
     # ---- outputs --------------------------------------------------------------------
     def output(self, seq: Sequence) -> RequestOutput:
         return request_output(seq, with_text=self.tokenizer is not None)
+
+
+def _logprob(seq: Sequence, logprobs, row: int, position: int, token: int):
+    """The TokenLogprob of a token a model chose at row `row` of its step (position
+    `position` of that row's head positions), when the request asked for logprobs."""
+    if seq.params.logprobs is None or logprobs is None or logprobs[row] is None:
+        return None
+    return TokenLogprob.from_row(logprobs[row][position], token, seq.params.logprobs)

@@ -135,8 +135,12 @@ class StepGraphs:
     """The static inputs and captured graphs of one model's step."""
 
     def __init__(self, batch_sizes: Seq[int], query_lens: Seq[int], max_blocks: int, sink_block: int,
-                 block_size: int, device: torch.device, graph_cls=CUDAGraph, pool=None):
-        self.batch_sizes, self.query_lens = sorted(batch_sizes), sorted(query_lens)
+                 block_size: int, device: torch.device, graph_cls=CUDAGraph, pool=None,
+                 extra_query_lens: Seq[int] = ()):
+        # extra_query_lens: buckets that serve only some workloads (the SLM's 2-token
+        # catch-up after speculative drafts all stood): captured by keys(extra=True) only
+        self.batch_sizes, self.query_lens = sorted(batch_sizes), sorted(set(query_lens) | set(extra_query_lens))
+        self.extra_query_lens = set(extra_query_lens) - set(query_lens)
         self.max_blocks, self.sink_block, self.block_size = max_blocks, sink_block, block_size
         self.graph_cls, self.pool = graph_cls, pool  # pool: a torch.cuda graph pool handle (None: the graphs' own)
         max_b, max_l = self.batch_sizes[-1], self.query_lens[-1]
@@ -164,10 +168,14 @@ class StepGraphs:
         l = pick_bucket(self.query_lens, max(q_lens))
         return None if b is None or l is None or b * l > MAX_GRAPH_TOKENS else (b, l)
 
-    def keys(self, with_router: bool) -> List[GraphKey]:
-        """Every bucket's key, largest first (so the first capture sizes the shared pool)."""
-        return [(b, l, with_router) for b in reversed(self.batch_sizes) for l in reversed(self.query_lens)
-                if b * l <= MAX_GRAPH_TOKENS]
+    def keys(self, with_router: bool, extra: bool = False) -> List[GraphKey]:
+        """Every bucket's key, largest first (so the first capture sizes the shared pool);
+        extra: the extra query lengths too, and the all-row (verifying) variants."""
+        keys = [(b, l, with_router) for b in reversed(self.batch_sizes) for l in reversed(self.query_lens)
+                if b * l <= MAX_GRAPH_TOKENS and (extra or l not in self.extra_query_lens)]
+        if extra:  # a verifying catch-up has at least 2 rows per lane
+            keys += [k + (True,) for k in keys if k[1] > 1]
+        return keys
 
     def views(self, bucket: Bucket) -> SimpleNamespace:
         """The device buffers, cut to a bucket: what a captured step reads."""

@@ -53,8 +53,9 @@ class ModelRunner:
         the same buffers eagerly (the CPU tests)."""
         cfg = self.config
         query_lens = [1] if self.name == "slm" else query_len_buckets(min(cfg.max_graph_query_len, cfg.max_model_len))
+        extra = [2] if self.name == "slm" else []  # the SLM's catch-up after every speculative draft stood
         self.graphs = StepGraphs(batch_buckets(cfg.max_num_seqs), query_lens, -(-cfg.max_model_len // self.block_size),
-                                 self.sink_block, self.block_size, self.device, graph_cls, pool)
+                                 self.sink_block, self.block_size, self.device, graph_cls, pool, extra)
 
     # ---- the step -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -71,7 +72,8 @@ class ModelRunner:
                 graphed = self._replay(seqs, starts, ends, spec)
             hidden = graphed[0] if graphed is not None else self.forward(seqs, starts, ends, spec.positions)
             self._mark_computed(seqs, starts, ends)
-            if graphed is not None and spec.filters is None and spec.want_probs is None:
+            if graphed is not None and spec.filters is None and spec.want_probs is None \
+                    and spec.want_logprobs is None and (spec.positions is None or not any(spec.temperature)):
                 return _result(graphed[1], hidden, spec)
             if self.fused_head and head_rows is None:  # the fused head (or a graph's body + the full-logits head)
                 return _result(self.model.head(self.ops, hidden, spec.per_position().inputs(self.device)), hidden,
@@ -100,8 +102,9 @@ class ModelRunner:
         without one, from the hidden states it kept."""
         with self.timer.phase(self.name):
             inputs = spec.rows(rows).without_router().inputs(self.device)
-            tokens, top_prob, _ = self.model.head(self.ops, result.hidden[rows], inputs).to_host()
-        result.fill(rows, tokens, top_prob)
+            out = self.model.head(self.ops, result.hidden[rows], inputs)
+            tokens, top_prob, _ = out.to_host()
+        result.fill(rows, tokens, top_prob, out.logprobs)
 
     def forward(self, seqs: Seq, starts: List[int], ends: List[int],
                 positions: Optional[List[int]] = None) -> torch.Tensor:
@@ -168,16 +171,21 @@ class ModelRunner:
 
         return step
 
-    def capture_graphs(self, router=None) -> int:
+    def capture_graphs(self, router=None, speculative: bool = False) -> int:
         """Capture every bucket not yet captured (with this router too, when given),
-        largest first; -> how many."""
+        largest first; -> how many. speculative: also the buckets only speculative
+        decoding and check-and-correct use (the SLM's 2-token catch-up, the LLM's
+        verifying all-row variants)."""
         if self.graphs is None:
             return 0
         n = 0
         for with_router in (False, True) if router is not None else (False,):
             if with_router:
                 self.graphs.use_router(router)
-            todo = [k for k in self.graphs.keys(with_router) if k not in self.graphs.graphs]
+            keys = self.graphs.keys(with_router, extra=speculative)
+            if self.name == "slm":
+                keys = [k for k in keys if len(k) == 3]  # the SLM's head is never all-row
+            todo = [k for k in keys if k not in self.graphs.graphs]
             for key in todo:
                 self.graphs.get(key, self._graph_step)
             n += len(todo)
@@ -199,10 +207,11 @@ def _result(head: HeadOutput, hidden: torch.Tensor, spec: HeadSpec) -> StepResul
     """The head's rows -> one StepResult row per sequence (per-position lists with spec.positions)."""
     tokens, top_prob, score = head.to_host()
     if spec.positions is None:
-        probs = list(head.probs.split(1)) if head.probs is not None else None
-        return StepResult(tokens, top_prob, score, hidden, probs=probs)
+        split = lambda t: list(t.split(1)) if t is not None else None  # noqa: E731
+        return StepResult(tokens, top_prob, score, hidden, probs=split(head.probs), logprobs=split(head.logprobs))
     out = StepResult([], [], [] if score is not None else None, hidden, position_tokens=[],
-                     probs=[] if head.probs is not None else None)
+                     probs=[] if head.probs is not None else None,
+                     logprobs=[] if head.logprobs is not None else None)
     o = 0
     for n in spec.positions:
         out.position_tokens.append(tokens[o:o + n])
@@ -212,5 +221,7 @@ def _result(head: HeadOutput, hidden: torch.Tensor, spec: HeadSpec) -> StepResul
             out.router_score.append(score[o + n - 1])
         if head.probs is not None:
             out.probs.append(head.probs[o:o + n])
+        if head.logprobs is not None:
+            out.logprobs.append(head.logprobs[o:o + n])
         o += n
     return out

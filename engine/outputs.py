@@ -1,6 +1,22 @@
 """What generate / stream / step return, and the LLM-share count every report uses."""
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model that made it (raw logits, before
+    temperature or filters), and that model's most likely tokens there."""
+
+    token_id: int
+    logprob: float
+    top: List[Tuple[int, float]]  # (token id, logprob), most likely first; SamplingParams.logprobs of them
+
+    @classmethod
+    def from_row(cls, row, token: int, k: int) -> "TokenLogprob":
+        """row: log-softmax [V] (any device)."""
+        values, ids = row.topk(k) if k else (row[:0], row[:0].long())
+        return cls(int(token), float(row[token]), list(zip(ids.tolist(), values.tolist())))
 
 
 @dataclass
@@ -14,6 +30,8 @@ class RequestOutput:
     router_scores: List[Optional[float]]  # per generated token; None where no router ran
     stats: Dict[str, float] = field(default_factory=dict)
     error: Optional[str] = None  # finish_reason "error": what failed
+    logprobs: Optional[List[TokenLogprob]] = None  # per generated token, when SamplingParams.logprobs is set
+    index: int = 0  # which of the prompt's SamplingParams.n samples this is
 
     @property
     def finished(self) -> bool:
@@ -37,6 +55,7 @@ class TokenEvent:
     router_score: Optional[float]
     finish_reason: Optional[str] = None
     output: Optional[RequestOutput] = None  # the whole request's output, on its last event
+    logprob: Optional[TokenLogprob] = None  # when SamplingParams.logprobs is set
 
 
 def llm_share(outputs: Iterable[RequestOutput]) -> float:
@@ -61,6 +80,8 @@ def request_output(seq, with_text: bool) -> RequestOutput:
         from_llm=seq.from_llm[:n],
         router_scores=seq.router_scores[:n],
         stats=dict(seq.stats),
+        logprobs=seq.logprobs[:n] if seq.params.logprobs is not None else None,
+        index=seq.index,
     )
     out.stats["llm_tokens"] = sum(out.from_llm)
     out.stats["llm_share"] = llm_share([out])

@@ -1,4 +1,4 @@
-"""The checks a request gets before it enters the engine, in one place (EngineCore.make_sequence
+"""The checks a request gets before it enters the engine, in one place (EngineCore.make_sequences
 calls them all before any state changes): its prompt, its params, and whether this
 engine can serve its policy and fit it in its KV pool."""
 from typing import List, Optional, Sequence as Seq, Union

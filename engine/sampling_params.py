@@ -7,6 +7,7 @@ from citer.kernels.sampling import MIN_TEMPERATURE
 
 POLICIES = ("router", "slm", "llm", "random", "confidence", "speculative")
 VERIFIABLE = ("router", "confidence", "random")  # the routed policies verify=True applies to
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -43,6 +44,12 @@ class SamplingParams:
     num_draft_tokens: int = 4  # policy "speculative": most drafts per LLM call
     draft_confidence: Optional[float] = None  # "speculative": stop drafting under this top probability
     verify: bool = False  # check-and-correct for router / confidence / random
+    n: int = 1  # samples of this prompt (they share its KV blocks)
+    logprobs: Optional[int] = None  # per emitted token: its logprob and the top-k (k <= 20), from the model that made it
+    prompt_logprobs: Optional[int] = None  # not supported: an error when set
+    min_tokens: int = 0  # no EOS / stop id / stop string ends the request before this many tokens
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # in the output text
     stop_list: List[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -81,8 +88,15 @@ class SamplingParams:
         number("llm_fraction", 0.0, 1.0)
         number("confidence_threshold", 0.0, 1.0)
         integer("num_draft_tokens", 1)
+        integer("n", 1, 129)
+        integer("logprobs", 0, MAX_LOGPROBS + 1, optional=True)
+        if self.prompt_logprobs is not None:
+            bad("prompt_logprobs is not supported by citer (logprobs of generated tokens are)")
+        integer("min_tokens", 0)
+        if self.min_tokens > self.max_tokens:
+            bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         number("draft_confidence", 0.0, 1.0, optional=True)
-        for flag in ("ignore_eos", "verify"):
+        for flag in ("ignore_eos", "verify", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, flag), bool):
                 bad(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.verify and self.policy is not None and self.policy not in VERIFIABLE:

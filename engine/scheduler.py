@@ -25,18 +25,21 @@ class Scheduler:
     def max_len(self, seq: Sequence) -> int:
         return min(seq.num_prompt_tokens + seq.params.max_tokens, self.config.max_model_len)
 
-    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        """Raise if a request could never be served by this pool."""
-        need = self.config.blocks_for(min(num_prompt_tokens + max_tokens, self.config.max_model_len))
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int, n: int = 1) -> None:
+        """Raise if a request (of n samples) could never be served by this pool."""
+        need = n * self.config.blocks_for(min(num_prompt_tokens + max_tokens, self.config.max_model_len))
         if need > self.bm.num_blocks:
+            samples = f" for its {n} samples" if n > 1 else ""
             raise ValueError(
                 f"KV cache too small for this request: it needs {need} blocks of {self.config.block_size} "
-                f"tokens ({num_prompt_tokens} prompt + up to {max_tokens} new), the pool has "
+                f"tokens{samples} ({num_prompt_tokens} prompt + up to {max_tokens} new), the pool has "
                 f"{self.bm.num_blocks}; raise num_blocks / kv_cache_memory or lower max_tokens"
             )
+        if n > self.config.max_num_seqs:
+            raise ValueError(f"n={n} samples exceed max_num_seqs={self.config.max_num_seqs} (they run together)")
 
     def add(self, seq: Sequence) -> None:
-        """Queue a request that EngineCore.make_sequence checked."""
+        """Queue a request that EngineCore.make_sequences checked."""
         self.waiting.append(seq)
         self.by_id[seq.request_id] = seq
 
@@ -46,20 +49,24 @@ class Scheduler:
                    for s in self.running)
 
     def schedule(self) -> List[Sequence]:
-        """Admit waiting requests (FIFO) that fit; -> the running list."""
+        """Admit waiting requests (FIFO) that fit; -> the running list. The n samples of one
+        prompt (SamplingParams.n) are admitted together or not at all."""
         budget = self.config.max_num_batched_tokens
         free = self.bm.num_free_blocks - self._outstanding()
         admitted_any = False
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
+        while self.waiting:
             seq = self.waiting[0]
-            need = self.config.blocks_for(self.max_len(seq))
-            if need > free or (admitted_any and seq.num_prompt_tokens > budget):
+            group = seq.group or [seq]
+            need = sum(self.config.blocks_for(self.max_len(s)) for s in group)
+            if (need > free or len(self.running) + len(group) > self.config.max_num_seqs
+                    or (admitted_any and seq.num_prompt_tokens > budget)):
                 break
-            self.waiting.popleft()
-            seq.handle = self.bm.create_sequence()
-            seq.reserved_blocks = need
-            seq.status = Status.RUNNING
-            self.running.append(seq)
+            for s in group:
+                self.waiting.popleft()
+                s.handle = self.bm.create_sequence()
+                s.reserved_blocks = self.config.blocks_for(self.max_len(s))
+                s.status = Status.RUNNING
+                self.running.append(s)
             free -= need
             budget -= seq.num_prompt_tokens
             admitted_any = True

@@ -43,8 +43,12 @@ class Sequence:
         self.emitted = len(prompt_token_ids)  # tokens [0, emitted) have had their event
         self.from_llm: List[bool] = []  # per generated token
         self.router_scores: List[Optional[float]] = []  # per generated token
+        self.logprobs: List[Optional[object]] = []  # per generated token: a TokenLogprob (SamplingParams.logprobs)
+        self.index = 0  # which of its prompt's n samples (SamplingParams.n)
+        self.group: Optional[list] = None  # n > 1: the samples of one prompt, admitted together
         self.draft_probs: Dict[int, torch.Tensor] = {}  # position -> the SLM's distribution of its tentative token
         self.text = ""  # detokenized committed output so far (stop strings cut)
+        self.detok = None  # the detokenizer's state (detokenizer.DetokState)
         self.sampler = torch.Generator(device="cpu").manual_seed(seed)  # draws per-step sampling seeds
         self.route_rng = np.random.default_rng(seed)  # policy "random"
         self.stats = {"slm_forward_tokens": 0, "llm_forward_tokens": 0, "llm_calls": 0,
@@ -79,10 +83,11 @@ class Sequence:
         """True when this request's SLM tokens wait for the LLM's check before they commit."""
         return self.policy == "speculative" or self.params.verify
 
-    def append(self, token: int, from_llm: bool, score: Optional[float], commit: bool) -> None:
+    def append(self, token: int, from_llm: bool, score: Optional[float], commit: bool, logprob=None) -> None:
         self.token_ids.append(token)
         self.from_llm.append(from_llm)
         self.router_scores.append(score)
+        self.logprobs.append(logprob)
         if commit:
             self.committed = len(self.token_ids)
 
@@ -96,6 +101,7 @@ class Sequence:
         keep = n - self.num_prompt_tokens
         del self.from_llm[keep:]
         del self.router_scores[keep:]
+        del self.logprobs[keep:]
         for model, computed in self.num_computed.items():
             if computed > n:
                 self.stats[f"{model}_discarded_tokens"] += computed - n

@@ -1,7 +1,8 @@
 """Token choice from full logits: the torch reference of the routed head's choices.
 
 Per row: greedy (argmax, lowest index on ties, as torch.argmax; also for temperatures
-under MIN_TEMPERATURE, where logits / T would overflow), temperature sampling by
+under MIN_TEMPERATURE, where logits / T would overflow), banned ids removed first (a
+request under its min_tokens cannot end), temperature sampling by
 the Gumbel-max trick (token = argmax(logits / T + G), G ~ Gumbel(0, 1) drawn from a
 torch.Generator seeded with the row's seed for this step), and top-k / top-p filtering,
 which needs the whole logits row (the fused Triton head has no filters). The top
@@ -12,6 +13,8 @@ from typing import List, Optional, Tuple
 import torch
 
 MIN_TEMPERATURE = 1e-5  # a row whose temperature is under this is greedy (logits / T would overflow)
+Filter = Tuple[int, float, Tuple[int, ...]]  # (top_k, top_p, banned token ids) of one row
+NO_FILTER: Filter = (0, 1.0, ())
 
 
 def gumbel_noise(seed: int, vocab: int) -> torch.Tensor:  # [V] float32, on the CPU whatever the device
@@ -24,13 +27,12 @@ def choose_tokens(
     logits: torch.Tensor,  # [B, V] float32
     temperature: torch.Tensor,  # [B] float32, 0 = greedy
     seeds: torch.Tensor,  # [B] int64, per-row sampling seed for this step
-    filters: Optional[List[Tuple[int, float]]] = None,  # per row (top_k, top_p); (0, 1.0) = no filter
+    filters: Optional[List[Filter]] = None,  # per row (top_k, top_p, banned ids); NO_FILTER = none
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # tokens [B] int64, top_prob [B] float32
     top_prob = torch.softmax(logits, dim=-1).amax(dim=-1)
     if filters is not None:
         temps, seed_list = temperature.tolist(), seeds.tolist()
-        tokens = [sample_row(logits[b], temps[b], top_k, top_p, seed_list[b])
-                  for b, (top_k, top_p) in enumerate(filters)]
+        tokens = [sample_row(logits[b], temps[b], *f, seed=seed_list[b]) for b, f in enumerate(filters)]
         return torch.tensor(tokens, dtype=torch.int64, device=logits.device), top_prob
     tokens = logits.argmax(dim=-1)
     for b in torch.nonzero(temperature >= MIN_TEMPERATURE).flatten().tolist():
@@ -39,21 +41,32 @@ def choose_tokens(
     return tokens, top_prob
 
 
-def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int) -> int:
-    """logits [V] float32 -> one token id: greedy at temperatures under MIN_TEMPERATURE,
-    else Gumbel-max over `filtered_logits`, i.e. a draw from `sampling_probs`."""
+def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, banned: Tuple[int, ...] = (),
+               seed: int = 0) -> int:
+    """logits [V] float32 -> one token id (never a banned one): greedy at temperatures
+    under MIN_TEMPERATURE, else Gumbel-max over `filtered_logits`, i.e. a draw from
+    `sampling_probs`."""
     if temperature < MIN_TEMPERATURE:
-        return int(logits.argmax())
-    scaled = filtered_logits(logits, temperature, top_k, top_p)
+        return int(_ban(logits, banned).argmax())
+    scaled = filtered_logits(logits, temperature, top_k, top_p, banned)
     noise = gumbel_noise(seed, scaled.numel()).to(scaled.device)
     return int((scaled + noise).argmax())
 
 
-def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """logits [V] -> logits / temperature restricted (the rest -inf) to the top_k largest
-    (0: all) and to the smallest set whose probability reaches top_p (the first token
-    always stays)."""
-    scaled = logits.float() / temperature
+def _ban(logits: torch.Tensor, banned: Tuple[int, ...]) -> torch.Tensor:
+    if not banned:
+        return logits
+    out = logits.clone()
+    out[list(banned)] = float("-inf")
+    return out
+
+
+def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                    banned: Tuple[int, ...] = ()) -> torch.Tensor:
+    """logits [V] -> logits / temperature with the banned ids removed, restricted (the rest
+    -inf) to the top_k largest (0: all) and to the smallest set whose probability reaches
+    top_p (the first token always stays)."""
+    scaled = _ban(logits.float(), banned) / temperature
     if 0 < top_k < scaled.numel():
         kth = torch.topk(scaled, top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -69,16 +82,16 @@ def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p:
 def sampling_probs(
     logits: torch.Tensor,  # [B, V] float32
     temperature: torch.Tensor,  # [B] float32
-    filters: Optional[List[Tuple[int, float]]] = None,  # per row (top_k, top_p)
+    filters: Optional[List[Filter]] = None,  # per row (top_k, top_p, banned ids)
 ) -> torch.Tensor:  # [B, V] float32: the distribution each row's token is drawn from
     """What choose_tokens draws each row's token from: one-hot at the argmax for greedy
     rows, softmax(filtered_logits) otherwise (the p and q of speculative sampling)."""
     temps = temperature.tolist()
     rows = []
     for b, t in enumerate(temps):
+        top_k, top_p, banned = filters[b] if filters is not None else NO_FILTER
         if t < MIN_TEMPERATURE:
-            rows.append(torch.nn.functional.one_hot(logits[b].argmax(), logits.shape[1]).float())
+            rows.append(torch.nn.functional.one_hot(_ban(logits[b], banned).argmax(), logits.shape[1]).float())
         else:
-            top_k, top_p = filters[b] if filters is not None else (0, 1.0)
-            rows.append(torch.softmax(filtered_logits(logits[b], t, top_k, top_p), dim=-1))
+            rows.append(torch.softmax(filtered_logits(logits[b], t, top_k, top_p, banned), dim=-1))
     return torch.stack(rows) if rows else logits.new_zeros(logits.shape)

@@ -188,3 +188,19 @@ def test_token_cap_on_graph_buckets(hf_models, router_path):
     g = StepGraphs([1, 64, 128], [1, 16, 32], 8, runner.sink_block, runner.block_size, runner.device, EagerGraph)
     assert g.bucket([1] * 64) == (64, 1) and g.bucket([20] * 64) == (64, 32)
     assert 128 * 32 > MAX_GRAPH_TOKENS and g.bucket([20] * 100) is None  # 4096 rows: eager
+
+
+def test_mixed_sampled_and_verifying_rows_under_graphs(hf_models, router_path):
+    """A sampled request next to a greedy verifying one in the same LLM batch keeps its
+    own seeded samples under graphs (the all-row graph's head is greedy; the review's
+    finding); and capture_cuda_graphs(speculative=True) also captures the SLM's 2-token
+    and the LLM's all-row buckets."""
+    eager, graphed = (_engine(hf_models, router_path, g) for g in (False, True))
+    prompts = random_prompts(2, 3, 8, seed=21)
+    params = [SamplingParams(max_tokens=8, ignore_eos=True, policy="speculative", num_draft_tokens=2),
+              SamplingParams(max_tokens=8, ignore_eos=True, policy="llm", temperature=0.9, seed=5)]
+    ref = eager.generate(prompts, params)
+    assert [o.token_ids for o in graphed.generate(prompts, params)] == [o.token_ids for o in ref]
+    assert ref[1].token_ids == eager.generate([prompts[1]], params[1])[0].token_ids  # and equals it alone
+    e = _engine(hf_models, router_path, True)
+    assert e.capture_cuda_graphs(speculative=True) == 9 + 6 + 3 * 2 + 3 * 2  # + LLM all-row, + SLM L=2

@@ -1,7 +1,7 @@
 """Engine: the public entry point (load models, generate, stream, step-level API).
 
 A thin layer over citer.engine.EngineCore: construction is citer.builder.build_core,
-every request is checked by EngineCore.make_sequence, and a step is EngineCore.step.
+every request is checked by EngineCore.make_sequences, and a step is EngineCore.step.
 """
 from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Sequence, Union
@@ -105,13 +105,15 @@ class Engine:
         self.core.set_router(folded)
         self.paths["router"] = router
 
-    def capture_cuda_graphs(self) -> int:
+    def capture_cuda_graphs(self, speculative: bool = False) -> int:
         """Capture every CUDA-graph bucket now, largest first, instead of at each bucket's
         first use (which costs that step a warm-up and a capture); -> graphs captured.
-        Nothing to do without graphs (CPU, enforce_eager=True, profile=True)."""
-        n = self.core.llm.capture_graphs() if self.core.llm is not None else 0  # the LLM's largest sizes the pool
+        speculative=True also captures the buckets only speculative decoding and
+        check-and-correct use. Nothing to do without graphs (CPU, enforce_eager=True,
+        profile=True)."""
+        n = self.core.llm.capture_graphs(speculative=speculative) if self.core.llm is not None else 0  # sizes the pool
         if self.core.slm is not None:
-            n += self.core.slm.capture_graphs(self.router.params if self.router is not None else None)
+            n += self.core.slm.capture_graphs(self.router.params if self.router is not None else None, speculative)
         return n
 
     # ---- step-level API (for servers) -------------------------------------------------
@@ -122,9 +124,7 @@ class Engine:
                     request_id: Optional[str] = None) -> str:
         """Queue a request for the step API; -> its id. The request keeps its own copy of
         params. Raises (ValueError / TypeError, naming the problem) before anything changes."""
-        seq = self.core.make_sequence(prompt, params or SamplingParams(), 0, request_id)
-        self.core.add(seq, STEP_API)
-        return seq.request_id
+        return self.core.add(self.core.make_sequences(prompt, params or SamplingParams(), 0, request_id), STEP_API)
 
     def step(self) -> List[TokenEvent]:
         """Advance every running request by one token; -> the events of the step API's own
@@ -149,9 +149,10 @@ class Engine:
     # ---- offline API ------------------------------------------------------------------
     def generate(self, prompts, params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                  use_tqdm: bool = False) -> List[RequestOutput]:
-        """Run these prompts to the end -> one output each, in order. Other consumers'
-        requests progress alongside; their events wait for them. Raises if one of these
-        requests fails (its error named), after aborting the others."""
+        """Run these prompts to the end -> one output each, in order (with n > 1 samples,
+        n outputs per prompt, one after the other; output.index says which). Other
+        consumers' requests progress alongside; their events wait for them. Raises if one
+        of these requests fails (its error named), after aborting the others."""
         prompts = _as_prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params_list = [params or SamplingParams()] * len(prompts)
@@ -159,7 +160,7 @@ class Engine:
             params_list = list(params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
-        seqs = [self.core.make_sequence(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params_list))]
+        seqs = [s for i, (p, sp) in enumerate(zip(prompts, params_list)) for s in self.core.make_sequences(p, sp, i)]
         me, outputs, bar = object(), {}, None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -167,7 +168,8 @@ class Engine:
             bar = tqdm(total=len(seqs), desc="generate", unit="req")
         try:
             for seq in seqs:
-                self.core.add(seq, me)
+                if seq.index == 0:
+                    self.core.add(seq.group or [seq], me)
             while len(outputs) < len(seqs):
                 self.core.step()
                 for ev in self.core.take(me):
@@ -194,19 +196,21 @@ class Engine:
         someone else (an "abort" event with token_id None); raises RuntimeError when it
         fails in a step. Closing the stream early aborts the request."""
         me = object()
-        seq = self.core.make_sequence(prompt, params or SamplingParams(), 0)
-        self.core.add(seq, me)
+        seqs = self.core.make_sequences(prompt, params or SamplingParams(), 0)
+        rid = self.core.add(seqs, me)
+        live = len(seqs)  # with n > 1 samples, events of all of them (event.request_id "<id>#<i>")
         try:
             while True:
                 for ev in self.core.take(me):
                     if ev.finish_reason == "error":
                         raise RuntimeError(f"request {ev.request_id!r} failed: {ev.output.error}")
                     yield ev
-                    if ev.finish_reason is not None:
+                    live -= ev.finish_reason is not None
+                    if not live:
                         return
                 self.core.step()
         finally:
-            self.core.abort(seq.request_id)  # no-op when finished; frees blocks if the consumer stopped early
+            self.core.abort(rid)  # no-op when finished; frees blocks if the consumer stopped early
             self.core.release(me)
 
     def calibrate_threshold(self, prompts, target_llm_fraction: float, params: Optional[SamplingParams] = None,

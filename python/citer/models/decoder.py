@@ -10,7 +10,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from citer.kernels.routed_head import router_mlp_ref
-from citer.kernels.sampling import choose_tokens, sampling_probs
+from citer.kernels.sampling import NO_FILTER, choose_tokens, sampling_probs
 
 from .attention import AttentionMetadata, KVCache, paged_attention
 from .config import ModelConfig
@@ -118,29 +118,46 @@ class DecoderLM(nn.Module):
     def head(self, ops, hidden: torch.Tensor, inputs: HeadInputs) -> HeadOutput:
         """Pre-norm hidden [B, H] (one row per sequence) -> each row's token, top
         probability and, with inputs.router, router score. The fused op (ops.fused_head:
-        one pass over the lm_head, no [B, vocab] logits) unless a row filters (top-k /
-        top-p), which needs the whole logits row. Rows in inputs.want_probs also get their
-        sampling distribution (from full logits, for those rows only)."""
-        if ops.fused_head and inputs.filters is None:
-            lm_head = self.lm_head.weight[:self.vocab_limit]
-            tokens, top_prob, score = ops.routed_head(hidden, self.norm.weight, self.norm.eps, lm_head, inputs.router,
-                                                      inputs.temperature, inputs.seeds)
-            probs = None
-            if inputs.want_probs is not None:
-                rows = torch.tensor([i for i, w in enumerate(inputs.want_probs) if w], device=hidden.device)
-                logits = self.logits(ops, hidden[rows])[:, :self.vocab_limit]
-                part = sampling_probs(logits, inputs.temperature[rows], _take(inputs.filters, rows))
-                probs = logits.new_zeros(len(hidden), logits.shape[1]).index_copy_(0, rows, part)
-            return HeadOutput(tokens, top_prob, score if inputs.router is not None else None, probs)  # the op: NaN
-        h = self.final_norm(ops, hidden)
-        logits = self.logits_from_normed(h)[:, :self.vocab_limit]
-        tokens, top_prob = choose_tokens(logits, inputs.temperature, inputs.seeds, inputs.filters)
-        score = router_mlp_ref(h, *inputs.router) if inputs.router is not None else None
-        probs = None
+        one pass over the lm_head, no [B, vocab] logits) chooses every row's token; rows
+        that filter (top-k / top-p / banned ids) or want their distribution or logprobs
+        also get full logits, for those rows only, so a row's choice never depends on the
+        rest of its batch. Without a fused op every row goes through full logits."""
+        if not ops.fused_head:
+            h = self.final_norm(ops, hidden)
+            logits = self.logits_from_normed(h)[:, :self.vocab_limit]
+            tokens, top_prob = choose_tokens(logits, inputs.temperature, inputs.seeds, inputs.filters)
+            score = router_mlp_ref(h, *inputs.router) if inputs.router is not None else None
+            rows = torch.arange(len(hidden), device=hidden.device)
+            probs, logprobs = self._extras(logits, rows, inputs, len(hidden))
+            return HeadOutput(tokens, top_prob, score, probs, logprobs)
+        lm_head = self.lm_head.weight[:self.vocab_limit]
+        tokens, top_prob, score = ops.routed_head(hidden, self.norm.weight, self.norm.eps, lm_head, inputs.router,
+                                                  inputs.temperature, inputs.seeds)
+        need = [bool((inputs.filters and inputs.filters[i] != NO_FILTER) or (inputs.want_probs and inputs.want_probs[i])
+                     or (inputs.want_logprobs and inputs.want_logprobs[i])) for i in range(len(hidden))]
+        probs = logprobs = None
+        if any(need):
+            rows = torch.tensor([i for i, w in enumerate(need) if w], device=hidden.device)
+            logits = self.logits(ops, hidden[rows])[:, :self.vocab_limit]
+            if inputs.filters is not None:
+                sub = _take(inputs.filters, rows)
+                chosen, _ = choose_tokens(logits, inputs.temperature[rows], inputs.seeds[rows], sub)
+                tokens = tokens.index_copy(0, rows, chosen)
+            probs, logprobs = self._extras(logits, rows, inputs, len(hidden))
+        return HeadOutput(tokens, top_prob, score if inputs.router is not None else None, probs, logprobs)  # op: NaN
+
+    @staticmethod
+    def _extras(logits: torch.Tensor, rows: torch.Tensor, inputs: HeadInputs, batch: int):
+        """The sampling distributions / raw log-softmax of the rows that asked, as [B, V]
+        tensors (other rows 0), from the full logits of `rows`."""
+        probs = logprobs = None
         if inputs.want_probs is not None:
-            mask = torch.tensor(inputs.want_probs, device=logits.device)[:, None]
-            probs = sampling_probs(logits, inputs.temperature, inputs.filters) * mask
-        return HeadOutput(tokens, top_prob, score, probs)
+            part = sampling_probs(logits, inputs.temperature[rows], _take(inputs.filters, rows))
+            probs = logits.new_zeros(batch, logits.shape[1]).index_copy_(0, rows, part)
+        if inputs.want_logprobs is not None:
+            part = torch.log_softmax(logits.float(), dim=-1)
+            logprobs = logits.new_zeros(batch, logits.shape[1]).index_copy_(0, rows, part)
+        return probs, logprobs
 
     def router_score(self, ops, hidden: torch.Tensor, router: RouterParams) -> torch.Tensor:
         """Pre-norm hidden [B, H] -> the router's score per row [B], without the lm_head."""
