@@ -1,4 +1,4 @@
-"""The `citer` command: train-pair, train-router, eval, demo."""
+"""The `citer` command: train-router, eval, serve, demo."""
 import argparse
 import json
 import sys
@@ -27,6 +27,20 @@ def main(argv=None):
     ev.add_argument("--task", default="arith")
     ev.add_argument("-n", type=int, default=500)
     ev.add_argument("--out", default="eval")
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (default: the embedded demo pair)")
+    sv.add_argument("--slm")
+    sv.add_argument("--llm")
+    sv.add_argument("--router")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--model-name", help="the model id clients ask for (default: citer-demo, or the LLM's folder)")
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--dtype", default="float32")
+    sv.add_argument("--max-model-len", type=int)
+    sv.add_argument("--max-num-seqs", type=int, default=64)
+    sv.add_argument("--num-blocks", type=int)
+    sv.add_argument("--profile", action="store_true", help="time the router (reported in /metrics)")
 
     sub.add_parser("demo", help="what `make demo` runs")
     args = ap.parse_args(argv)
@@ -60,6 +74,24 @@ def main(argv=None):
         write(rows, args.out, f"{args.task}: {args.n} held-out problems")
         print(table(rows))
         print(f"\nwrote {args.out}/eval.json and {args.out}/accuracy_vs_llm_share.png")
+    elif args.cmd == "serve":
+        import os
+
+        import uvicorn
+
+        from citer.async_engine import AsyncEngine
+        from citer.serve import create_app
+
+        engine = AsyncEngine(args.slm, args.llm, args.router, device=args.device, dtype=args.dtype,
+                             max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                             num_blocks=args.num_blocks, profile=args.profile)
+        name = args.model_name or (os.path.basename(os.path.normpath(args.llm or args.slm)) if (args.llm or args.slm)
+                                   else "citer-demo")
+        print(f"citer serve: model {name!r} on http://{args.host}:{args.port}/v1", flush=True)
+        try:
+            uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="warning")
+        finally:
+            engine.shutdown()
     elif args.cmd == "demo":
         from citer.demo import main as demo
 

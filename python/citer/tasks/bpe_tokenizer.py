@@ -11,6 +11,10 @@ from typing import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"
+# The chat template of a task tokenizer: a user turn becomes the task's "Q: ... A:" prompt
+# (the format the demo pair was trained on); assistant turns are its answers; others are dropped.
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }} A:"
+                 "{% elif m['role'] == 'assistant' %}{{ m['content'] }}" + EOS + "{% endif %}{% endfor %}")
 
 
 def _qwen2_regex() -> str:
@@ -36,4 +40,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 400):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast

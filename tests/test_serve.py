@@ -1,0 +1,179 @@
+"""`citer serve` as a subprocess on a free localhost port, talked to with the official
+openai client: completions and chat, streaming and not, greedy output equal to
+Engine.generate's, stop strings, n with seeds, logprobs, citer's extension fields, 400s
+for bad input; and a load test: 32 concurrent streaming requests with random policies
+and lengths, a third cancelled mid-stream. Bounded waits; the server is always stopped."""
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from citer import Engine, SamplingParams
+from citer.tasks import get_task
+
+PROBLEMS = get_task("arith").test_problems(40)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "citer.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"citer serve did not come up: {proc.stdout.read()[-3000:]}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return Engine()  # the same embedded default, in this process
+
+
+def test_completions_equal_engine_generate(client, ref):
+    p = PROBLEMS[0].prompt
+    r = client.completions.create(model="citer-demo", prompt=p, max_tokens=48, temperature=0)
+    want = ref.generate([p], SamplingParams(max_tokens=48))[0]
+    choice = r.choices[0]
+    assert choice.text == want.text and choice.finish_reason == "stop"
+    ext = choice.model_extra["citer"]
+    assert ext["token_ids"] == want.token_ids and ext["from_llm"] == want.from_llm
+    assert ext["router_scores"] == pytest.approx(want.router_scores)
+    assert r.usage.completion_tokens == len(want.token_ids) and r.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert r.usage.model_extra["llm_tokens"] == sum(want.from_llm)
+    parts, ids = [], []
+    for chunk in client.completions.create(model="citer-demo", prompt=p, max_tokens=48, temperature=0, stream=True):
+        parts.append(chunk.choices[0].text)
+        ids += chunk.choices[0].model_extra["citer"]["token_ids"]
+    assert "".join(parts) == want.text and ids == want.token_ids
+
+
+def test_chat_uses_the_template_and_streams(client, ref):
+    question = PROBLEMS[1].prompt.removeprefix("Q: ").removesuffix(" A:")
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": question}]
+    want = ref.generate([ref.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)],
+                        SamplingParams(max_tokens=48, policy="speculative"))[0]
+    r = client.chat.completions.create(model="citer-demo", messages=msgs, max_tokens=48, temperature=0,
+                                       extra_body={"policy": "speculative"})
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="citer-demo", messages=msgs, max_tokens=48, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"policy": "speculative"})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_stop_strings_n_seeds_logprobs(client, ref):
+    p = PROBLEMS[2].prompt
+    r = client.completions.create(model="citer-demo", prompt=p, max_tokens=48, temperature=0, stop=["="])
+    assert r.choices[0].text == ref.generate([p], SamplingParams(max_tokens=48, stop=["="]))[0].text
+    assert "=" not in r.choices[0].text and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model="citer-demo", prompt=p, max_tokens=12, n=3, seed=7, temperature=0.8,
+                                  logprobs=2, extra_body={"policy": "random", "llm_fraction": 0.3})
+    again = client.completions.create(model="citer-demo", prompt=p, max_tokens=12, n=3, seed=7, temperature=0.8,
+                                      logprobs=2, extra_body={"policy": "random", "llm_fraction": 0.3})
+    assert [c.text for c in r.choices] == [c.text for c in again.choices] and [c.index for c in r.choices] == [0, 1, 2]
+    for c in r.choices:
+        want = ref.generate([p], SamplingParams(max_tokens=12, seed=7 + c.index, temperature=0.8, logprobs=2,
+                                                policy="random", llm_fraction=0.3))[0]
+        assert c.text == want.text
+        assert c.logprobs.token_logprobs == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-5)
+        assert all(len(top) == 2 for top in c.logprobs.top_logprobs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(model="other", prompt="x"), "is not served here"),
+    (dict(model="citer-demo", prompt="x", temperature=-1), "temperature"),
+    (dict(model="citer-demo", prompt="x", extra_body={"policy": "oracle"}), "policy"),
+    (dict(model="citer-demo", prompt="x " * 300), "max_model_len"),
+    (dict(model="citer-demo", prompt="x", presence_penalty=0.5), "presence_penalty"),
+    (dict(model="citer-demo", prompt="x", extra_body={"prompt_logprobs": 1}), "prompt_logprobs"),
+    (dict(model="citer-demo", prompt="x", extra_body={"beam_width": 2}), "unsupported field 'beam_width'"),
+])
+def test_bad_requests_get_400s(client, kwargs, match):
+    with pytest.raises(openai.BadRequestError, match=match) as info:
+        client.completions.create(max_tokens=4, **kwargs)
+    assert info.value.status_code == 400 and info.value.body["type"] == "invalid_request_error"
+
+
+def test_bad_bodies_and_the_server_still_answers(server, client):
+    r = httpx.post(server + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(server + "/v1/chat/completions", json={"model": "citer-demo", "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert httpx.get(server + "/health").json() == {"status": "ok"}
+    assert client.models.list().data[0].id == "citer-demo"
+
+
+def test_load_32_concurrent_streams_a_third_cancelled(server, ref):
+    rng = random.Random(0)
+    policies = [dict(policy="router"), dict(policy="slm"), dict(policy="llm"), dict(policy="speculative"),
+                dict(policy="confidence", confidence_threshold=0.9), dict(policy="router", verify=True)]
+    jobs = [(PROBLEMS[i].prompt, rng.choice(policies), rng.randint(4, 48), i % 3 == 0) for i in range(32)]
+    aclient = openai.AsyncOpenAI(base_url=server + "/v1", api_key="unused", timeout=120, max_retries=0)
+
+    async def one(prompt, pol, max_tokens, cancel):
+        stream = await aclient.completions.create(model="citer-demo", prompt=prompt, max_tokens=max_tokens,
+                                                  temperature=0, stream=True, extra_body=pol)
+        ids = []
+        async for chunk in stream:
+            ids += chunk.choices[0].model_extra["citer"]["token_ids"]
+            if cancel and len(ids) >= 2:
+                await stream.close()  # the client goes away mid-stream
+                return None
+        return ids
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*[one(*j) for j in jobs]), 240)
+
+    results = asyncio.run(main())
+    for (prompt, pol, max_tokens, cancel), ids in zip(jobs, results):
+        if not cancel:
+            assert ids == ref.generate([prompt], SamplingParams(max_tokens=max_tokens, **pol))[0].token_ids
+    deadline = time.time() + 30  # aborts land within a step of the disconnect
+    while True:
+        text = httpx.get(server + "/metrics").text
+        used = next(float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("citer_kv_blocks_used"))
+        running = next(float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("citer_requests_running"))
+        if used == 0 and running == 0 or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert used == 0 and running == 0
+    assert "citer_time_to_first_token_seconds_count" in text and "citer_llm_share" in text
+    assert httpx.get(server + "/health").status_code == 200
+    r = httpx.post(server + "/v1/completions", json={"model": "citer-demo", "prompt": PROBLEMS[0].prompt,
+                                                     "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200 and json.loads(r.text)["choices"][0]["finish_reason"] == "length"
