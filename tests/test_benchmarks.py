@@ -80,3 +80,17 @@ def test_a_replayed_trace_does_the_recorded_work(hf_models, router_path):
         for o, r in zip(outs, replayed):
             assert [o.stats[k] for k in keys] == [r.stats[k] for k in keys]
             assert o.from_llm == r.from_llm
+
+
+def test_serve_load_runs_every_path_and_writes_its_json(tmp_path):
+    """The serving benchmark end to end at a tiny size: both layer children, the server,
+    the three concurrency levels; its JSON holds every number it prints."""
+    out = tmp_path / "serve.json"
+    res = _run([sys.executable, "benchmarks/serve_load.py", "--requests", "2", "--max-tokens", "4", "--repeats", "1",
+                "--json", str(out)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    got = json.loads(out.read_text())
+    assert got["sync_ms_per_token"] > 0 and got["async_ms_per_token"] > 0 and got["http_ms_per_token"] > 0
+    assert 0 < got["sync_step_ms"] <= got["sync_ms_per_token"]
+    assert [r["concurrency"] for r in got["load"]] == [1, 8, 32]
+    assert all(r["tokens"] > 0 and r["ttft_p50"] > 0 for r in got["load"])
