@@ -129,8 +129,9 @@ class EngineCore(RequestIntake):
         A fused head (the Triton kernel, CUDA graphs) gives every row its token, top
         probability and router score in one pass over the lm_head. An unfused head (the
         torch references on CPU, or profiling) exits early: rows whose policy does not
-        read the SLM's top probability ("router", "random") are decided on the router
-        score / draw, and the lm_head runs only for the rows the SLM keeps. Every row
+        read the SLM's top probability ("router" with a hidden-only router, "random") are
+        decided on the router score / draw, and the lm_head runs only for the rows the SLM
+        keeps (a head-signal router reads the head's logits: every row gets the head). Every row
         draws its sampling seed either way (HeadSpec.for_seqs), so seeded sampling gives
         the same tokens on both paths. Sampling rows whose token stays tentative also get
         the SLM's distribution (verification needs it)."""
@@ -140,7 +141,7 @@ class EngineCore(RequestIntake):
         spec = HeadSpec.for_seqs(seqs, self.router.params if use_router else None, want_probs=want, bans=bans)
         draw = draws(seqs)
         first = None
-        if not self.slm.fused_head and spec.want_probs is None:
+        if not self.slm.fused_head and spec.want_probs is None and not (use_router and self.router.head_signals):
             first = [i for i, s in enumerate(seqs) if needs_head_first(s.policy)]
         out = self.slm.run(seqs, spec, head_rows=first)
         to_llm = decide(seqs, out.top_prob, out.router_score, draw)

@@ -78,6 +78,11 @@ class ModelRunner:
             if self.fused_head and head_rows is None:  # the fused head (or a graph's body + the full-logits head)
                 return _result(self.model.head(self.ops, hidden, spec.per_position().inputs(self.device)), hidden,
                                spec)
+        if spec.router is not None and spec.router.head_signals:
+            # a head-signal router reads the lm_head's logits: every row gets the head, router included
+            with self.timer.phase(self.name):
+                return _result(self.model.head(self.ops, hidden, spec.per_position().inputs(self.device)), hidden,
+                               spec)
         # an unfused head: the router on its own, the lm_head only where asked
         score = None
         if spec.router is not None:

@@ -107,6 +107,26 @@ def router_path(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def signal_router_path(tmp_path_factory):
+    """A hidden+head router folder for the tiny SLMs (hidden 64): BatchNorm statistics and
+    a last layer moved off their starting values, so both the MLP and the skip matter."""
+    from citer.router import RouterMLP, save_router
+
+    torch.manual_seed(1)
+    r = RouterMLP(64, features="hidden+head")
+    with torch.no_grad():
+        bn = r.net[1]
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        r.net[-1].weight.normal_(0, 0.3)
+        r.net[-1].bias.fill_(0.1)
+        r.skip.weight.copy_(torch.tensor([[0.8, 0.1, -0.3]]))
+    path = str(tmp_path_factory.mktemp("signal_router"))
+    save_router(r.eval(), path, default_threshold=0.5)
+    return path
+
+
 def hf_greedy(model, prompt_ids, max_new_tokens):
     """transformers' own greedy generate (no EOS stop) -> new token ids."""
     with torch.no_grad():

@@ -14,7 +14,8 @@ import pytest  # noqa: E402
 from citer.kernels.kv_store import store_kvcache_ref, store_kvcache_triton  # noqa: E402
 from citer.kernels.paged_attention import SPLIT_KV_MAX_Q, paged_attention_ref, paged_attention_triton  # noqa: E402
 from citer.kernels.rmsnorm import rms_norm_ref, rms_norm_triton  # noqa: E402
-from citer.kernels.routed_head import router_mlp_ref, routed_head_ref, routed_head_triton  # noqa: E402
+from citer.kernels.routed_head import (RouterParams, head_signals_ref, router_mlp_ref, routed_head_ref,  # noqa: E402
+                                      routed_head_triton)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -177,15 +178,17 @@ def test_paged_attention_empty_context_lane_is_zero():
 # ---------------------------------------------------------------------------------------
 # Routed head
 # ---------------------------------------------------------------------------------------
-def make_head(batch, hidden, vocab, dtype, seed, router_rows=None):
+def make_head(batch, hidden, vocab, dtype, seed, router_rows=None, head_signals=False):
     g = torch.Generator().manual_seed(seed)
     hs = rand(batch, hidden, dtype=dtype, g=g)
     nw = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype).to(DEV)
     lm = rand(vocab + 11, hidden, dtype=dtype, g=g, scale=0.5)[:vocab]  # a row slice, like vocab_limit
     router = None
     if router_rows:
-        router = (rand(router_rows, hidden, g=g, scale=0.2), rand(router_rows, g=g, scale=0.1),
-                  rand(router_rows, g=g, scale=0.2), rand(1, g=g).reshape(()))
+        router = RouterParams(rand(router_rows, hidden, g=g, scale=0.2), rand(router_rows, g=g, scale=0.1),
+                              rand(router_rows, g=g, scale=0.2), rand(1, g=g).reshape(()))
+        if head_signals:
+            router = router._replace(w_sig=rand(router_rows, 3, g=g, scale=0.3), c_sig=rand(3, g=g))
     return hs, nw, lm, router
 
 
@@ -214,9 +217,54 @@ def test_routed_head_greedy_and_router(dtype):
         assert torch.allclose(top, ref_top, atol=TOL[dtype])
         assert torch.allclose(score, ref_score, atol=TOL[dtype])
     assert torch.allclose(top, torch.softmax(logits, -1).amax(-1), atol=TOL[dtype] * 10)
-    assert torch.allclose(score, router_mlp_ref(h, *router), atol=TOL[dtype] * 10)
+    assert torch.allclose(score, router_mlp_ref(h, router), atol=TOL[dtype] * 10)
     tok2, _, nan_score = routed_head_triton(hs, nw, 1e-6, lm, None, temp, seeds)  # other split layout
     assert torch.isnan(nan_score).all() and torch.equal(tok2, tok)
+
+
+@pytest.mark.parametrize("batch,hidden,vocab,rows,v_splits", [(5, 72, 997, 144, 3), (19, 40, 203, 200, 1),
+                                                             (3, 24, 130, 48, 7)])
+def test_routed_head_signals_and_head_signal_router(batch, hidden, vocab, rows, v_splits):
+    """The head's signals (logit of top probability, top-1/top-2 margin, entropy) from the
+    online pass equal the reference on full logits, and so does a head-signal router's
+    score; ragged split layouts, a row tile over 16 and a reduce loop over R > 128."""
+    hs, nw, lm, router = make_head(batch, hidden, vocab, torch.float32, seed=batch, router_rows=rows,
+                                   head_signals=True)
+    hs[0] *= 6.0  # a sharp row (top probability near 1)
+    temp, seeds = greedy(batch)
+    tok, top, score, signals = routed_head_triton(hs, nw, 1e-6, lm, router, temp, seeds, v_splits=v_splits,
+                                                  return_signals=True)
+    logits, h = fp32_logits(hs, nw, lm)
+    ref = head_signals_ref(logits)
+    assert torch.allclose(signals, ref, atol=1e-4, rtol=1e-4), (signals - ref).abs().max()
+    assert torch.allclose(score, router_mlp_ref(h, router, ref), atol=1e-5)
+    ref_tok, ref_top, ref_score = routed_head_ref(hs, nw, 1e-6, lm, router, temp, seeds)
+    assert torch.equal(tok, ref_tok) and torch.allclose(score, ref_score, atol=1e-5)
+    # the signals are what they say
+    p = torch.softmax(logits, -1)
+    top2 = logits.topk(2, -1).values
+    assert torch.allclose(ref[:, 1], top2[:, 0] - top2[:, 1])
+    assert torch.allclose(ref[:, 2], -(p * p.clamp_min(1e-30).log()).sum(-1), atol=1e-5)
+    moderate = p.amax(-1) < 0.999
+    pm = p.amax(-1)[moderate]
+    assert torch.allclose(ref[moderate, 0], torch.log(pm / (1 - pm)), atol=1e-3)
+
+
+def test_head_signals_at_a_tied_top():
+    """Two maximal logits: margin 0, top probability 1/2 at most; a one-hot row: logit capped."""
+    logits = torch.tensor([[2.0, 5.0, 5.0, 1.0], [0.0, 0.0, 0.0, 0.0], [-100.0, 100.0, -100.0, -100.0]])
+    sig = head_signals_ref(logits)
+    assert sig[0, 1] == 0 and sig[1, 1] == 0
+    assert torch.allclose(sig[1], torch.tensor([-torch.log(torch.tensor(3.0)), 0.0, torch.log(torch.tensor(4.0))]))
+    assert torch.allclose(sig[2, 0], torch.tensor(13.8155), atol=1e-3) and sig[2, 2].abs() < 1e-6
+    hs, nw, lm, _ = make_head(2, 32, 300, torch.float32, seed=5)
+    logits, _ = fp32_logits(hs, nw, lm)
+    lm[7] = lm[250] = lm[logits[0].argmax()] * 3  # a tie across splits for row 0
+    logits, _ = fp32_logits(hs, nw, lm)
+    for v_splits in (1, 3):
+        *_, signals = routed_head_triton(hs, nw, 1e-6, lm, None, *greedy(2), v_splits=v_splits, return_signals=True)
+        assert signals[0, 1].abs() < 1e-5
+        assert torch.allclose(signals, head_signals_ref(logits), atol=1e-4)
 
 
 def test_routed_head_tie_break_is_lowest_index():

@@ -108,7 +108,24 @@ def test_routed_head_real_sizes(batch):
     chosen = logits.gather(1, tok[:, None]).squeeze(1)
     assert torch.all(chosen >= logits.max(1).values - 1e-2)
     assert torch.allclose(top, torch.softmax(logits, -1).amax(-1), atol=1e-3)
-    assert torch.allclose(score, router_mlp_ref(h, *router), atol=1e-3)
+    assert torch.allclose(score, router_mlp_ref(h, router), atol=1e-3)
+
+
+@pytest.mark.parametrize("batch", [1, 40])
+def test_routed_head_signal_router_real_sizes(batch):
+    from citer.kernels.routed_head import RouterParams, head_signals_ref
+
+    hs, nw, lm, router = _head(batch)
+    g = torch.Generator().manual_seed(1)
+    router = RouterParams(*router, (torch.randn(router[0].shape[0], 3, generator=g) * 0.1).to(DEV),
+                          torch.tensor([1.0, 0.0, 0.0], device=DEV))
+    tok, top, score, signals = routed_head_triton(hs, nw, 1e-6, lm, router, torch.zeros(batch, device=DEV),
+                                                  torch.zeros(batch, dtype=torch.int64, device=DEV),
+                                                  return_signals=True)
+    h = rms_norm_ref(hs, nw, 1e-6)[0]
+    ref = head_signals_ref(h.float() @ lm.float().t())
+    assert torch.allclose(signals, ref, atol=2e-2, rtol=1e-2)
+    assert torch.allclose(score, router_mlp_ref(h, router, ref), atol=1e-3)
 
 
 def test_routed_head_fp32_matches_reference_exactly():

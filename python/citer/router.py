@@ -1,12 +1,23 @@
-"""The CITER router: an MLP over the SLM's final (normed) hidden state.
+"""The CITER router: an MLP over the SLM's final (normed) hidden state, optionally with the
+head's own signals beside it.
 
-Training network (CITER): Linear(H,2H) -> BatchNorm -> ReLU -> Dropout -> Linear(2H,H)
--> Dropout -> Linear(H,1) -> sigmoid; p = "the SLM's token is fine", LLM when p < τ.
+features="hidden" (the paper's router, kept as the CITER ablation):
+  Linear(H,2H) -> BatchNorm -> ReLU -> Dropout -> Linear(2H,H) -> Dropout -> Linear(H,1);
+  p = sigmoid(that) = "the SLM's token is fine", LLM when p < τ.
+features="hidden+head" (the default for new routers): the same MLP over [h, s], where s
+  are the head's signals (logit of the SLM's top probability, top-1 minus top-2 logit,
+  entropy; citer.kernels.routed_head.head_signals_ref), in a residual form
+  p = sigmoid(c . s + MLP([h, s])) with c = (1, 0, 0) and the MLP's last layer at zero
+  to start: an untrained router *is* the confidence rule (p = the top probability), and
+  training can only add to it.
+
 For inference the BatchNorm folds into the first Linear and the last two Linears fold
 into one (nothing nonlinear between them), so the deployed router is
-sigmoid(relu(h @ W1.T + b1) @ w2 + b2): a (W1, b1, w2, b2) tuple the routed head eats.
+sigmoid(relu(h @ W1.T + s @ Ws.T + b1) @ w2 + b2 + s @ c): a RouterParams the routed
+head eats (w_sig = c_sig = None for a hidden-only router).
 
-A saved router is a folder: router.safetensors + router_config.json.
+A saved router is a folder: router.safetensors + router_config.json ("features" names the
+input; folders without it are hidden-only).
 """
 import json
 import os
@@ -17,63 +28,91 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from citer.kernels.routed_head import router_mlp_ref
+from citer.kernels.routed_head import NUM_SIGNALS, RouterParams, router_mlp_ref
 
 CONFIG_NAME = "router_config.json"
 WEIGHTS_NAME = "router.safetensors"
 ARCHITECTURE = "citer-router-mlp"
+FEATURES = ("hidden", "hidden+head")
 
 
 class RouterMLP(nn.Module):
-    def __init__(self, hidden_size: int, dropout: float = 0.1):
+    def __init__(self, hidden_size: int, dropout: float = 0.1, features: str = "hidden"):
         super().__init__()
+        if features not in FEATURES:
+            raise ValueError(f"unknown router features {features!r}; choose one of {FEATURES}")
         h = hidden_size
-        self.hidden_size = hidden_size
+        self.hidden_size, self.features = hidden_size, features
+        n_in = h + (NUM_SIGNALS if self.head_signals else 0)
         self.net = nn.Sequential(
-            nn.Linear(h, 2 * h), nn.BatchNorm1d(2 * h), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(n_in, 2 * h), nn.BatchNorm1d(2 * h), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(2 * h, h), nn.Dropout(dropout), nn.Linear(h, 1),
         )
+        if self.head_signals:
+            self.skip = nn.Linear(NUM_SIGNALS, 1)  # c . s + its bias: starts as logit(top probability)
+            with torch.no_grad():
+                self.skip.weight.zero_()
+                self.skip.weight[0, 0] = 1.0
+                self.skip.bias.zero_()
+                self.net[-1].weight.zero_()
+                self.net[-1].bias.zero_()
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, H] -> logits [B]
-        return self.net(h).squeeze(-1)
+    @property
+    def head_signals(self) -> bool:
+        return self.features == "hidden+head"
+
+    def forward(self, h: torch.Tensor, signals: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h [B, H] (and signals [B, NUM_SIGNALS] for a hidden+head router) -> logits [B]."""
+        if not self.head_signals:
+            return self.net(h).squeeze(-1)
+        if signals is None:
+            raise ValueError("a hidden+head router needs the head's signals")
+        return (self.net(torch.cat([h, signals], -1)) + self.skip(signals)).squeeze(-1)
 
     @torch.no_grad()
-    def fold(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (W1 [2H, H], b1 [2H], w2 [2H], b2 []) with BatchNorm and the last two Linears folded."""
+    def fold(self) -> RouterParams:
+        """-> RouterParams (W1 [2H, H], b1 [2H], w2 [2H], b2 [], and for hidden+head
+        W_sig [2H, NUM_SIGNALS], c [NUM_SIGNALS]) with BatchNorm and the last two Linears folded."""
         lin1, bn, _, _, lin2, _, lin3 = self.net
         s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         w1 = lin1.weight * s[:, None]
         b1 = (lin1.bias - bn.running_mean) * s + bn.bias
         w2 = (lin3.weight @ lin2.weight).squeeze(0)
         b2 = (lin3.weight @ lin2.bias + lin3.bias).squeeze(0)
-        return w1.float().contiguous(), b1.float(), w2.float().contiguous(), b2.float()
+        f = lambda t: t.float().contiguous()  # noqa: E731
+        if not self.head_signals:
+            return RouterParams(f(w1), f(b1), f(w2), f(b2))
+        h = self.hidden_size
+        return RouterParams(f(w1[:, :h]), f(b1), f(w2), f(b2 + self.skip.bias[0]), f(w1[:, h:]),
+                            f(self.skip.weight[0]))
 
 
 @dataclass
 class FoldedRouter:
-    w1: torch.Tensor  # [R, H]
-    b1: torch.Tensor  # [R]
-    w2: torch.Tensor  # [R]
-    b2: torch.Tensor  # []
+    params: RouterParams
     hidden_size: int
     default_threshold: float = 0.5
     meta: Dict[str, Any] = field(default_factory=dict)
 
     @property
-    def params(self):
-        return (self.w1, self.b1, self.w2, self.b2)
+    def head_signals(self) -> bool:
+        return self.params.head_signals
+
+    @property
+    def features(self) -> str:
+        return "hidden+head" if self.head_signals else "hidden"
 
     def to(self, device, dtype=torch.float32) -> "FoldedRouter":
-        moved = [t.to(device=device, dtype=dtype) for t in self.params]
-        out = FoldedRouter(*moved, self.hidden_size, self.default_threshold, self.meta)
+        moved = RouterParams(*(t.to(device=device, dtype=dtype) if t is not None else None for t in self.params))
         if torch.device(device).type == "cpu":
             # W1 as a view of a contiguous [H, R] copy: the GEMV inside router_mlp_ref then
             # streams W1 row-major, about twice as fast on CPU as the [R, H] layout
-            out.w1 = out.w1.t().contiguous().t()
-        return out
+            moved = moved._replace(w1=moved.w1.t().contiguous().t())
+        return FoldedRouter(moved, self.hidden_size, self.default_threshold, self.meta)
 
-    def score(self, h_normed: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B]
-        return router_mlp_ref(h_normed, *self.params)
+    def score(self, h_normed: torch.Tensor, signals: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, H] (+ [B, NUM_SIGNALS] head signals for a hidden+head router) -> [B]."""
+        return router_mlp_ref(h_normed, self.params, signals)
 
 
 def save_router(router: RouterMLP, path: str, default_threshold: float = 0.5,
@@ -84,6 +123,7 @@ def save_router(router: RouterMLP, path: str, default_threshold: float = 0.5,
     config = {
         "architecture": ARCHITECTURE,
         "hidden_size": router.hidden_size,
+        "features": router.features,
         "default_threshold": default_threshold,
         "meta": meta or {},
     }
@@ -108,7 +148,10 @@ def load_router_mlp(path: str) -> Tuple[RouterMLP, Dict[str, Any]]:
                          f"citer supports {ARCHITECTURE!r}")
     if not isinstance(config.get("hidden_size"), int) or config["hidden_size"] < 1:
         raise ValueError(f"{cfg_path} has no positive int 'hidden_size'")
-    router = RouterMLP(config["hidden_size"])
+    features = config.get("features", "hidden")
+    if features not in FEATURES:
+        raise ValueError(f"{cfg_path} has unsupported router features {features!r}; citer supports {FEATURES}")
+    router = RouterMLP(config["hidden_size"], features=features)
     try:
         state = load_file(w_path)
     except Exception as e:
@@ -117,7 +160,7 @@ def load_router_mlp(path: str) -> Tuple[RouterMLP, Dict[str, Any]]:
         router.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"router weights {w_path!r} do not fit its config (hidden_size "
-                         f"{config['hidden_size']}): {e}") from e
+                         f"{config['hidden_size']}, features {features!r}): {e}") from e
     return router.eval(), config
 
 
@@ -128,5 +171,5 @@ def load_router(path: str, slm_hidden_size: Optional[int] = None) -> FoldedRoute
             f"router in {path!r} expects hidden size {router.hidden_size}, "
             f"but the SLM's hidden size is {slm_hidden_size}"
         )
-    return FoldedRouter(*router.fold(), router.hidden_size,
-                        float(config.get("default_threshold", 0.5)), config.get("meta", {}))
+    return FoldedRouter(router.fold(), router.hidden_size, float(config.get("default_threshold", 0.5)),
+                        config.get("meta", {}))

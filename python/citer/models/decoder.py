@@ -9,7 +9,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from citer.kernels.routed_head import router_mlp_ref
+from citer.kernels.routed_head import router_mlp_ref, router_scores_ref
 from citer.kernels.sampling import NO_FILTER, choose_tokens, sampling_probs
 
 from .attention import AttentionMetadata, KVCache, paged_attention
@@ -126,7 +126,7 @@ class DecoderLM(nn.Module):
             h = self.final_norm(ops, hidden)
             logits = self.logits_from_normed(h)[:, :self.vocab_limit]
             tokens, top_prob = choose_tokens(logits, inputs.temperature, inputs.seeds, inputs.filters)
-            score = router_mlp_ref(h, *inputs.router) if inputs.router is not None else None
+            score = router_scores_ref(h, inputs.router, top_prob, logits) if inputs.router is not None else None
             rows = torch.arange(len(hidden), device=hidden.device)
             probs, logprobs = self._extras(logits, rows, inputs, len(hidden))
             return HeadOutput(tokens, top_prob, score, probs, logprobs)
@@ -160,8 +160,9 @@ class DecoderLM(nn.Module):
         return probs, logprobs
 
     def router_score(self, ops, hidden: torch.Tensor, router: RouterParams) -> torch.Tensor:
-        """Pre-norm hidden [B, H] -> the router's score per row [B], without the lm_head."""
-        return router_mlp_ref(self.final_norm(ops, hidden), *router)
+        """Pre-norm hidden [B, H] -> a hidden-only router's score per row [B], without the
+        lm_head (a head-signal router needs the head: see `head`)."""
+        return router_mlp_ref(self.final_norm(ops, hidden), router)
 
     def final_norm(self, ops, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm(ops, hidden)[0]

@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-RouterParams = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # folded (w1, b1, w2, b2)
+from citer.kernels.routed_head import RouterParams  # noqa: E402  (a folded router; see citer.router)
 
 
 @dataclass

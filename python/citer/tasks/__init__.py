@@ -5,8 +5,9 @@ and the evaluation are generic over it.
 """
 from .base import Problem, Task
 from .arith import ArithTask, Difficulty, extract_answer, is_correct, verify_solution
+from .arith_free import ArithFreeTask
 
-TASKS = {"arith": ArithTask}
+TASKS = {"arith": ArithTask, "arith-free": ArithFreeTask}
 
 
 def get_task(name: str, **kwargs) -> Task:
@@ -15,5 +16,5 @@ def get_task(name: str, **kwargs) -> Task:
     return TASKS[name](**kwargs)
 
 
-__all__ = ["Problem", "Task", "ArithTask", "Difficulty", "get_task", "TASKS", "extract_answer", "is_correct",
+__all__ = ["Problem", "Task", "ArithTask", "ArithFreeTask", "Difficulty", "get_task", "TASKS", "extract_answer", "is_correct",
            "verify_solution"]

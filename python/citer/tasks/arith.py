@@ -35,6 +35,7 @@ class Difficulty:
 
 class ArithTask(Task):
     name = "arith"
+    test_seed = TEST_SEED
 
     def __init__(self, difficulty: Difficulty = Difficulty(), num_test: int = 1000):
         self.difficulty = difficulty
@@ -47,36 +48,39 @@ class ArithTask(Task):
         item = ITEMS[rng.integers(len(ITEMS))]
         x = int(rng.integers(1, d.max_start + 1))
         story = [f"{name} has {x} {item}."]
-        work = []
+        eqs = []  # the solution's equations (a, op, b, a op b), in order
         for _ in range(int(rng.integers(d.min_steps, d.max_steps + 1))):
             kind = rng.integers(4)
             if kind == 0:  # buy packs: a product, then a sum
                 a, b = int(rng.integers(2, d.max_packs + 1)), int(rng.integers(2, d.max_operand + 1))
                 story.append(f"{He} buys {a} packs of {b}.")
-                work += [f"{a}*{b}={a * b}.", f"{x}+{a * b}={x + a * b}."]
+                eqs += [(a, "*", b, a * b), (x, "+", a * b, x + a * b)]
                 x += a * b
             elif kind == 1:
                 n = int(rng.integers(1, d.max_operand + 1))
                 story.append(f"{He} finds {n} more.")
-                work.append(f"{x}+{n}={x + n}.")
+                eqs.append((x, "+", n, x + n))
                 x += n
             elif kind == 2 and x > 1:
                 n = int(rng.integers(1, min(x - 1, d.max_operand) + 1))
                 story.append(f"{He} gives away {n}.")
-                work.append(f"{x}-{n}={x - n}.")
+                eqs.append((x, "-", n, x - n))
                 x -= n
             else:
                 story.append(f"{He} doubles them.")
-                work.append(f"{x}*2={2 * x}.")
+                eqs.append((x, "*", 2, 2 * x))
                 x *= 2
         story.append(f"How many {item} does {he} have now?")
         prompt = "Q: " + " ".join(story) + " A:"
-        solution = " " + " ".join(work) + f" #### {x}"
-        return Problem(prompt, solution, x)
+        return Problem(prompt, self.render(eqs, x, rng), x)
+
+    def render(self, eqs, answer: int, rng: np.random.Generator) -> str:
+        """The gold solution text of a problem's equations (draws nothing from rng here)."""
+        return " " + " ".join(f"{a}{op}{b}={c}." for a, op, b, c in eqs) + f" #### {answer}"
 
     @cached_property
     def _test(self) -> Tuple[Problem, ...]:
-        rng = np.random.default_rng(TEST_SEED)
+        rng = np.random.default_rng(self.test_seed)
         seen, out = set(), []
         while len(out) < self.num_test:
             p = self.sample(rng)
