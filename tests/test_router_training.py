@@ -83,7 +83,8 @@ def test_round1_three_cases_match_transformers(setup, hf_models):
     assert got.cases["slm_right"] == counts["slm_right"] and got.cases["llm_right"] == counts["llm_right"]
     assert got.cases["rollout_1"] + got.cases["rollout_0"] == len(rollout) > 0
     assert 0 < sum(rollout) < len(rollout), "the toy task should give both rollout outcomes"
-    _, y = got.tensors()
+    _, sig, y, w = got.tensors()
+    assert sig.shape == (len(y), 3) and torch.equal(w, torch.ones(len(y)))
     assert y[-len(rollout):].tolist() == [float(r) for r in rollout]  # case-3 labels come last, in order
     assert y[: len(y) - len(rollout)].sum() == counts["slm_right"]  # case 1 -> 1, case 2 -> 0
 
@@ -100,14 +101,14 @@ def test_round2_relabels_with_the_router_in_the_loop(setup, hf_models, tmp_path)
         # τ = 0: the router never calls the LLM, so rollouts equal round 1's SLM-only ones
         r0 = L.gold_labels(engine, forcer, task, problems, router_threshold=0.0, max_tokens=MAX)
         r1 = L.gold_labels(engine, forcer, task, problems, max_tokens=MAX)
-        assert torch.equal(r0.tensors()[1], r1.tensors()[1])
+        assert torch.equal(r0.tensors()[2], r1.tensors()[2])
         # τ > 1: every rollout token comes from the LLM
         rl = L.gold_labels(engine, forcer, task, problems, router_threshold=1.01, max_tokens=MAX)
         _, rollout = expected_round1(engine, hf_models, task, problems, "llama")
-        assert rl.tensors()[1][-len(rollout):].tolist() == [float(r) for r in rollout]
+        assert rl.tensors()[2][-len(rollout):].tolist() == [float(r) for r in rollout]
         # on-policy labels: only informative branch points, label 1 where the models agree
         op = L.on_policy_labels(engine, forcer, task, problems, threshold=0.5, max_tokens=MAX)
-        x, y = op.tensors()
+        x, _, y, _ = op.tensors()
         assert len(y) == op.cases["on_policy_1"] + op.cases["on_policy_0"] and x.shape[1] == 64
     finally:
         engine.set_router(None)
@@ -122,36 +123,78 @@ def test_citer_s_labels_case3_as_llm_without_rollouts(setup, monkeypatch):
     monkeypatch.setattr(L, "_rollouts", no_rollouts)
     got = L.gold_labels(engine, forcer, task, task.problems[:5], short_term=True)
     assert got.cases["rollout_1"] == 0 and got.cases["rollout_0"] > 0
-    assert got.tensors()[1].sum() == got.cases["slm_right"]
+    assert got.tensors()[2].sum() == got.cases["slm_right"]
 
 
-def _label_set(n, seed):
+def test_llm_agreement_labels_match_transformers(setup, hf_models, monkeypatch):
+    """labels="llm-agreement": 1 exactly where the SLM's greedy token is the LLM's on the gold prefix."""
+    engine, forcer, task = setup
+    monkeypatch.setattr(L, "_rollouts", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no rollouts")))
+    problems = task.problems[:4]
+    got = L.gold_labels(engine, forcer, task, problems, labels="llm-agreement")
+    tok, expect = engine.tokenizer, []
+    for p in problems:
+        start = len(tok(p.prompt).input_ids)
+        full = tok(p.prompt + p.solution).input_ids + [tok.eos_token_id]
+        with torch.no_grad():
+            s_pred = hf_models["qwen2"][1](torch.tensor([full])).logits[0].argmax(-1)
+            l_pred = hf_models["llama"][1](torch.tensor([full])).logits[0].argmax(-1)
+        expect += [float(s_pred[t - 1] == l_pred[t - 1]) for t in range(start, len(full))]
+    assert got.tensors()[2].tolist() == expect
+    assert got.cases["agree"] == sum(expect) and got.cases["disagree"] == len(expect) - sum(expect)
+    with pytest.raises(ValueError, match="unknown labels 'silver'"):
+        L.gold_labels(engine, forcer, task, problems, labels="silver")
+
+
+def test_hard_case_mining_keeps_hard_rows_and_reweights_easy_ones():
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    top = torch.where(torch.rand(n, generator=g) < 0.5, 0.999, 0.6)  # half easy, half hard
+    sig = torch.stack([torch.log(top / (1 - top)), torch.zeros(n), torch.zeros(n)], -1)
+    s = L.LabelSet(easy_keep=0.25, seed=3)
+    s.add(torch.randn(n, 8, generator=g), sig, torch.ones(n))
+    _, sig_k, _, w = s.tensors()
+    easy = torch.sigmoid(sig_k[:, 0]) >= L.EASY_TOP_PROB
+    assert int((~easy).sum()) == int((top < 0.99).sum())  # every hard row kept, weight 1
+    assert torch.all(w[~easy] == 1) and torch.all(w[easy] == 4)
+    assert abs(float(w.sum()) - n) < 0.1 * n  # the weighted count estimates the full set
+    assert s.cases["easy_dropped"] == n - len(s)
+
+
+def _label_set(n, seed, rule=False):
     g = torch.Generator().manual_seed(seed)
     s = L.LabelSet()
-    s.add(torch.randn(n, 16, generator=g), (torch.rand(n, generator=g) < 0.7).float())
+    x = torch.randn(n, 16, generator=g)
+    y = (x[:, 0] > -1.0).float() if rule else (torch.rand(n, generator=g) < 0.7).float()
+    s.add(x, torch.randn(n, 3, generator=g), y)
     return s
 
 
-def test_fit_keeps_the_best_epoch_not_the_last():
-    train, val = _label_set(200, 0), _label_set(200, 1)  # noise labels: validation loss rises as it overfits
-    fit = fit_router(train, val, 16, epochs=30, lr=3e-3, batch_size=32, patience=30, progress=False)
-    losses = [h["val_loss"] for h in fit.history]
-    assert fit.best_epoch == int(np.argmin(losses)) and fit.best_epoch < len(losses) - 1
-    vx, vy = val.tensors()
+@pytest.mark.parametrize("features", ["hidden", "hidden+head"])
+def test_fit_keeps_the_epoch_with_the_best_routing_objective(features):
+    from citer.token_metrics import routing_objective
+
+    train, val = _label_set(300, 0, rule=True), _label_set(300, 1, rule=True)
+    fit = fit_router(train, val, 16, features, epochs=12, lr=3e-3, batch_size=32, patience=12, progress=False)
+    objectives = [h["val_objective"] for h in fit.history]
+    assert objectives[fit.best_epoch] == max(objectives)
+    vx, vs, vy, vw = val.tensors()
     with torch.no_grad():
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(fit.router(vx), vy).item()
-    assert loss == pytest.approx(min(losses), abs=1e-6)
+        got = routing_objective(fit.router(vx, vs if fit.router.head_signals else None), vy, vw)
+    assert got == pytest.approx(max(objectives), abs=1e-9)
+    assert max(objectives) > 0.2  # it learned the rule (chance: the budgets, 4.5% on average)
 
 
 def test_train_router_end_to_end_and_engine_routes_with_it(hf_models, tmp_path):
     task = ToyTask()
     out = str(tmp_path / "router")
     metrics = train_router(hf_models["qwen2"][0], hf_models["llama"][0], task, out, rounds=2, n_train=6, n_val=4,
-                           max_tokens=MAX)
+                           max_tokens=MAX, easy_keep=0.5)
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     with open(os.path.join(out, "router_config.json")) as f:
         cfg = json.load(f)
     assert cfg["hidden_size"] == 64 and cfg["meta"]["rounds"][1]["threshold_in_loop"] is not None
+    assert cfg["features"] == "hidden+head" and 0 <= metrics["default_threshold"]["llm_share"] <= 1
     engine = Engine(hf_models["qwen2"][0], hf_models["llama"][0], out, block_size=8, num_blocks=64, max_model_len=128)
     assert engine.router.default_threshold == metrics["default_threshold"]["threshold"]
     o = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=6, ignore_eos=True, policy="router"))[0]

@@ -18,6 +18,14 @@ def main(argv=None):
     tr.add_argument("--n-train", type=int, default=3000)
     tr.add_argument("--n-val", type=int, default=500)
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--features", default="hidden+head", choices=["hidden+head", "hidden"],
+                    help="router input: the hidden state and the head's signals (default), or the paper's hidden only")
+    tr.add_argument("--labels", default="gold", choices=["gold", "llm-agreement"],
+                    help="gold: CITER's shortcut labels; llm-agreement: 1 where the SLM's greedy token is the LLM's")
+    tr.add_argument("--easy-keep", type=float, default=1.0,
+                    help="hard-case mining: keep positions with top probability >= 0.99 at this rate (reweighted)")
+    tr.add_argument("--slack", type=float, default=0.01,
+                    help="default τ: the cheapest within this much of the LLM's validation accuracy")
 
     ev = sub.add_parser("eval", help="accuracy vs LLM share for router / CITER-S / random / confidence")
     ev.add_argument("--slm")
@@ -51,7 +59,8 @@ def main(argv=None):
         from citer.training.router_train import train_router
 
         metrics = train_router(args.slm, args.llm, get_task(args.task), args.out, rounds=args.rounds,
-                               n_train=args.n_train, n_val=args.n_val, short_term=args.short_term, seed=args.seed)
+                               n_train=args.n_train, n_val=args.n_val, short_term=args.short_term, seed=args.seed,
+                               features=args.features, labels=args.labels, easy_keep=args.easy_keep, slack=args.slack)
         print(json.dumps(metrics["default_threshold"], indent=1))
     elif args.cmd == "eval":
         from citer import Engine

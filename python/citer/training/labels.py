@@ -17,9 +17,20 @@ Round r >= 2 (with the current router in the loop):
     carry no signal and are skipped); where the two models agree the label is 1. This
     trains the router on prefixes the routed system itself produces, which the reference
     code never does.
+With labels="llm-agreement" (R2R-style, the token-match oracle's rule) a position is
+labelled 1 where the SLM's greedy token equals the LLM's on the same prefix, else 0, on
+the gold prefixes (round 1) and on the routed system's own trajectories (later rounds);
+no rollouts.
+
+Hard-case mining (easy_keep < 1): positions where the SLM's top probability is at least
+EASY_TOP_PROB (where no threshold in use sends anything to the LLM) are kept at the rate
+easy_keep with weight 1 / easy_keep, every other position with weight 1: the loss stays
+an unbiased estimate of the full one while most of the rows are where decisions are made.
+
 All rollouts are batched through the engine, never token by token in Python.
 The router's input is the SLM's final normed hidden state at the position that predicts
-token t, exactly what the engine feeds it at inference.
+token t and the head's signals of its logits there, exactly what the engine feeds it at
+inference.
 """
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -28,39 +39,69 @@ import numpy as np
 import torch
 
 from citer import Engine, SamplingParams
+from citer.kernels.routed_head import head_signals_ref
 from citer.tasks import Problem, Task
+
+LABELS = ("gold", "llm-agreement")
+EASY_TOP_PROB = 0.99
 
 
 @dataclass
 class LabelSet:
     features: List[torch.Tensor] = field(default_factory=list)  # [N_i, H] chunks
+    signals: List[torch.Tensor] = field(default_factory=list)  # [N_i, NUM_SIGNALS] chunks
     labels: List[torch.Tensor] = field(default_factory=list)  # [N_i] float chunks
+    weights: List[torch.Tensor] = field(default_factory=list)  # [N_i] float chunks
     cases: dict = field(default_factory=lambda: {"slm_right": 0, "llm_right": 0, "rollout_1": 0,
-                                                 "rollout_0": 0, "on_policy_1": 0, "on_policy_0": 0})
+                                                 "rollout_0": 0, "on_policy_1": 0, "on_policy_0": 0,
+                                                 "agree": 0, "disagree": 0, "easy_dropped": 0})
+    easy_keep: float = 1.0  # hard-case mining: the rate easy positions are kept at
+    seed: int = 0
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if len(y):
-            self.features.append(x.float().cpu())
-            self.labels.append(y.float().cpu())
+    def __post_init__(self):
+        self._rng = torch.Generator().manual_seed(self.seed)
+
+    def add(self, x: torch.Tensor, sig: torch.Tensor, y: torch.Tensor) -> None:
+        if not len(y):
+            return
+        w = torch.ones(len(y))
+        if self.easy_keep < 1.0:
+            easy = torch.sigmoid(sig[:, 0]) >= EASY_TOP_PROB
+            keep = ~easy | (torch.rand(len(y), generator=self._rng) < self.easy_keep)
+            w = torch.where(easy, 1.0 / self.easy_keep, 1.0)[keep]
+            self.cases["easy_dropped"] += int((~keep).sum())
+            x, sig, y = x[keep], sig[keep], y[keep]
+        self.features.append(x.float().cpu())
+        self.signals.append(sig.float().cpu())
+        self.labels.append(y.float().cpu())
+        self.weights.append(w)
 
     def tensors(self):
-        return torch.cat(self.features), torch.cat(self.labels)
+        """-> (hidden [N, H], signals [N, NUM_SIGNALS], labels [N], weights [N])."""
+        return (torch.cat(self.features), torch.cat(self.signals), torch.cat(self.labels),
+                torch.cat(self.weights))
+
+    def __len__(self) -> int:
+        return int(sum(len(y) for y in self.labels))
 
 
 class TeacherForcer:
     """Runs both models (transformers, fp32) over whole sequences: per position the SLM's
-    normed final hidden state and greedy token, and the LLM's greedy token."""
+    normed final hidden state, the head's signals of its logits and its greedy token, and
+    the LLM's greedy token and its probability of the next token (over the first
+    vocab_limit ids, the vocabulary the pair shares, as the engine does)."""
 
-    def __init__(self, slm_path: str, llm_path: str, batch_size: int = 64):
+    def __init__(self, slm_path: str, llm_path: str, batch_size: int = 64, vocab_limit: Optional[int] = None):
         from transformers import AutoModelForCausalLM
 
         self.slm = AutoModelForCausalLM.from_pretrained(slm_path, dtype=torch.float32).eval()
         self.llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32).eval()
         self.batch_size = batch_size
+        self.vocab_limit = vocab_limit or min(self.slm.config.vocab_size, self.llm.config.vocab_size)
 
     @torch.inference_mode()
     def run(self, seqs: List[List[int]]):
-        """-> per sequence (slm_hidden [L, H], slm_pred [L], llm_pred [L]); row p predicts token p+1."""
+        """-> per sequence a Forced (row p predicts token p+1)."""
         out = []
         for i in range(0, len(seqs), self.batch_size):
             chunk = seqs[i: i + self.batch_size]
@@ -71,12 +112,28 @@ class TeacherForcer:
                 ids[j, : len(s)] = torch.tensor(s)
                 mask[j, : len(s)] = 1
             h = self.slm.model(input_ids=ids, attention_mask=mask).last_hidden_state  # after the final norm
-            slm_pred = self.slm.lm_head(h).argmax(-1)
-            llm_pred = self.llm(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+            slm_logits = self.slm.lm_head(h)[..., :self.vocab_limit].float()
+            llm_logits = self.llm(input_ids=ids, attention_mask=mask).logits[..., :self.vocab_limit].float()
+            slm_logp, llm_logp = slm_logits.log_softmax(-1), llm_logits.log_softmax(-1)
+            nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)[..., None]  # token p+1 (garbage at the last row)
             for j, s in enumerate(chunk):
                 n = len(s)
-                out.append((h[j, :n], slm_pred[j, :n], llm_pred[j, :n]))
+                out.append(Forced(h[j, :n], head_signals_ref(slm_logits[j, :n]), slm_logits[j, :n].argmax(-1),
+                                  llm_logits[j, :n].argmax(-1), slm_logp[j, :n].gather(-1, nxt[j, :n])[:, 0],
+                                  llm_logp[j, :n].gather(-1, nxt[j, :n])[:, 0]))
         return out
+
+
+@dataclass
+class Forced:
+    """Both models teacher-forced over one sequence; row p is the position predicting token p+1."""
+
+    hidden: torch.Tensor  # [L, H] the SLM's normed final hidden state
+    signals: torch.Tensor  # [L, NUM_SIGNALS] the head's signals of the SLM's logits
+    slm_pred: torch.Tensor  # [L] the SLM's greedy token
+    llm_pred: torch.Tensor  # [L] the LLM's greedy token
+    slm_logp_next: torch.Tensor  # [L] the SLM's log-probability of token p+1 (last row: meaningless)
+    llm_logp_next: torch.Tensor  # [L] the LLM's
 
 
 def _rollouts(engine: Engine, task: Task, prefixes: List[List[int]], problems: List[Problem],
@@ -96,10 +153,13 @@ def _rollouts(engine: Engine, task: Task, prefixes: List[List[int]], problems: L
 
 def gold_labels(engine: Engine, forcer: TeacherForcer, task: Task, problems: List[Problem],
                 router_threshold: Optional[float] = None, short_term: bool = False,
-                max_tokens: int = 128, into: Optional[LabelSet] = None) -> LabelSet:
+                max_tokens: int = 128, into: Optional[LabelSet] = None, labels: str = "gold") -> LabelSet:
     """Labels on teacher-forced gold solutions. router_threshold None: round 1 (SLM rollouts);
-    else case-3 rollouts run with the engine's router in the loop at that threshold."""
-    out = into or LabelSet()
+    else case-3 rollouts run with the engine's router in the loop at that threshold.
+    labels="llm-agreement": 1 where the SLM's greedy token is the LLM's, else 0."""
+    if labels not in LABELS:
+        raise ValueError(f"unknown labels {labels!r}; choose one of {LABELS}")
+    out = into if into is not None else LabelSet()
     tok = engine.tokenizer
     seqs, starts = [], []
     for p in problems:
@@ -108,67 +168,82 @@ def gold_labels(engine: Engine, forcer: TeacherForcer, task: Task, problems: Lis
         seqs.append(full)
         starts.append(len(prompt))
     forced = forcer.run(seqs)
-    pending_x, pending_prefix, pending_prob = [], [], []
-    for seq, start, prob, (h, slm_pred, llm_pred) in zip(seqs, starts, problems, forced):
+    pending_x, pending_s, pending_prefix, pending_prob = [], [], [], []
+    for seq, start, prob, f in zip(seqs, starts, problems, forced):
         # position p-1 predicts gold token p, for every solution token p in [start, len)
         pos = torch.arange(start - 1, len(seq) - 1)
+        h, sig = f.hidden[pos], f.signals[pos]
+        if labels == "llm-agreement":
+            agree = f.slm_pred[pos] == f.llm_pred[pos]
+            out.cases["agree"] += int(agree.sum())
+            out.cases["disagree"] += int((~agree).sum())
+            out.add(h, sig, agree.float())
+            continue
         gold = torch.tensor(seq[start:])
-        slm_ok = slm_pred[pos] == gold
-        llm_ok = (llm_pred[pos] == gold) & ~slm_ok
+        slm_ok = f.slm_pred[pos] == gold
+        llm_ok = (f.llm_pred[pos] == gold) & ~slm_ok
         both_wrong = ~slm_ok & ~llm_ok
         out.cases["slm_right"] += int(slm_ok.sum())
         out.cases["llm_right"] += int(llm_ok.sum())
         keep = slm_ok | llm_ok
-        out.add(h[pos[keep]], slm_ok[keep].float())
+        out.add(h[keep], sig[keep], slm_ok[keep].float())
         if short_term:
-            out.add(h[pos[both_wrong]], torch.zeros(int(both_wrong.sum())))
+            out.add(h[both_wrong], sig[both_wrong], torch.zeros(int(both_wrong.sum())))
             out.cases["rollout_0"] += int(both_wrong.sum())
             continue
         for i in torch.nonzero(both_wrong).flatten().tolist():
             p = int(pos[i])
-            pending_x.append(h[p])
-            pending_prefix.append(seq[: p + 1] + [int(slm_pred[p])])
+            pending_x.append(f.hidden[p])
+            pending_s.append(f.signals[p])
+            pending_prefix.append(seq[: p + 1] + [int(f.slm_pred[p])])
             pending_prob.append(prob)
     if pending_prefix:
         policy = "slm" if router_threshold is None else "router"
         right = _rollouts(engine, task, pending_prefix, pending_prob, policy, router_threshold, max_tokens)
-        out.add(torch.stack(pending_x), torch.from_numpy(right).float())
+        out.add(torch.stack(pending_x), torch.stack(pending_s), torch.from_numpy(right).float())
         out.cases["rollout_1"] += int(right.sum())
         out.cases["rollout_0"] += int((~right).sum())
     return out
 
 
 def on_policy_labels(engine: Engine, forcer: TeacherForcer, task: Task, problems: List[Problem],
-                     threshold: float, max_tokens: int = 128, into: Optional[LabelSet] = None) -> LabelSet:
+                     threshold: float, max_tokens: int = 128, into: Optional[LabelSet] = None,
+                     labels: str = "gold") -> LabelSet:
     """Labels on trajectories the routed system itself produced (see the module doc)."""
-    out = into or LabelSet()
+    out = into if into is not None else LabelSet()
     gens = engine.generate([p.prompt for p in problems],
                            SamplingParams(max_tokens=max_tokens, policy="router", threshold=threshold))
     seqs = [g.prompt_token_ids + g.token_ids for g in gens]
     forced = forcer.run(seqs)
-    agree_x, branch_x, slm_branch, llm_branch, branch_prob = [], [], [], [], []
-    for g, seq, prob, (h, slm_pred, llm_pred) in zip(gens, seqs, problems, forced):
+    agree_x, agree_s, branch_x, branch_s, slm_branch, llm_branch, branch_prob = [], [], [], [], [], [], []
+    for g, seq, prob, f in zip(gens, seqs, problems, forced):
         start = len(g.prompt_token_ids)
         pos = torch.arange(start - 1, len(seq) - 1)
-        same = slm_pred[pos] == llm_pred[pos]
-        agree_x.append(h[pos[same]])
+        same = f.slm_pred[pos] == f.llm_pred[pos]
+        if labels == "llm-agreement":
+            out.add(f.hidden[pos], f.signals[pos], same.float())
+            out.cases["agree"] += int(same.sum())
+            out.cases["disagree"] += int((~same).sum())
+            continue
+        agree_x.append(f.hidden[pos[same]])
+        agree_s.append(f.signals[pos[same]])
         for i in torch.nonzero(~same).flatten().tolist():
             p = int(pos[i])
-            branch_x.append(h[p])
-            slm_branch.append(seq[: p + 1] + [int(slm_pred[p])])
-            llm_branch.append(seq[: p + 1] + [int(llm_pred[p])])
+            branch_x.append(f.hidden[p])
+            branch_s.append(f.signals[p])
+            slm_branch.append(seq[: p + 1] + [int(f.slm_pred[p])])
+            llm_branch.append(seq[: p + 1] + [int(f.llm_pred[p])])
             branch_prob.append(prob)
     if agree_x:
         x = torch.cat(agree_x)
-        out.add(x, torch.ones(len(x)))
+        out.add(x, torch.cat(agree_s), torch.ones(len(x)))
         out.cases["on_policy_1"] += len(x)
     if branch_x:
         s_right = _rollouts(engine, task, slm_branch, branch_prob, "router", threshold, max_tokens)
         l_right = _rollouts(engine, task, llm_branch, branch_prob, "router", threshold, max_tokens)
-        informative = s_right | l_right
-        x = torch.stack(branch_x)[torch.from_numpy(informative)]
-        y = torch.from_numpy(s_right[informative]).float()
-        out.add(x, y)
+        informative = torch.from_numpy(s_right | l_right)
+        y = torch.from_numpy(s_right).float()[informative]
+        out.add(torch.stack(branch_x)[informative], torch.stack(branch_s)[informative], y)
         out.cases["on_policy_1"] += int(y.sum())
         out.cases["on_policy_0"] += int((1 - y).sum())
     return out

@@ -21,7 +21,8 @@ def token_error_rates(forcer: TeacherForcer, tok, problems) -> dict:
         seqs.append(tok(p.prompt + p.solution).input_ids + [tok.eos_token_id])
         starts.append(len(tok(p.prompt).input_ids))
     counts = {m: {"digit": [0, 0], "other": [0, 0]} for m in ("slm", "llm")}  # [errors, tokens]
-    for seq, start, (_, slm_pred, llm_pred) in zip(seqs, starts, forcer.run(seqs)):
+    for seq, start, f in zip(seqs, starts, forcer.run(seqs)):
+        slm_pred, llm_pred = f.slm_pred, f.llm_pred
         for t in range(start, len(seq)):
             kind = "digit" if tok.decode([seq[t]]).strip().isdigit() else "other"
             for m, pred in (("slm", slm_pred), ("llm", llm_pred)):
