@@ -1,4 +1,4 @@
-"""The `citer` command: train-router, eval, serve, demo."""
+"""The `citer` command: train-router, train-baselines, eval, serve, demo."""
 import argparse
 import json
 import sys
@@ -27,14 +27,25 @@ def main(argv=None):
     tr.add_argument("--slack", type=float, default=0.01,
                     help="default τ: the cheapest within this much of the LLM's validation accuracy")
 
-    ev = sub.add_parser("eval", help="accuracy vs LLM share for router / CITER-S / random / confidence")
+    ev = sub.add_parser("eval", help="accuracy vs LLM share of CITER and every baseline, with bootstrap CIs")
     ev.add_argument("--slm")
     ev.add_argument("--llm")
-    ev.add_argument("--router")
+    ev.add_argument("--router", help="the CITER router (default: the embedded pair's)")
     ev.add_argument("--router-s", help="a CITER-S router folder to compare")
+    ev.add_argument("--router-hidden", help="a hidden-only (the paper's input) router folder to compare")
+    ev.add_argument("--baselines", help="a `citer train-baselines` folder (query/ and colm/)")
     ev.add_argument("--task", default="arith")
     ev.add_argument("-n", type=int, default=500)
+    ev.add_argument("--seed", type=int, default=None, help="the problems' seed (default: citer.evaluate.EVAL_SEED)")
+    ev.add_argument("--no-oracle", action="store_true")
     ev.add_argument("--out", default="eval")
+
+    tb = sub.add_parser("train-baselines", help="the query-level router and the Co-LLM-style deferral head")
+    tb.add_argument("--slm", required=True)
+    tb.add_argument("--llm", required=True)
+    tb.add_argument("--task", default="arith")
+    tb.add_argument("--out", required=True)
+    tb.add_argument("--n-train", type=int, default=3000)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (default: the embedded demo pair)")
     sv.add_argument("--slm")
@@ -63,26 +74,40 @@ def main(argv=None):
                                features=args.features, labels=args.labels, easy_keep=args.easy_keep, slack=args.slack)
         print(json.dumps(metrics["default_threshold"], indent=1))
     elif args.cmd == "eval":
+        import os
+
         from citer import Engine
-        from citer.evaluate import sweep, table, write
+        from citer.assets import shipped
+        from citer.evaluate import EVAL_SEED, evaluate, summary_table, table, token_table, write_eval
 
         sizes = dict(max_model_len=256, max_num_seqs=512, num_blocks=512 * 16)
-        router_s = args.router_s
+        folders = {"router_s": args.router_s, "router_hidden": args.router_hidden, "baselines": args.baselines}
         if args.slm:
             engine = Engine(args.slm, args.llm, args.router, **sizes)
-        else:  # the embedded default, with its CITER-S router when shipped
-            import os
+        else:  # an embedded pair (the one trained on this task), with whatever it ships beside its router
+            pair = shipped(args.task)
+            engine = Engine(pair["slm"], pair["llm"], args.router or pair["router"], **sizes)
+            folders = {k: v if v is not None else pair.get(k) for k, v in folders.items()}
+        routers = {name: folders[key] for name, key in (("CITER-S", "router_s"), ("CITER (hidden only)",
+                                                                                   "router_hidden")) if folders[key]}
+        query = None
+        if folders["baselines"]:
+            routers["Co-LLM"] = os.path.join(folders["baselines"], "colm")
+            query = os.path.join(folders["baselines"], "query")
+        seed = EVAL_SEED if args.seed is None else args.seed
+        result = evaluate(engine, get_task(args.task), args.n, seed=seed, routers=routers, query_router=query,
+                          oracle=not args.no_oracle)
+        write_eval(result, args.out, f"{args.task}: {result['n']} fresh problems (seed {seed})")
+        print(table(result["rows"]))
+        print()
+        print(summary_table(result["summary"]))
+        print()
+        print(token_table(result["token_report"]))
+        print(f"\nwrote {args.out}/eval.json and {args.out}/accuracy_vs_llm_share*.png")
+    elif args.cmd == "train-baselines":
+        from citer.baselines import train_baselines
 
-            from citer.assets import DEMO_DIR
-
-            engine = Engine(**sizes)
-            default_s = os.path.join(DEMO_DIR, "router_s")
-            if router_s is None and os.path.isfile(os.path.join(default_s, "router_config.json")):
-                router_s = default_s
-        rows = sweep(engine, get_task(args.task), args.n, router_s=router_s)
-        write(rows, args.out, f"{args.task}: {args.n} held-out problems")
-        print(table(rows))
-        print(f"\nwrote {args.out}/eval.json and {args.out}/accuracy_vs_llm_share.png")
+        train_baselines(args.slm, args.llm, get_task(args.task), args.out, n_train=args.n_train)
     elif args.cmd == "serve":
         import os
 

@@ -33,6 +33,7 @@ from citer.kernels.routed_head import NUM_SIGNALS, RouterParams, router_mlp_ref
 CONFIG_NAME = "router_config.json"
 WEIGHTS_NAME = "router.safetensors"
 ARCHITECTURE = "citer-router-mlp"
+LINEAR_ARCHITECTURE = "citer-router-linear"  # p = sigmoid(w . h + b): the Co-LLM-style deferral head
 FEATURES = ("hidden", "hidden+head")
 
 
@@ -115,13 +116,37 @@ class FoldedRouter:
         return router_mlp_ref(h_normed, self.params, signals)
 
 
-def save_router(router: RouterMLP, path: str, default_threshold: float = 0.5,
+class LinearRouter(nn.Module):
+    """p = sigmoid(w . h + b) over the normed hidden state (Co-LLM's deferral head, as the
+    probability of keeping the SLM's token). It folds into the MLP form exactly:
+    relu(z) - relu(-z) = z, so W1 = [w; -w], b1 = [b; -b], w2 = [1, -1], b2 = 0."""
+
+    features = "hidden"
+    head_signals = False
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.linear = nn.Linear(hidden_size, 1)
+
+    def forward(self, h: torch.Tensor, signals: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.linear(h).squeeze(-1)
+
+    @torch.no_grad()
+    def fold(self) -> RouterParams:
+        w, b = self.linear.weight[0].float(), self.linear.bias.float()
+        return RouterParams(torch.stack([w, -w]).contiguous(), torch.cat([b, -b]), torch.tensor([1.0, -1.0]),
+                            torch.tensor(0.0))
+
+
+def save_router(router: nn.Module, path: str, default_threshold: float = 0.5,
                 meta: Optional[Dict[str, Any]] = None) -> None:
+    """A RouterMLP or LinearRouter -> a router folder."""
     os.makedirs(path, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in router.state_dict().items()}
     save_file(state, os.path.join(path, WEIGHTS_NAME))
     config = {
-        "architecture": ARCHITECTURE,
+        "architecture": LINEAR_ARCHITECTURE if isinstance(router, LinearRouter) else ARCHITECTURE,
         "hidden_size": router.hidden_size,
         "features": router.features,
         "default_threshold": default_threshold,
@@ -131,7 +156,8 @@ def save_router(router: RouterMLP, path: str, default_threshold: float = 0.5,
         json.dump(config, f, indent=2)
 
 
-def load_router_mlp(path: str) -> Tuple[RouterMLP, Dict[str, Any]]:
+def load_router_mlp(path: str) -> Tuple[nn.Module, Dict[str, Any]]:
+    """A router folder -> (its training network, RouterMLP or LinearRouter, in eval mode; its config)."""
     cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"router folder not found: {path!r}")
@@ -143,15 +169,16 @@ def load_router_mlp(path: str) -> Tuple[RouterMLP, Dict[str, Any]]:
             config = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
-    if config.get("architecture") != ARCHITECTURE:
+    if config.get("architecture") not in (ARCHITECTURE, LINEAR_ARCHITECTURE):
         raise ValueError(f"unsupported router architecture {config.get('architecture')!r} in {path!r}; "
-                         f"citer supports {ARCHITECTURE!r}")
+                         f"citer supports {ARCHITECTURE!r} and {LINEAR_ARCHITECTURE!r}")
     if not isinstance(config.get("hidden_size"), int) or config["hidden_size"] < 1:
         raise ValueError(f"{cfg_path} has no positive int 'hidden_size'")
     features = config.get("features", "hidden")
-    if features not in FEATURES:
+    if features not in FEATURES or (config["architecture"] == LINEAR_ARCHITECTURE and features != "hidden"):
         raise ValueError(f"{cfg_path} has unsupported router features {features!r}; citer supports {FEATURES}")
-    router = RouterMLP(config["hidden_size"], features=features)
+    router = (LinearRouter(config["hidden_size"]) if config["architecture"] == LINEAR_ARCHITECTURE
+              else RouterMLP(config["hidden_size"], features=features))
     try:
         state = load_file(w_path)
     except Exception as e:

@@ -6,6 +6,24 @@ shipped; `default_paths()` is what Engine() with no model arguments loads.
 import os
 
 DEMO_DIR = os.path.join(os.path.dirname(__file__), "demo")
+PAIRS = {"arith": DEMO_DIR, "arith-free": os.path.join(os.path.dirname(__file__), "demo_free")}  # task -> pair
+
+
+def shipped(task: str = "arith") -> dict:
+    """The embedded pair trained on `task` -> {"slm", "llm", "router", "router_s",
+    "router_hidden", "baselines"}: folders, None where that part is not shipped."""
+    if task not in PAIRS:
+        raise ValueError(f"no embedded pair for task {task!r}; embedded: {sorted(PAIRS)}")
+    root = PAIRS[task]
+    out = {}
+    for name, marker in (("slm", "config.json"), ("llm", "config.json"), ("router", "router_config.json"),
+                         ("router_s", "router_config.json"), ("router_hidden", "router_config.json"),
+                         ("baselines", "query/config.json")):
+        path = os.path.join(root, name)
+        out[name] = path if os.path.isfile(os.path.join(path, marker)) else None
+    if out["slm"] is None or out["llm"] is None:
+        raise FileNotFoundError(f"the embedded pair for task {task!r} is not in this build ({root})")
+    return out
 
 
 def default_paths():

@@ -1,0 +1,133 @@
+"""The baselines CITER is measured against, beside random and confidence routing:
+
+  - query-level routing (RouteLLM-style): a logistic classifier on the SLM's normed final
+    hidden state at the prompt's last position predicts whether the SLM alone answers
+    right; queries under a threshold go wholly to the LLM (QueryRouter);
+  - a Co-LLM-style deferral head: a linear head on the SLM's hidden state, trained with
+    Co-LLM's weak labels (defer where the LLM gives the gold token a higher probability
+    than the SLM), saved as a router folder (LinearRouter) that the engine routes with
+    like any router.
+
+  citer train-baselines --slm S --llm L --task arith --out DIR   # DIR/query, DIR/colm
+"""
+import json
+import os
+from typing import List
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from citer import Engine, SamplingParams
+from citer.router import LinearRouter, save_router
+from citer.tasks import Problem, Task
+from citer.training.labels import TeacherForcer
+
+QUERY_ARCHITECTURE = "citer-query-router"
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, epochs: int = 30, lr: float = 3e-3, seed: int = 0,
+                  weight_decay: float = 1e-4, desc: str = "fit") -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(x.shape[1], 1)
+    opt = torch.optim.Adam(lin.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(epochs), desc=desc, leave=False):
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y), 256):
+            idx = perm[i:i + 256]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(lin(x[idx]).squeeze(-1), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return lin.eval()
+
+
+class QueryRouter:
+    """P(the SLM alone answers this query right) = sigmoid(w . h_prompt + b)."""
+
+    def __init__(self, linear: torch.nn.Linear, meta=None):
+        self.linear, self.meta = linear, meta or {}
+
+    @torch.no_grad()
+    def score(self, forcer: TeacherForcer, tokenizer, prompts: List[str]) -> torch.Tensor:  # [N]
+        return torch.sigmoid(self.linear(prompt_features(forcer, tokenizer, prompts)).squeeze(-1))
+
+    def policies(self, forcer: TeacherForcer, tokenizer, prompts: List[str], threshold: float) -> List[str]:
+        """Per query: "llm" where the score is under threshold, else "slm"."""
+        return ["llm" if s < threshold else "slm" for s in self.score(forcer, tokenizer, prompts).tolist()]
+
+    def save(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.linear.state_dict().items()},
+                  os.path.join(path, "query_router.safetensors"))
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({"architecture": QUERY_ARCHITECTURE, "hidden_size": self.linear.in_features,
+                       "meta": self.meta}, f, indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> "QueryRouter":
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"query router folder {path!r} has no config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        if cfg.get("architecture") != QUERY_ARCHITECTURE:
+            raise ValueError(f"{cfg_path}: architecture {cfg.get('architecture')!r} is not {QUERY_ARCHITECTURE!r}")
+        lin = torch.nn.Linear(cfg["hidden_size"], 1)
+        lin.load_state_dict(load_file(os.path.join(path, "query_router.safetensors")))
+        return cls(lin.eval(), cfg.get("meta"))
+
+
+def prompt_features(forcer: TeacherForcer, tokenizer, prompts: List[str]) -> torch.Tensor:
+    """The SLM's normed final hidden state at each prompt's last token [N, H]."""
+    seqs = [tokenizer(p).input_ids for p in prompts]
+    return torch.stack([f.hidden[-1] for f in forcer.run(seqs)])
+
+
+def train_query_router(engine: Engine, forcer: TeacherForcer, task: Task, problems: List[Problem],
+                       max_tokens: int = 128) -> QueryRouter:
+    outs = engine.generate([p.prompt for p in problems], SamplingParams(max_tokens=max_tokens, policy="slm"))
+    y = torch.tensor([float(task.check(o.text, p)) for o, p in zip(outs, problems)])
+    x = prompt_features(forcer, engine.tokenizer, [p.prompt for p in problems])
+    lin = _fit_logistic(x, y, epochs=60, desc="query router")
+    return QueryRouter(lin, {"n_train": len(problems), "slm_right_share": float(y.mean())})
+
+
+def colm_labels(forcer: TeacherForcer, tokenizer, problems: List[Problem]):
+    """Co-LLM's weak labels on teacher-forced gold solutions -> (h [N, H], keep [N]): keep
+    = 0 (defer) where the LLM gives the gold token a higher probability than the SLM."""
+    seqs, starts = [], []
+    for p in problems:
+        seqs.append(tokenizer(p.prompt + p.solution).input_ids + [tokenizer.eos_token_id])
+        starts.append(len(tokenizer(p.prompt).input_ids))
+    xs, ys = [], []
+    for seq, start, f in zip(seqs, starts, forcer.run(seqs)):
+        pos = torch.arange(start - 1, len(seq) - 1)
+        xs.append(f.hidden[pos])
+        ys.append((f.llm_logp_next[pos] <= f.slm_logp_next[pos]).float())
+    return torch.cat(xs), torch.cat(ys)
+
+
+def train_colm_head(forcer: TeacherForcer, tokenizer, problems: List[Problem], hidden_size: int) -> LinearRouter:
+    x, y = colm_labels(forcer, tokenizer, problems)
+    head = LinearRouter(hidden_size)
+    head.linear = _fit_logistic(x, y, epochs=20, desc="Co-LLM head")
+    head.meta = {"labels": len(y), "defer_share": float(1 - y.mean())}
+    return head.eval()
+
+
+def train_baselines(slm: str, llm: str, task: Task, out: str, n_train: int = 3000, seed: int = 0,
+                    max_tokens: int = 128) -> dict:
+    """Both baselines on training problems drawn like the router's (seed + 777 stream)."""
+    problems = task.train_problems(n_train, np.random.default_rng(seed + 777))
+    engine = Engine(slm, llm, max_model_len=256, max_num_seqs=256, num_blocks=256 * 16)
+    forcer = TeacherForcer(slm, llm, vocab_limit=engine.core.vocab_limit)
+    query = train_query_router(engine, forcer, task, problems, max_tokens)
+    query.save(os.path.join(out, "query"))
+    colm = train_colm_head(forcer, engine.tokenizer, problems, engine.slm_config.hidden_size)
+    save_router(colm, os.path.join(out, "colm"), meta={"task": task.name, "n_train": n_train, **colm.meta})
+    info = {"query": query.meta, "colm": colm.meta}
+    print(json.dumps(info))
+    return info
