@@ -16,6 +16,13 @@ from citer.tasks import get_task
 from test_router_training import ToyTask
 
 
+class DrawnToyTask(ToyTask):
+    """The toy's 12 prompts drawn at random from the rng, as a real task draws its problems."""
+
+    def train_problems(self, n, rng):
+        return [self.problems[i] for i in rng.integers(0, len(self.problems), n)]
+
+
 @pytest.fixture(scope="module")
 def engine(hf_models, tmp_path_factory):
     torch.manual_seed(0)
@@ -98,6 +105,16 @@ def test_fresh_problems_skip_what_routers_trained_on():
     assert not {p.prompt for p in task.test_problems()} & {p.prompt for p in fresh}
 
 
+def test_fresh_problems_say_when_the_task_runs_out():
+    """A task with fewer unseen prompts than asked for is an error that names the counts, not a hang."""
+    task = DrawnToyTask()  # 12 distinct prompts
+    seen = {p.prompt for p in task.train_problems(8, np.random.default_rng(777))}
+    k = 12 - len(seen)
+    assert len(fresh_problems(task, k, 0, [{"n_train": 8}])) == k
+    with pytest.raises(ValueError, match=f"only {k} of {k + 1} problems"):
+        fresh_problems(task, k + 1, 0, [{"n_train": 8}])
+
+
 def test_baselines_train_load_and_route(hf_models, tmp_path):
     from citer.baselines import QueryRouter, train_baselines
     from citer.router import load_router
@@ -141,10 +158,11 @@ def test_evaluate_end_to_end(engine, tmp_path, hf_models):
     bracket the points, a summary per curve, a token report per score."""
     from citer.baselines import train_baselines
 
-    task = ToyTask()
+    task = DrawnToyTask()
     train_baselines(hf_models["qwen2"][0], hf_models["llama"][0], task, str(tmp_path / "b"), n_train=8,
                     max_tokens=6)
-    result = evaluate(engine, task, n=6, seed=1, routers={"Co-LLM": str(tmp_path / "b" / "colm")},
+    # 12 prompts, the Co-LLM head trained on 8 draws: some prompts stay fresh
+    result = evaluate(engine, task, n=3, seed=1, routers={"Co-LLM": str(tmp_path / "b" / "colm")},
                       query_router=str(tmp_path / "b" / "query"), max_tokens=6, n_boot=50)
     methods = {r["method"] for r in result["rows"]}
     assert {"oracle", "query-level", "Co-LLM", "CITER", "confidence"} <= methods

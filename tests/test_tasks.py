@@ -140,3 +140,41 @@ def test_shipped_llm_solves_held_out_problems_in_transformers():
     texts = tok.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
     assert sum(task.check(t, p) for t, p in zip(texts, problems)) >= 7
     assert all(verify_solution(t) for t, p in zip(texts, problems) if task.check(t, p))
+
+
+# ---- arith-free: interchangeable choices ------------------------------------------------
+def test_arith_free_draws_arith_problems_with_free_solutions():
+    from citer.tasks import ArithFreeTask
+    from citer.tasks.arith_free import equations
+
+    free, plain = get_task("arith-free"), get_task("arith")
+    assert isinstance(free, ArithFreeTask)
+    a = free.train_problems(300, 5)
+    texts = {p.solution for p in a}
+    assert any("Then " in t or "So " in t or "Now " in t for t in texts)
+    assert any("The answer is" in t for t in texts)
+    for p in a:
+        assert verify_solution(p.solution) and free.check(p.solution, p)
+        # the same numbers as arith would compute, whatever the order of operands
+        assert all({"+": x + y, "-": x - y, "*": x * y}[op] == c for x, op, y, c in equations(p.solution))
+    # some sums and products are written with their operands swapped
+    swapped = sum(1 for p in a for x, op, y, c in equations(p.solution) if op == "*" and y != 2 and x > 9)
+    assert swapped > 0
+    assert free.test_problems(5) != plain.test_problems(5) and len(free.test_problems()) == 1000
+    assert not {p.prompt for p in free.test_problems()} & {p.prompt for p in free.train_problems(500, 1)}
+
+
+def test_arith_free_every_variant_checks():
+    from citer.tasks.arith_free import ArithFreeTask, equations
+
+    task = get_task("arith-free")
+    for p in task.train_problems(20, 9):
+        eqs = equations(p.solution)
+        variants = list(ArithFreeTask.variants(eqs, p.answer))
+        assert p.solution in variants and len(set(variants)) == len(variants) > 1
+        for v in variants:
+            assert task.check(v, p) and verify_solution(v)
+    # and a wrong result is still caught, in any variant
+    p = task.train_problems(1, 3)[0]
+    bad = p.solution.replace(f"#### {p.answer}", f"#### {p.answer + 1}")
+    assert not task.check(bad, p)

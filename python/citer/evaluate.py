@@ -99,17 +99,27 @@ def query_level_rows(scores: np.ndarray, slm_row: dict, llm_row: dict, shares=QU
     return rows
 
 
-def fresh_problems(task: Task, n: int, seed: int, exclude_meta: List[dict]) -> List:
-    """n problems from `seed`, none of them a prompt a router's training or validation drew
-    (regenerated from its metadata: seed + 777 stream, n_train + n_val problems)."""
+def fresh_problems(task: Task, n: int, seed: int, exclude_meta: List[dict], max_draws: int = 20) -> List:
+    """n distinct problems from `seed`, none of them a prompt a router's training or validation
+    drew (regenerated from its metadata: seed + 777 stream, n_train + n_val problems). A
+    ValueError, not a hang, when max_draws * n draws cannot find that many."""
     seen = set()
     for meta in exclude_meta:
         if meta and "n_train" in meta:
             rng = np.random.default_rng(meta.get("seed", 0) + 777)
             seen |= {p.prompt for p in task.train_problems(meta["n_train"] + meta.get("n_val", 0), rng)}
-    rng, out = np.random.default_rng(seed), []
+    rng, out, drawn, n_seen = np.random.default_rng(seed), [], 0, len(seen)
     while len(out) < n:
-        out += [p for p in task.train_problems(n - len(out), rng) if p.prompt not in seen]
+        if drawn >= max_draws * n:
+            raise ValueError(f"task {task.name!r}: only {len(out)} of {n} problems drawn from seed {seed} are not "
+                             f"among the {n_seen} prompts the routers trained or validated on "
+                             f"({drawn} drawn); use a smaller n or a task with more distinct problems")
+        batch = task.train_problems(n - len(out), rng)
+        drawn += len(batch)
+        for p in batch:
+            if p.prompt not in seen:  # distinct, and none a router saw
+                seen.add(p.prompt)
+                out.append(p)
     return out
 
 
