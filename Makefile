@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.citer-installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: test demo install bench assets clean
+.PHONY: test demo install bench assets assets-free clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,16 +22,29 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m citer.demo
 
-# Reproduce the embedded default from scratch (about 45 minutes on 2 CPU cores): the demo
-# pair (Qwen2 architecture) trained on the arithmetic task, the CITER router and the
-# CITER-S ablation router, then copy them into python/citer/assets/demo.
+# Reproduce the embedded pairs from scratch (each about 35 minutes of model training plus
+# 15-30 of router training on 2 CPU cores): the pair (Qwen2 architecture) trained on the
+# task, the CITER router (hidden state + head signals), the CITER-S ablation and the
+# query-level / Co-LLM baselines, then copy them into python/citer/assets/demo(_free).
+# The arith pair also ships its hidden-only router (the paper's input) as router_hidden.
 RUN := runs/demo
+FREE := runs/free
+ROUTER_ARGS := --n-train 4000 --n-val 400 --easy-keep 0.25
 assets: $(STAMP)
 	$(PY) -m citer.training.lm --out $(RUN) --only llm
 	$(PY) -m citer.training.lm --out $(RUN) --only slm
-	$(PY) -m citer.cli train-router --slm $(RUN)/slm --llm $(RUN)/llm --task arith --out $(RUN)/router
-	$(PY) -m citer.cli train-router --slm $(RUN)/slm --llm $(RUN)/llm --task arith --out $(RUN)/router_s --short-term
+	$(PY) -m citer.cli train-router --slm $(RUN)/slm --llm $(RUN)/llm --task arith --out $(RUN)/router $(ROUTER_ARGS)
+	$(PY) -m citer.cli train-router --slm $(RUN)/slm --llm $(RUN)/llm --task arith --out $(RUN)/router_hidden --features hidden --n-train 3000 --n-val 500
+	$(PY) -m citer.cli train-router --slm $(RUN)/slm --llm $(RUN)/llm --task arith --out $(RUN)/router_s --features hidden --short-term --n-train 3000 --n-val 500
+	$(PY) -m citer.cli train-baselines --slm $(RUN)/slm --llm $(RUN)/llm --task arith --out $(RUN)/baselines --n-train 2000
 	$(PY) -m citer.training.ship $(RUN)
+
+assets-free: $(STAMP)
+	$(PY) -m citer.training.lm --task arith-free --out $(FREE)
+	$(PY) -m citer.cli train-router --slm $(FREE)/slm --llm $(FREE)/llm --task arith-free --out $(FREE)/router $(ROUTER_ARGS)
+	$(PY) -m citer.cli train-router --slm $(FREE)/slm --llm $(FREE)/llm --task arith-free --out $(FREE)/router_s --short-term $(ROUTER_ARGS)
+	$(PY) -m citer.cli train-baselines --slm $(FREE)/slm --llm $(FREE)/llm --task arith-free --out $(FREE)/baselines --n-train 2000
+	$(PY) -m citer.training.ship $(FREE) --task arith-free
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine_vs_transformers.py

@@ -97,3 +97,16 @@ def scratch_dir() -> str:
     root = os.environ.get("CITER_BENCH_DIR") or os.path.join(tempfile.gettempdir(), "citer-bench-models")
     os.makedirs(root, exist_ok=True)
     return root
+
+
+def add_pair_args(ap) -> None:
+    """--slm / --llm: the random-weight Qwen2 shapes of the CPU routed-decoding benchmarks."""
+    ap.add_argument("--llm", default="qwen2-100m")
+    ap.add_argument("--slm", default="qwen2-10m")
+
+
+def build_pair(args):
+    """-> (slm_path, llm_path): the random-weight pair named by add_pair_args, cached in scratch_dir()."""
+    root = scratch_dir()
+    llm_path = build_random_qwen2(args.llm, root, seed=1)
+    return build_random_qwen2(args.slm, root, seed=2), llm_path

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_run_args, build_random_qwen2, interleaved_medians, median, num_params, scratch_dir, timed  # noqa: E402
+from common import add_pair_args, add_run_args, build_pair, interleaved_medians, median, num_params, timed  # noqa: E402
 
 
 def make_router(hidden: int, path: str) -> str:
@@ -29,8 +29,7 @@ def make_router(hidden: int, path: str) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--llm", default="qwen2-100m")
-    ap.add_argument("--slm", default="qwen2-10m")
+    add_pair_args(ap)
     ap.add_argument("--fraction", type=float, default=0.15)
     add_run_args(ap)
     args = ap.parse_args()
@@ -40,9 +39,7 @@ def main():
 
     from citer import Engine, SamplingParams
 
-    root = scratch_dir()
-    llm_path = build_random_qwen2(args.llm, root, seed=1)
-    slm_path = build_random_qwen2(args.slm, root, seed=2)
+    slm_path, llm_path = build_pair(args)
     router_path = make_router(AutoModelForCausalLM.from_pretrained(slm_path).config.hidden_size,
                               tempfile.mkdtemp(prefix="citer-router-"))
     hf = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32).eval()

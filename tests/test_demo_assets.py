@@ -51,3 +51,22 @@ def test_llm_and_router_solve_held_out_problems(engine):
     share = sum(sum(o.from_llm) for o in outs) / sum(len(o.from_llm) for o in outs)
     assert 0.0 < share < 0.5
     assert all(s is not None and 0.0 <= s <= 1.0 for o in outs for s in o.router_scores)  # sigmoid may round to 1
+
+
+@pytest.mark.parametrize("task_name", ["arith", "arith-free"])
+def test_each_embedded_pair_ships_its_routers_and_routes(task_name):
+    """Both embedded pairs (arith is the default): routers that match the SLM's hidden
+    size, the head-signal CITER router as `router`, and a routed run that solves problems."""
+    from citer.assets import shipped
+    from citer.router import load_router
+
+    pair = shipped(task_name)
+    assert pair["router"] and pair["router_s"] and pair["baselines"]
+    assert load_router(pair["router"]).features == "hidden+head"
+    engine = Engine(pair["slm"], pair["llm"], pair["router"], max_model_len=256, num_blocks=N * 16 + 16,
+                    max_num_seqs=N)
+    task = get_task(task_name)
+    problems = task.test_problems(N)
+    outs = engine.generate([p.prompt for p in problems], SamplingParams(max_tokens=128, policy="router"))
+    assert sum(task.check(o.text, p) for o, p in zip(outs, problems)) >= N // 2
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
