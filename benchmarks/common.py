@@ -105,6 +105,15 @@ def add_pair_args(ap) -> None:
     ap.add_argument("--slm", default="qwen2-10m")
 
 
+def make_router(hidden: int, path: str, features: str = "hidden") -> str:
+    """An untrained (seeded) CITER router for an SLM of this hidden size, saved to path."""
+    from citer.router import RouterMLP, save_router
+
+    torch.manual_seed(0)
+    save_router(RouterMLP(hidden, features=features).eval(), path)
+    return path
+
+
 def build_pair(args):
     """-> (slm_path, llm_path): the random-weight pair named by add_pair_args, cached in scratch_dir()."""
     root = scratch_dir()

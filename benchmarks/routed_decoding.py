@@ -16,15 +16,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_pair_args, add_run_args, build_pair, interleaved_medians, median, num_params, timed  # noqa: E402
-
-
-def make_router(hidden: int, path: str) -> str:
-    from citer.router import RouterMLP, save_router
-
-    torch.manual_seed(0)
-    save_router(RouterMLP(hidden).eval(), path)
-    return path
+from common import (add_pair_args, add_run_args, build_pair, interleaved_medians, make_router, median,  # noqa: E402
+                    num_params, timed)
 
 
 def main():

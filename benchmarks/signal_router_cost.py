@@ -20,15 +20,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_pair_args, add_run_args, build_pair, interleaved_medians, median, timed  # noqa: E402
-
-
-def make_router(hidden: int, features: str, path: str) -> str:
-    from citer.router import RouterMLP, save_router
-
-    torch.manual_seed(0)
-    save_router(RouterMLP(hidden, features=features).eval(), path)
-    return path
+from common import add_pair_args, add_run_args, build_pair, interleaved_medians, make_router, median, timed  # noqa: E402
 
 
 def main():
@@ -45,7 +37,7 @@ def main():
 
     slm_path, llm_path = build_pair(args)
     hidden = AutoConfig.from_pretrained(slm_path).hidden_size
-    engines = {f: Engine(slm_path, llm_path, make_router(hidden, f, tempfile.mkdtemp(prefix="citer-router-")),
+    engines = {f: Engine(slm_path, llm_path, make_router(hidden, tempfile.mkdtemp(prefix="citer-router-"), f),
                          backend="torch", max_model_len=512, num_blocks=64 * args.batch)
                for f in ("hidden", "hidden+head")}
     gen = torch.Generator().manual_seed(0)

@@ -65,6 +65,9 @@ def test_each_embedded_pair_ships_its_routers_and_routes(task_name):
     assert load_router(pair["router"]).features == "hidden+head"
     engine = Engine(pair["slm"], pair["llm"], pair["router"], max_model_len=256, num_blocks=N * 16 + 16,
                     max_num_seqs=N)
+    hidden = engine.slm_config.hidden_size
+    for other in (pair["router_s"], os.path.join(pair["baselines"], "colm")):
+        load_router(other, slm_hidden_size=hidden)  # raises on a hidden-size mismatch
     task = get_task(task_name)
     problems = task.test_problems(N)
     outs = engine.generate([p.prompt for p in problems], SamplingParams(max_tokens=128, policy="router"))

@@ -20,6 +20,7 @@ from .assets import shipped
 from .engine.outputs import llm_share
 
 BOLD, RESET = "\033[1;33m", "\033[0m"
+SIZES = dict(max_model_len=256, max_num_seqs=256, num_blocks=256 * 16)  # batch a whole evaluation
 
 
 def highlight(engine, out) -> str:
@@ -105,7 +106,7 @@ def mechanics_demo(engine: Engine) -> None:
 def main() -> int:
     t0 = time.time()
     try:
-        engine = Engine(max_model_len=256, max_num_seqs=256, num_blocks=256 * 16)
+        engine = Engine(**SIZES)
     except FileNotFoundError as e:
         print(f"NOTE: {e}.\nThe trained demo pair is not in this build, so this demo builds a tiny RANDOM-WEIGHT "
               "Qwen2 pair on the fly: its text is gibberish; it shows the routing mechanics, not answer quality.\n")
@@ -123,8 +124,7 @@ def main() -> int:
             print(f"(no second pair: {e})")
         else:
             # the second embedded pair: a task whose solutions have interchangeable choices
-            engine = Engine(free["slm"], free["llm"], free["router"], max_model_len=256, max_num_seqs=256,
-                            num_blocks=256 * 16)
+            engine = Engine(free["slm"], free["llm"], free["router"], **SIZES)
             trained_demo(engine, "arith-free", n_eval=100, n_show=2)
     print(f"{time.time() - t0:.0f} s; accuracy vs LLM share against every baseline: docs/demo-pair.md")
     return 0
