@@ -31,20 +31,20 @@ RUN := runs/demo
 FREE := runs/free
 ROUTER_ARGS := --n-train 4000 --n-val 400 --easy-keep 0.25
 assets: $(STAMP)
-	$(PY) -m citer.training.lm --out $(RUN) --only llm
-	$(PY) -m citer.training.lm --out $(RUN) --only slm
+	$(PY) -m citer.research.training.lm --out $(RUN) --only llm
+	$(PY) -m citer.research.training.lm --out $(RUN) --only slm
 	$(PY) -m citer.cli train-router --slm $(RUN)/slm --llm $(RUN)/llm --task arith --out $(RUN)/router $(ROUTER_ARGS)
 	$(PY) -m citer.cli train-router --slm $(RUN)/slm --llm $(RUN)/llm --task arith --out $(RUN)/router_hidden --features hidden --n-train 3000 --n-val 500
 	$(PY) -m citer.cli train-router --slm $(RUN)/slm --llm $(RUN)/llm --task arith --out $(RUN)/router_s --features hidden --short-term --n-train 3000 --n-val 500
 	$(PY) -m citer.cli train-baselines --slm $(RUN)/slm --llm $(RUN)/llm --task arith --out $(RUN)/baselines --n-train 2000
-	$(PY) -m citer.training.ship $(RUN)
+	$(PY) -m citer.research.training.ship $(RUN)
 
 assets-free: $(STAMP)
-	$(PY) -m citer.training.lm --task arith-free --out $(FREE)
+	$(PY) -m citer.research.training.lm --task arith-free --out $(FREE)
 	$(PY) -m citer.cli train-router --slm $(FREE)/slm --llm $(FREE)/llm --task arith-free --out $(FREE)/router $(ROUTER_ARGS)
 	$(PY) -m citer.cli train-router --slm $(FREE)/slm --llm $(FREE)/llm --task arith-free --out $(FREE)/router_s --short-term $(ROUTER_ARGS)
 	$(PY) -m citer.cli train-baselines --slm $(FREE)/slm --llm $(FREE)/llm --task arith-free --out $(FREE)/baselines --n-train 2000
-	$(PY) -m citer.training.ship $(FREE) --task arith-free
+	$(PY) -m citer.research.training.ship $(FREE) --task arith-free
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine_vs_transformers.py

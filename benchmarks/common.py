@@ -107,7 +107,7 @@ def add_pair_args(ap) -> None:
 
 def make_router(hidden: int, path: str, features: str = "hidden") -> str:
     """An untrained (seeded) CITER router for an SLM of this hidden size, saved to path."""
-    from citer.router import RouterMLP, save_router
+    from citer.research.router_nets import RouterMLP, save_router
 
     torch.manual_seed(0)
     save_router(RouterMLP(hidden, features=features).eval(), path)

@@ -86,8 +86,8 @@ def quality(engine, task, problems, max_tokens):
 def replay_costs(traces, shapes, n_replay, repeats):
     """Phase 2 -> method -> ms/token at batch 1 on the random-weight pair."""
     from citer import Engine, SamplingParams
-    from citer.router import RouterMLP, save_router
-    from citer.models import load_model_config
+    from citer.research.router_nets import RouterMLP, save_router
+    from citer.engine.models import load_model_config
 
     slm_name, llm_name, device, dtype = SHAPES[shapes]
     root = scratch_dir()
@@ -208,7 +208,7 @@ def main():
     if args.replot:
         return replot(args.out)
     from citer import Engine
-    from citer.tasks import get_task
+    from citer.research.tasks import get_task
 
     task = get_task("arith")
     problems = task.test_problems(args.n)

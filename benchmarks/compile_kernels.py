@@ -1,4 +1,4 @@
-"""`benchmarks/kernels.py --compile-only`: ahead-of-time compilation for a GPU target, no GPU needed.
+"""`benchmarks/kernel_bench.py --compile-only`: ahead-of-time compilation for a GPU target, no GPU needed.
 
 Every kernel wrapper is called on meta tensors at the benchmark shapes with each
 @triton.jit kernel it launches replaced by a recorder (split counts as a 132-SM H100
@@ -12,7 +12,7 @@ import tempfile
 
 import torch
 
-from kernels import BLOCK_SIZE, DT, SHAPES, head_inputs, paged_inputs
+from kernel_bench import BLOCK_SIZE, DT, SHAPES, head_inputs, paged_inputs
 
 
 def _jit_functions(modules):

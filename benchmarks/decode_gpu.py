@@ -105,8 +105,8 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from citer import Engine, SamplingParams
-    from citer.models import load_model_config
-    from citer.router import RouterMLP, save_router
+    from citer.engine.models import load_model_config
+    from citer.research.router_nets import RouterMLP, save_router
 
     dtype = getattr(torch, args.dtype)
     root = scratch_dir()

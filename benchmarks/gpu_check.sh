@@ -25,7 +25,7 @@ mkdir -p "$LOG"
 if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu_check.sh needs a CUDA GPU: $PY cannot import torch, or torch sees no CUDA device. Nothing was run."
     echo "Without a GPU: 'make test' runs every kernel under the Triton interpreter, and"
-    echo "'python benchmarks/kernels.py --compile-only' compiles them for sm_90 (registers, spills)."
+    echo "'python benchmarks/kernel_bench.py --compile-only' compiles them for sm_90 (registers, spills)."
     exit 1
 fi
 echo "=== versions ($(date -u +%FT%TZ))"
@@ -72,7 +72,7 @@ for s in $sections; do
     case $s in
         tests) part tests 600 $PYTEST --durations=15 $KG $GG tests/test_kernels.py tests/test_engine_triton.py \
                    tests/test_cuda_graph.py ;;
-        kernels) part kernels 600 $PY benchmarks/kernels.py ;;
+        kernels) part kernels 600 $PY benchmarks/kernel_bench.py ;;
         decode) part decode 600 $PY benchmarks/decode_gpu.py --json "$LOG/decode.json" ;;
         compare) part compare 600 $PY benchmarks/compare_policies.py --shapes gpu -n 500 --replay-n 24 \
                      --out "$LOG/compare" ;;

@@ -161,7 +161,7 @@ def main():
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--layer", choices=("sync", "async"), help=argparse.SUPPRESS)  # internal: one child round
     args = ap.parse_args()
-    from citer.tasks import get_task
+    from citer.research.tasks import get_task
 
     prompts = [p.prompt for p in get_task("arith").test_problems(max(args.requests, 8))][:args.requests]
     if args.layer:  # a child process: one layer, one measured round after a warm-up round

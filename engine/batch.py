@@ -11,7 +11,7 @@ from typing import List, Sequence as Seq, Tuple
 import numpy as np
 import torch
 
-from citer.models.attention import AttentionMetadata
+from .models.attention import AttentionMetadata
 
 
 @dataclass

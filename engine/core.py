@@ -46,7 +46,7 @@ class EngineCore(RequestIntake):
         self.config = config
         self.bm = block_manager
         self.slm, self.llm = slm, llm
-        self.router = router  # a citer.router.FoldedRouter (params, default_threshold) or None
+        self.router = router  # a citer.engine.models.router.FoldedRouter (params, default_threshold) or None
         self.scheduler = Scheduler(config, block_manager)
         self.tokenizer = tokenizer
         self.detok = Detokenizer(tokenizer)

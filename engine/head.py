@@ -4,7 +4,7 @@ A HeadSpec is built once per step and model from the step's sequences: per row t
 temperature, this step's sampling seed (drawn from each sequence's own generator, so a
 seeded request gives the same tokens in any batch, on any head path), the top-k / top-p
 filters where some row has them, and the router to score the rows with. The model's
-head (citer.models.DecoderLM.head) makes the choices; StepResult carries them back per
+head (citer.engine.models.DecoderLM.head) makes the choices; StepResult carries them back per
 row, aligned with the step's sequences.
 """
 from dataclasses import dataclass, replace
@@ -13,7 +13,9 @@ from typing import List, Optional, Sequence as Seq, Tuple
 import torch
 
 from citer.kernels.sampling import NO_FILTER, Filter
-from citer.models.head import HeadInputs, RouterParams
+
+from .models.head import HeadInputs
+from .models.router import RouterParams
 
 
 @dataclass(frozen=True)

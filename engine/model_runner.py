@@ -14,13 +14,12 @@ from typing import Callable, List, Optional, Sequence as Seq, Tuple
 
 import torch
 
-from citer.models.attention import AttentionMetadata
-from citer.models.head import HeadInputs, HeadOutput
-
 from .batch import eager_inputs, pack_batch
 from .config import EngineConfig
 from .cuda_graph import CUDAGraph, GraphKey, StepGraphs, batch_buckets, query_len_buckets
 from .head import HeadSpec, StepResult
+from .models.attention import AttentionMetadata
+from .models.head import HeadInputs, HeadOutput
 
 
 class ModelRunner:

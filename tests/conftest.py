@@ -92,7 +92,7 @@ def hf_models(tmp_path_factory):
 def router_path(tmp_path_factory):
     """A router folder for the tiny SLMs (hidden 64), with non-trivial BatchNorm statistics
     so that folding is exercised."""
-    from citer.router import RouterMLP, save_router
+    from citer.research.router_nets import RouterMLP, save_router
 
     torch.manual_seed(0)
     r = RouterMLP(64)
@@ -111,7 +111,7 @@ def router_path(tmp_path_factory):
 def signal_router_path(tmp_path_factory):
     """A hidden+head router folder for the tiny SLMs (hidden 64): BatchNorm statistics and
     a last layer moved off their starting values, so both the MLP and the skip matter."""
-    from citer.router import RouterMLP, save_router
+    from citer.research.router_nets import RouterMLP, save_router
 
     torch.manual_seed(1)
     r = RouterMLP(64, features="hidden+head")

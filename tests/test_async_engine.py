@@ -9,7 +9,7 @@ import pytest
 
 from citer import Engine, SamplingParams
 from citer.async_engine import AsyncEngine, RequestError
-from citer.tasks import get_task
+from citer.research.tasks import get_task
 
 PROBLEMS = get_task("arith").test_problems(40)
 

@@ -6,7 +6,7 @@ import pytest
 
 from citer import Engine, SamplingParams
 from citer.assets import DEMO_DIR, default_paths
-from citer.tasks import get_task
+from citer.research.tasks import get_task
 
 N = 12
 
@@ -58,7 +58,7 @@ def test_each_embedded_pair_ships_its_routers_and_routes(task_name):
     """Both embedded pairs (arith is the default): routers that match the SLM's hidden
     size, the head-signal CITER router as `router`, and a routed run that solves problems."""
     from citer.assets import shipped
-    from citer.router import load_router
+    from citer.engine.models.router import load_router
 
     pair = shipped(task_name)
     assert pair["router"] and pair["router_s"] and pair["baselines"]

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from citer import Engine, SamplingParams
-from citer.eval_stats import Bootstrap, mean_accuracy, share_to_reach, summarize
-from citer.evaluate import evaluate, fresh_problems, query_level_rows, sweep, table, write, write_eval
-from citer.router import RouterMLP, save_router
-from citer.tasks import get_task
+from citer.research.eval_stats import Bootstrap, mean_accuracy, share_to_reach, summarize
+from citer.research.evaluate import evaluate, fresh_problems, query_level_rows, sweep, table, write, write_eval
+from citer.research.router_nets import RouterMLP, save_router
+from citer.research.tasks import get_task
 from test_router_training import ToyTask
 
 
@@ -116,8 +116,8 @@ def test_fresh_problems_say_when_the_task_runs_out():
 
 
 def test_baselines_train_load_and_route(hf_models, tmp_path):
-    from citer.baselines import QueryRouter, train_baselines
-    from citer.router import load_router
+    from citer.research.baselines import QueryRouter, train_baselines
+    from citer.engine.models.router import load_router
 
     slm, llm = hf_models["qwen2"][0], hf_models["llama"][0]
     info = train_baselines(slm, llm, ToyTask(), str(tmp_path), n_train=12, max_tokens=6)
@@ -132,7 +132,7 @@ def test_baselines_train_load_and_route(hf_models, tmp_path):
     outs = engine.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=5, policy="router", threshold=0.5,
                                                               ignore_eos=True))
     assert all(all(0 < s < 1 for s in o.router_scores) for o in outs)
-    from citer.training.labels import TeacherForcer
+    from citer.research.training.labels import TeacherForcer
 
     pol = qr.policies(TeacherForcer(slm, llm), engine.tokenizer, ["Q: abc A:", "Q: x A:"], threshold=2.0)
     assert pol == ["llm", "llm"]
@@ -141,7 +141,7 @@ def test_baselines_train_load_and_route(hf_models, tmp_path):
 
 
 def colm_net(tmp_path):
-    from citer.router import load_router_mlp
+    from citer.research.router_nets import load_router_mlp
 
     return load_router_mlp(str(tmp_path / "colm"))[0]
 
@@ -156,7 +156,7 @@ def _bad_query(tmp_path):
 def test_evaluate_end_to_end(engine, tmp_path, hf_models):
     """Every part of `citer eval` on a toy: oracle rows reach the LLM's answers, CIs
     bracket the points, a summary per curve, a token report per score."""
-    from citer.baselines import train_baselines
+    from citer.research.baselines import train_baselines
 
     task = DrawnToyTask()
     train_baselines(hf_models["qwen2"][0], hf_models["llama"][0], task, str(tmp_path / "b"), n_train=8,
@@ -176,8 +176,8 @@ def test_evaluate_end_to_end(engine, tmp_path, hf_models):
 
 def test_oracle_at_large_k_is_the_llm(engine, hf_models):
     """Replacing every mismatch gives exactly the LLM's greedy answer, one LLM token per replacement."""
-    from citer.oracle import oracle_points
-    from citer.training.labels import TeacherForcer
+    from citer.research.oracle import oracle_points
+    from citer.research.training.labels import TeacherForcer
 
     task = ToyTask()
     problems = task.problems[:4]

@@ -10,7 +10,8 @@ import torch
 
 from citer import Engine, SamplingParams
 from citer.kernels.routed_head import head_signals_ref
-from citer.router import RouterMLP, load_router, load_router_mlp, save_router
+from citer.engine.models.router import load_router
+from citer.research.router_nets import RouterMLP, load_router_mlp, save_router
 from conftest import DEVICE, assert_all_free, random_prompts
 
 

@@ -14,7 +14,8 @@ import pytest  # noqa: E402
 from citer.kernels.kv_store import store_kvcache_ref, store_kvcache_triton  # noqa: E402
 from citer.kernels.paged_attention import SPLIT_KV_MAX_Q, paged_attention_ref, paged_attention_triton  # noqa: E402
 from citer.kernels.rmsnorm import rms_norm_ref, rms_norm_triton  # noqa: E402
-from citer.kernels.routed_head import (RouterParams, head_signals_ref, router_mlp_ref, routed_head_ref,  # noqa: E402
+from citer.engine.models.router import RouterParams  # noqa: E402
+from citer.kernels.routed_head import (head_signals_ref, router_mlp_ref, routed_head_ref,  # noqa: E402
                                       routed_head_triton)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

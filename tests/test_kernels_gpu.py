@@ -113,7 +113,8 @@ def test_routed_head_real_sizes(batch):
 
 @pytest.mark.parametrize("batch", [1, 40])
 def test_routed_head_signal_router_real_sizes(batch):
-    from citer.kernels.routed_head import RouterParams, head_signals_ref
+    from citer.engine.models.router import RouterParams
+    from citer.kernels.routed_head import head_signals_ref
 
     hs, nw, lm, router = _head(batch)
     g = torch.Generator().manual_seed(1)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from citer.kernels.ops import get_ops
-from citer.models import load_model
-from citer.models.attention import AttentionMetadata
+from citer.engine.models import load_model
+from citer.engine.models.attention import AttentionMetadata
 from conftest import MODEL_CONFIGS, build_hf_model, random_prompts
 
 OPS = get_ops("torch")

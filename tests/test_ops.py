@@ -21,7 +21,7 @@ from citer.kernels.paged_attention import (SPLIT_KV_MAX_Q, paged_attention_ref, 
 from citer.kernels.rmsnorm import rms_norm_triton  # noqa: E402
 from citer.kernels.routed_head import routed_head_triton  # noqa: E402
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernels.py")
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernel_bench.py")
 
 
 def test_resolve_backend(monkeypatch):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from citer import Engine, SamplingParams
-from citer.tasks import Problem, Task
-from citer.training import labels as L
-from citer.training.router_train import fit_router, train_router
+from citer.research.tasks import Problem, Task
+from citer.research.training import labels as L
+from citer.research.training.router_train import fit_router, train_router
 
 
 class ToyTask(Task):
@@ -92,7 +92,7 @@ def test_round1_three_cases_match_transformers(setup, hf_models):
 def test_round2_relabels_with_the_router_in_the_loop(setup, hf_models, tmp_path):
     engine, forcer, task = setup
     problems = task.problems[:5]
-    from citer.router import RouterMLP, save_router
+    from citer.research.router_nets import RouterMLP, save_router
 
     torch.manual_seed(0)
     save_router(RouterMLP(64).eval(), str(tmp_path))
@@ -172,7 +172,7 @@ def _label_set(n, seed, rule=False):
 
 @pytest.mark.parametrize("features", ["hidden", "hidden+head"])
 def test_fit_keeps_the_epoch_with_the_best_routing_objective(features):
-    from citer.token_metrics import routing_objective
+    from citer.research.token_metrics import routing_objective
 
     train, val = _label_set(300, 0, rule=True), _label_set(300, 1, rule=True)
     fit = fit_router(train, val, 16, features, epochs=12, lr=3e-3, batch_size=32, patience=12, progress=False)
@@ -202,8 +202,8 @@ def test_train_router_end_to_end_and_engine_routes_with_it(hf_models, tmp_path):
 
 
 def test_pair_report_token_error_rates(setup, hf_models):
-    from citer.tasks import get_task
-    from citer.training.report import token_error_rates
+    from citer.research.tasks import get_task
+    from citer.research.training.report import token_error_rates
 
     engine, forcer, _ = setup
     tok = engine.tokenizer

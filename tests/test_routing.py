@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from citer import Engine, SamplingParams
-from citer.router import load_router
+from citer.engine.models.router import load_router
 from conftest import assert_all_free, random_prompts
 
 BS = 8
@@ -18,7 +18,7 @@ def engine(hf_models, router_path):
 
 
 def test_folded_router_equals_training_network(router_path):
-    net, _ = __import__("citer.router", fromlist=["load_router_mlp"]).load_router_mlp(router_path)
+    net, _ = __import__("citer.research.router_nets", fromlist=["load_router_mlp"]).load_router_mlp(router_path)
     folded = load_router(router_path, 64)
     h = torch.randn(7, 64)
     with torch.no_grad():

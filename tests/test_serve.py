@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from citer import Engine, SamplingParams
-from citer.tasks import get_task
+from citer.research.tasks import get_task
 
 PROBLEMS = get_task("arith").test_problems(40)
 

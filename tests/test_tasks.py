@@ -5,8 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from citer.tasks import ArithTask, Difficulty, get_task
-from citer.tasks.arith import verify_solution
+from citer.research.tasks import ArithTask, Difficulty, get_task
+from citer.research.tasks.arith import verify_solution
 
 
 def test_seeded_generator_is_deterministic():
@@ -69,7 +69,7 @@ def test_unknown_task():
 def test_tokenizer_round_trip_and_autotokenizer(tmp_path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
-    from citer.tasks.bpe_tokenizer import train_tokenizer
+    from citer.research.tasks.bpe_tokenizer import train_tokenizer
 
     t = get_task("arith")
     tok = train_tokenizer(p.prompt + p.solution for p in t.train_problems(500, np.random.default_rng(0)))
@@ -86,7 +86,7 @@ def test_tokenizer_round_trip_and_autotokenizer(tmp_path):
 
 
 def test_int_seed_equals_generator_and_module_level_checker():
-    from citer.tasks import extract_answer, is_correct
+    from citer.research.tasks import extract_answer, is_correct
 
     t = get_task("arith")
     assert t.train_problems(10, 7) == t.train_problems(10, np.random.default_rng(7))
@@ -144,8 +144,8 @@ def test_shipped_llm_solves_held_out_problems_in_transformers():
 
 # ---- arith-free: interchangeable choices ------------------------------------------------
 def test_arith_free_draws_arith_problems_with_free_solutions():
-    from citer.tasks import ArithFreeTask
-    from citer.tasks.arith_free import equations
+    from citer.research.tasks import ArithFreeTask
+    from citer.research.tasks.arith_free import equations
 
     free, plain = get_task("arith-free"), get_task("arith")
     assert isinstance(free, ArithFreeTask)
@@ -165,7 +165,7 @@ def test_arith_free_draws_arith_problems_with_free_solutions():
 
 
 def test_arith_free_every_variant_checks():
-    from citer.tasks.arith_free import ArithFreeTask, equations
+    from citer.research.tasks.arith_free import ArithFreeTask, equations
 
     task = get_task("arith-free")
     for p in task.train_problems(20, 9):

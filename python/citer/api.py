@@ -8,13 +8,14 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
+from citer.engine.args import EngineArgs
 from citer.engine.core import STEP_API
 from citer.engine.outputs import RequestOutput, TokenEvent, llm_share
 from citer.engine.requests import Prompt
 from citer.engine.sampling_params import SamplingParams
 
 from .builder import build_core
-from .router import load_router
+from citer.engine.models.router import load_router
 
 
 @dataclass
@@ -27,32 +28,39 @@ class Calibration:
 class Engine:
     """Token-level routed decoding between a small (SLM) and a large (LLM) model.
 
-    Engine(slm, llm=None, router=None, *, device, dtype, block_size=16, num_blocks or
-    kv_cache_memory, max_model_len, ...). Checkpoints are Hugging Face folders. With no
-    model arguments it loads the embedded default pair and router (see citer.assets).
+    Engine(slm, llm=None, router=None, **options): the options are EngineArgs' fields
+    (device, dtype, block_size, num_blocks or kv_cache_memory, max_model_len, ...; see
+    citer.engine.args), or Engine.from_args(EngineArgs(...)). Checkpoints are Hugging
+    Face folders. With no model arguments it loads the embedded default pair and router
+    (see citer.assets).
     On CUDA (Triton backend) the SLM decode step and LLM catch-ups of up to
     max_graph_query_len tokens replay CUDA graphs; enforce_eager=True turns them off.
     attention="flash-attn" uses flash-attn's paged attention (CUDA, fp16/bf16,
     block_size a multiple of 256) instead of the Triton kernel.
     """
 
-    def __init__(self, slm: Optional[str] = None, llm: Optional[str] = None, router: Optional[str] = None, *,
-                 device: str = "cpu", dtype: str = "float32", block_size: int = 16,
-                 num_blocks: Optional[int] = None, kv_cache_memory: Optional[int] = None,
-                 max_model_len: Optional[int] = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 8192, backend: Optional[str] = None,
-                 attention: Optional[str] = None, enforce_eager: bool = False, max_graph_query_len: int = 32,
-                 profile: bool = False, seed: int = 0):
-        if slm is None and llm is None and router is None:
+    def __init__(self, slm: Optional[str] = None, llm: Optional[str] = None, router: Optional[str] = None,
+                 **options):
+        self._init(EngineArgs(slm, llm, router, **options))
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> "Engine":
+        """An engine from EngineArgs (what AsyncEngine and `citer serve` pass through)."""
+        if not isinstance(args, EngineArgs):
+            raise TypeError(f"Engine.from_args takes EngineArgs, got {type(args).__name__}")
+        engine = cls.__new__(cls)
+        engine._init(args)
+        return engine
+
+    def _init(self, args: EngineArgs) -> None:
+        if args.uses_default_pair:
             from .assets import default_paths
 
             slm, llm, router = default_paths()
-        self.core = build_core(slm, llm, router, device=device, dtype=dtype, block_size=block_size,
-                               num_blocks=num_blocks, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
-                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                               backend=backend, attention=attention, enforce_eager=enforce_eager,
-                               max_graph_query_len=max_graph_query_len, profile=profile, seed=seed)
-        self.paths = {"slm": slm, "llm": llm, "router": router}
+            args = replace(args, slm=slm, llm=llm, router=router)
+        self.args = args
+        self.core = build_core(args)
+        self.paths = {"slm": args.slm, "llm": args.llm, "router": args.router}
 
     # ---- what the engine holds (one copy each, in the core) ----------------------------
     @property
@@ -81,7 +89,7 @@ class Engine:
 
     @property
     def slm_config(self):
-        """The SLM's citer.models.ModelConfig (None without an SLM)."""
+        """The SLM's citer.engine.models.ModelConfig (None without an SLM)."""
         return self.core.slm.cfg if self.core.slm is not None else None
 
     @property

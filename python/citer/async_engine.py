@@ -5,7 +5,7 @@ loop), runs `step()` while requests are running and sleeps on a condition when n
 (no spinning). Each step's events are handed to the event loop with
 `call_soon_threadsafe`, so no model forward ever runs on the loop.
 
-    engine = AsyncEngine()                               # Engine(...)'s arguments, or engine=
+    engine = AsyncEngine()                    # Engine(...)'s arguments, or EngineArgs, or engine=
     async for delta in engine.generate("Q: 2+3? A:", SamplingParams(max_tokens=8)):
         print(delta.text, delta.from_llm, delta.finish_reason)
 
@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Dict, List, Optional
 
+from citer.engine.args import EngineArgs
 from citer.engine.core import STEP_API
 from citer.engine.outputs import RequestOutput, TokenEvent, TokenLogprob
 from citer.engine.sampling_params import SamplingParams
@@ -59,6 +60,11 @@ class RequestDelta:
 
 class AsyncEngine:
     def __init__(self, *args, engine: Optional[Engine] = None, **kwargs):
+        """AsyncEngine(slm, llm, router, **options) or AsyncEngine(EngineArgs(...)): the Engine is
+        built on the engine thread (arguments checked here first); or engine= an Engine."""
+        if engine is None:
+            engine_args = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], EngineArgs) \
+                else EngineArgs(*args, **kwargs)
         self.engine = engine
         self._cv = threading.Condition()
         self._commands: List[Callable[[], None]] = []
@@ -66,7 +72,8 @@ class AsyncEngine:
         self._stopping = False
         self._fatal: Optional[BaseException] = None
         built = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(args, kwargs, built), name="citer-engine",
+        self._thread = threading.Thread(target=self._run, args=(None if engine else engine_args, built),
+                                        name="citer-engine",
                                         daemon=True)
         self._thread.start()
         built.wait()
@@ -137,10 +144,10 @@ class AsyncEngine:
             self._cv.notify()
 
     # ---- the engine thread --------------------------------------------------------------
-    def _run(self, args: tuple, kwargs: dict, built: threading.Event) -> None:
+    def _run(self, engine_args: Optional[EngineArgs], built: threading.Event) -> None:
         try:
             if self.engine is None:
-                self.engine = Engine(*args, **kwargs)
+                self.engine = Engine.from_args(engine_args)
         except BaseException as e:
             self._fatal = e
             return

@@ -1,4 +1,4 @@
-"""Building an engine: what Engine(...) does with its arguments, in order.
+"""Building an engine: what Engine(...) does with its EngineArgs, in order.
 
 Model folders and their configs, tokenizers (one shared vocabulary), sizes, ops,
 weights, the router, the KV pool, EOS ids, then the EngineConfig (filled once, from the
@@ -12,39 +12,30 @@ from typing import List, Optional
 
 import torch
 
-from citer.engine.config import EngineConfig, check_positive_ints
+from citer.engine.args import EngineArgs
+from citer.engine.config import EngineConfig
 from citer.engine.core import EngineCore
 from citer.engine.model_runner import ModelRunner
 from citer.engine.profiler import PhaseTimer
 from citer.kernels.flash_attention import check_flash_attn
 from citer.kernels.ops import get_ops, resolve_backend
 
-from .models import load_model, load_model_config
-from .models.loader import resolve_dtype
+from citer.engine.models import load_model, load_model_config
+from citer.engine.models.loader import resolve_dtype
+from citer.engine.models.router import load_router
 from .pair_tokenizer import check_same_tokenizer, load_tokenizer, vocab_limit
-from .router import load_router
 
 DEFAULT_CPU_KV_MEMORY = 1 << 30  # 1 GiB for both models' caches
 DEFAULT_GPU_KV_FRACTION = 0.85  # of the memory left after loading the weights
 DEFAULT_MAX_MODEL_LEN = 4096  # when the models allow more
 
 
-def build_core(slm: Optional[str], llm: Optional[str], router: Optional[str], *, device: str = "cpu",
-               dtype: str = "float32", block_size: int = 16, num_blocks: Optional[int] = None,
-               kv_cache_memory: Optional[int] = None, max_model_len: Optional[int] = None, max_num_seqs: int = 64,
-               max_num_batched_tokens: int = 8192, backend: Optional[str] = None, attention: Optional[str] = None,
-               enforce_eager: bool = False, max_graph_query_len: int = 32, profile: bool = False,
-               seed: int = 0) -> EngineCore:
-    check_positive_ints(block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
-                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                        max_graph_query_len=max_graph_query_len)
-    if kv_cache_memory is not None and (isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, (int, float))
-                                        or not kv_cache_memory > 0):
-        raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
+def build_core(args: EngineArgs) -> EngineCore:
+    """EngineArgs (checked when made) -> the EngineCore that runs them."""
+    slm, llm, router = args.slm, args.llm, args.router
     if slm is None and llm is None:
         raise ValueError("Engine needs at least one model folder (slm= or llm=)")
-    if router is not None and (slm is None or llm is None):
-        raise ValueError("a router needs both an SLM and an LLM")
+    block_size, max_model_len, max_num_seqs = args.block_size, args.max_model_len, args.max_num_seqs
     cfgs = {name: load_model_config(path) for name, path in (("slm", slm), ("llm", llm)) if path is not None}
     slm_tok = load_tokenizer(slm) if slm is not None else None
     llm_tok = load_tokenizer(llm) if llm is not None else None
@@ -56,32 +47,33 @@ def build_core(slm: Optional[str], llm: Optional[str], router: Optional[str], *,
         max_model_len = min(model_max, DEFAULT_MAX_MODEL_LEN)
     elif max_model_len > model_max:
         raise ValueError(f"max_model_len {max_model_len} exceeds the models' max_position_embeddings {model_max}")
-    torch_device, torch_dtype = torch.device(device), resolve_dtype(dtype)
-    ops = get_ops(resolve_backend(torch_device, backend), attention)  # raises on an unknown attention
-    if attention == "flash-attn":
+    torch_device, torch_dtype = torch.device(args.device), resolve_dtype(args.dtype)
+    ops = get_ops(resolve_backend(torch_device, args.backend), args.attention)
+    if args.attention == "flash-attn":
         check_flash_attn(torch_device, torch_dtype, block_size)
 
     paths = {"slm": slm, "llm": llm}
     models = {name: load_model(paths[name], torch_device, torch_dtype, max_positions=max_model_len,
                                vocab_limit=limit)[0] for name in cfgs}
     folded = load_router(router, cfgs["slm"].hidden_size).to(torch_device) if router is not None else None
+    num_blocks = args.num_blocks
     if num_blocks is None:
         per_block = sum(c.kv_bytes_per_token(torch_dtype) for c in cfgs.values()) * block_size
-        budget = int(kv_cache_memory) if kv_cache_memory is not None else default_kv_memory(torch_device)
+        budget = int(args.kv_cache_memory) if args.kv_cache_memory is not None else default_kv_memory(torch_device)
         if budget < per_block:
             raise ValueError(f"kv_cache_memory of {budget} bytes holds no KV block: one block of {block_size} "
                              f"tokens takes {per_block} bytes for both models")
         num_blocks = min(budget // per_block, max_num_seqs * -(-max_model_len // block_size))
     config = EngineConfig(
         device=str(torch_device), block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-        cuda_graphs=torch_device.type == "cuda" and ops.graph_safe and not enforce_eager and not profile,
-        max_graph_query_len=max_graph_query_len, profile=profile, seed=seed,
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        cuda_graphs=torch_device.type == "cuda" and ops.graph_safe and not args.enforce_eager and not args.profile,
+        max_graph_query_len=args.max_graph_query_len, profile=args.profile, seed=args.seed,
     )
     from citer._C import BlockManager
 
     block_manager = BlockManager(num_blocks, block_size)
-    timer = PhaseTimer(profile, torch.cuda.synchronize if torch_device.type == "cuda" else None)
+    timer = PhaseTimer(args.profile, torch.cuda.synchronize if torch_device.type == "cuda" else None)
     pool = torch.cuda.graph_pool_handle() if config.cuda_graphs else None  # one pool for both models' graphs
     runners = {name: ModelRunner(name, model, ops, block_manager, config, torch_device, torch_dtype, timer, pool)
                for name, model in models.items()}

@@ -1,14 +1,110 @@
-"""The `citer` command: train-router, train-baselines, eval, serve, demo."""
+"""The `citer` command: one plain function per subcommand (train-router, train-baselines,
+eval, serve, demo), each importing what it needs when it runs. A subcommand whose
+packages come with an extra (`pip install 'citer[serve]'`, `'citer[eval]'`) says which
+extra to install when they are missing."""
 import argparse
+import importlib.util
 import json
+import os
 import sys
 
+from citer.engine.args import EngineArgs
 
-def main(argv=None):
+EXTRAS = {  # extra -> the modules its commands import
+    "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "eval": ("matplotlib",),
+}
+
+
+def require_extra(extra: str, command: str) -> None:
+    """Exit with a message naming the extra to install when one of its modules is missing."""
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"citer {command} needs {', '.join(missing)}, which this install does not have; "
+              f"install it with: pip install 'citer[{extra}]'", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def train_router_cmd(args) -> None:
+    from citer.research.tasks import get_task
+    from citer.research.training.router_train import train_router
+
+    metrics = train_router(args.slm, args.llm, get_task(args.task), args.out, rounds=args.rounds,
+                           n_train=args.n_train, n_val=args.n_val, short_term=args.short_term, seed=args.seed,
+                           features=args.features, labels=args.labels, easy_keep=args.easy_keep, slack=args.slack)
+    print(json.dumps(metrics["default_threshold"], indent=1))
+
+
+def eval_cmd(args) -> None:
+    require_extra("eval", "eval")
+    from citer import Engine
+    from citer.assets import shipped
+    from citer.research.evaluate import EVAL_SEED, evaluate, summary_table, table, token_table, write_eval
+    from citer.research.tasks import get_task
+
+    sizes = dict(max_model_len=256, max_num_seqs=512, num_blocks=512 * 16)
+    folders = {"router_s": args.router_s, "router_hidden": args.router_hidden, "baselines": args.baselines}
+    if args.slm:
+        engine = Engine(args.slm, args.llm, args.router, **sizes)
+    else:  # an embedded pair (the one trained on this task), with whatever it ships beside its router
+        pair = shipped(args.task)
+        engine = Engine(pair["slm"], pair["llm"], args.router or pair["router"], **sizes)
+        folders = {k: v if v is not None else pair.get(k) for k, v in folders.items()}
+    routers = {name: folders[key] for name, key in (("CITER-S", "router_s"), ("CITER (hidden only)",
+                                                                               "router_hidden")) if folders[key]}
+    query = None
+    if folders["baselines"]:
+        routers["Co-LLM"] = os.path.join(folders["baselines"], "colm")
+        query = os.path.join(folders["baselines"], "query")
+    seed = EVAL_SEED if args.seed is None else args.seed
+    result = evaluate(engine, get_task(args.task), args.n, seed=seed, routers=routers, query_router=query,
+                      oracle=not args.no_oracle)
+    write_eval(result, args.out, f"{args.task}: {result['n']} fresh problems (seed {seed})")
+    print(table(result["rows"]))
+    print()
+    print(summary_table(result["summary"]))
+    print()
+    print(token_table(result["token_report"]))
+    print(f"\nwrote {args.out}/eval.json and {args.out}/accuracy_vs_llm_share*.png")
+
+
+def train_baselines_cmd(args) -> None:
+    from citer.research.baselines import train_baselines
+    from citer.research.tasks import get_task
+
+    train_baselines(args.slm, args.llm, get_task(args.task), args.out, n_train=args.n_train)
+
+
+def serve_cmd(args) -> None:
+    require_extra("serve", "serve")
+    import uvicorn
+
+    from citer.async_engine import AsyncEngine
+    from citer.serve import create_app
+
+    engine_args = EngineArgs.from_cli_args(args)
+    engine = AsyncEngine(engine_args)
+    model = args.llm or args.slm
+    name = args.model_name or (os.path.basename(os.path.normpath(model)) if model else "citer-demo")
+    print(f"citer serve: model {name!r} on http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.shutdown()
+
+
+def demo_cmd(args) -> None:
+    from citer.demo import main as demo
+
+    demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="citer", description="token-level routed decoding (CITER)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     tr = sub.add_parser("train-router", help="train a CITER router with shortcut-reward labels")
+    tr.set_defaults(run=train_router_cmd)
     tr.add_argument("--slm", required=True)
     tr.add_argument("--llm", required=True)
     tr.add_argument("--task", default="arith")
@@ -28,6 +124,7 @@ def main(argv=None):
                     help="default τ: the cheapest within this much of the LLM's validation accuracy")
 
     ev = sub.add_parser("eval", help="accuracy vs LLM share of CITER and every baseline, with bootstrap CIs")
+    ev.set_defaults(run=eval_cmd)
     ev.add_argument("--slm")
     ev.add_argument("--llm")
     ev.add_argument("--router", help="the CITER router (default: the embedded pair's)")
@@ -36,11 +133,12 @@ def main(argv=None):
     ev.add_argument("--baselines", help="a `citer train-baselines` folder (query/ and colm/)")
     ev.add_argument("--task", default="arith")
     ev.add_argument("-n", type=int, default=500)
-    ev.add_argument("--seed", type=int, default=None, help="the problems' seed (default: citer.evaluate.EVAL_SEED)")
+    ev.add_argument("--seed", type=int, default=None, help="the problems' seed (default: 20261202)")
     ev.add_argument("--no-oracle", action="store_true")
     ev.add_argument("--out", default="eval")
 
     tb = sub.add_parser("train-baselines", help="the query-level router and the Co-LLM-style deferral head")
+    tb.set_defaults(run=train_baselines_cmd)
     tb.add_argument("--slm", required=True)
     tb.add_argument("--llm", required=True)
     tb.add_argument("--task", default="arith")
@@ -48,88 +146,19 @@ def main(argv=None):
     tb.add_argument("--n-train", type=int, default=3000)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (default: the embedded demo pair)")
-    sv.add_argument("--slm")
-    sv.add_argument("--llm")
-    sv.add_argument("--router")
+    sv.set_defaults(run=serve_cmd)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--model-name", help="the model id clients ask for (default: citer-demo, or the LLM's folder)")
-    sv.add_argument("--device", default="cpu")
-    sv.add_argument("--dtype", default="float32")
-    sv.add_argument("--max-model-len", type=int)
-    sv.add_argument("--max-num-seqs", type=int, default=64)
-    sv.add_argument("--num-blocks", type=int)
-    sv.add_argument("--profile", action="store_true", help="time the router (reported in /metrics)")
+    EngineArgs.add_cli_args(sv)
 
-    sub.add_parser("demo", help="what `make demo` runs")
-    args = ap.parse_args(argv)
+    sub.add_parser("demo", help="what `make demo` runs").set_defaults(run=demo_cmd)
+    return ap
 
-    from citer.tasks import get_task
 
-    if args.cmd == "train-router":
-        from citer.training.router_train import train_router
-
-        metrics = train_router(args.slm, args.llm, get_task(args.task), args.out, rounds=args.rounds,
-                               n_train=args.n_train, n_val=args.n_val, short_term=args.short_term, seed=args.seed,
-                               features=args.features, labels=args.labels, easy_keep=args.easy_keep, slack=args.slack)
-        print(json.dumps(metrics["default_threshold"], indent=1))
-    elif args.cmd == "eval":
-        import os
-
-        from citer import Engine
-        from citer.assets import shipped
-        from citer.evaluate import EVAL_SEED, evaluate, summary_table, table, token_table, write_eval
-
-        sizes = dict(max_model_len=256, max_num_seqs=512, num_blocks=512 * 16)
-        folders = {"router_s": args.router_s, "router_hidden": args.router_hidden, "baselines": args.baselines}
-        if args.slm:
-            engine = Engine(args.slm, args.llm, args.router, **sizes)
-        else:  # an embedded pair (the one trained on this task), with whatever it ships beside its router
-            pair = shipped(args.task)
-            engine = Engine(pair["slm"], pair["llm"], args.router or pair["router"], **sizes)
-            folders = {k: v if v is not None else pair.get(k) for k, v in folders.items()}
-        routers = {name: folders[key] for name, key in (("CITER-S", "router_s"), ("CITER (hidden only)",
-                                                                                   "router_hidden")) if folders[key]}
-        query = None
-        if folders["baselines"]:
-            routers["Co-LLM"] = os.path.join(folders["baselines"], "colm")
-            query = os.path.join(folders["baselines"], "query")
-        seed = EVAL_SEED if args.seed is None else args.seed
-        result = evaluate(engine, get_task(args.task), args.n, seed=seed, routers=routers, query_router=query,
-                          oracle=not args.no_oracle)
-        write_eval(result, args.out, f"{args.task}: {result['n']} fresh problems (seed {seed})")
-        print(table(result["rows"]))
-        print()
-        print(summary_table(result["summary"]))
-        print()
-        print(token_table(result["token_report"]))
-        print(f"\nwrote {args.out}/eval.json and {args.out}/accuracy_vs_llm_share*.png")
-    elif args.cmd == "train-baselines":
-        from citer.baselines import train_baselines
-
-        train_baselines(args.slm, args.llm, get_task(args.task), args.out, n_train=args.n_train)
-    elif args.cmd == "serve":
-        import os
-
-        import uvicorn
-
-        from citer.async_engine import AsyncEngine
-        from citer.serve import create_app
-
-        engine = AsyncEngine(args.slm, args.llm, args.router, device=args.device, dtype=args.dtype,
-                             max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                             num_blocks=args.num_blocks, profile=args.profile)
-        name = args.model_name or (os.path.basename(os.path.normpath(args.llm or args.slm)) if (args.llm or args.slm)
-                                   else "citer-demo")
-        print(f"citer serve: model {name!r} on http://{args.host}:{args.port}/v1", flush=True)
-        try:
-            uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="warning")
-        finally:
-            engine.shutdown()
-    elif args.cmd == "demo":
-        from citer.demo import main as demo
-
-        demo()
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    args.run(args)
     return 0
 
 

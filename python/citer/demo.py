@@ -35,8 +35,8 @@ def highlight(engine, out) -> str:
 
 
 def trained_demo(engine: Engine, task_name: str, n_eval: int, n_show: int) -> None:
-    from citer.evaluate import run_point
-    from citer.tasks import get_task
+    from citer.research.evaluate import run_point
+    from citer.research.tasks import get_task
 
     task = get_task(task_name)
     tau = engine.router.default_threshold

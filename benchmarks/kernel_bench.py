@@ -5,8 +5,8 @@ own measured device-to-device copy bandwidth; decode attention at 4k/16k/32k con
 (batch 1 and 8), routed head at batch 1/8 (vs the torch reference path, which builds
 [B, vocab] logits), flash-attn's paged decode where it is installed. Prints a table last.
 
-  python benchmarks/kernels.py                    # GPU benchmark; on CPU: a note, exit 0
-  python benchmarks/kernels.py --compile-only     # no GPU needed: compile every kernel
+  python benchmarks/kernel_bench.py                    # GPU benchmark; on CPU: a note, exit 0
+  python benchmarks/kernel_bench.py --compile-only     # no GPU needed: compile every kernel
       exactly as the wrappers launch it at the real shapes, for sm_90 (H100/H200), with
       Triton's own ptxas; report registers, spills and shared memory per kernel
       (benchmarks/compile_kernels.py)
@@ -183,8 +183,8 @@ def main(argv=None) -> int:
 
         return compile_only(opts.arch, opts.quick)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py times the Triton kernels on a CUDA device; none here, nothing to time.\n"
-              "Without a GPU: `python benchmarks/kernels.py --compile-only` compiles every kernel for sm_90 "
+        print("benchmarks/kernel_bench.py times the Triton kernels on a CUDA device; none here, nothing to time.\n"
+              "Without a GPU: `python benchmarks/kernel_bench.py --compile-only` compiles every kernel for sm_90 "
               "and reports registers and spills; the kernels' correctness runs under TRITON_INTERPRET=1 in "
               "tests/test_kernels.py.")
         return 0

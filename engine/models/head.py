@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from citer.kernels.routed_head import RouterParams  # noqa: E402  (a folded router; see citer.router)
+from .router import RouterParams
 
 
 @dataclass

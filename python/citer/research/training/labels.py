@@ -40,7 +40,7 @@ import torch
 
 from citer import Engine, SamplingParams
 from citer.kernels.routed_head import head_signals_ref
-from citer.tasks import Problem, Task
+from citer.research.tasks import Problem, Task
 
 LABELS = ("gold", "llm-agreement")
 EASY_TOP_PROB = 0.99

@@ -13,8 +13,8 @@ import numpy as np
 from tqdm import tqdm
 
 from citer import Engine, SamplingParams
-from citer.tasks import Problem, Task
-from citer.training.labels import TeacherForcer
+from citer.research.tasks import Problem, Task
+from citer.research.training.labels import TeacherForcer
 
 
 def oracle_points(engine: Engine, forcer: TeacherForcer, task: Task, problems: List[Problem],

@@ -1,7 +1,7 @@
 """Copy a trained demo pair, its routers and baselines into the package.
 
-  python -m citer.training.ship runs/demo                    # -> python/citer/assets/demo
-  python -m citer.training.ship runs/free --task arith-free  # -> python/citer/assets/demo_free
+  python -m citer.research.training.ship runs/demo                    # -> python/citer/assets/demo
+  python -m citer.research.training.ship runs/free --task arith-free  # -> python/citer/assets/demo_free
 
 slm, llm and router are required; router_s (CITER-S), router_hidden (the hidden-only
 ablation) and baselines/{query,colm} (`citer train-baselines`) are shipped when present.

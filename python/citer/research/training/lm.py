@@ -1,7 +1,7 @@
 """Train the demo SLM/LLM pair (Qwen2 architecture) on a task, on CPU.
 
-  python -m citer.training.lm --out runs/demo          # both models, then ship to assets
-  python -m citer.training.lm --out runs/demo --only slm --minutes 5   # a pilot
+  python -m citer.research.training.lm --out runs/demo          # both models, then ship to assets
+  python -m citer.research.training.lm --out runs/demo --only slm --minutes 5   # a pilot
 
 Fresh problems every step, loss on the solution tokens only, AdamW with warm-up and
 cosine decay, one CPU thread per model, seeded and resumable (ckpt.pt in each model's
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from citer.tasks import get_task
-from citer.tasks.bpe_tokenizer import train_tokenizer
+from citer.research.tasks import get_task
+from citer.research.tasks.bpe_tokenizer import train_tokenizer
 
 
 @dataclass
@@ -105,7 +105,7 @@ def save_hf(model, tok, path: str, dtype=torch.float16):
 
 def quick_eval(path: str, task, n: int, seed: int = 1) -> float:
     from citer import Engine, SamplingParams
-    from citer.evaluate import run_point
+    from citer.research.evaluate import run_point
 
     # a validation sample from the training distribution (the test split is kept for the end)
     problems = task.train_problems(n, np.random.default_rng(10_000 + seed))

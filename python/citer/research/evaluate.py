@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from citer import Engine, SamplingParams
 from citer.engine.outputs import llm_share
-from citer.tasks import Task
+from citer.research.tasks import Task
 
 ROUTER_TAUS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.993, 0.995, 0.997, 0.998, 0.999,
                0.9995)
@@ -127,9 +127,9 @@ def evaluate(engine: Engine, task: Task, n: int, seed: int = EVAL_SEED, routers:
              query_router: Optional[str] = None, oracle: bool = True, max_tokens: int = 128,
              n_boot: int = 1000) -> dict:
     """Everything `citer eval` reports (see the module doc)."""
-    from citer.eval_stats import Bootstrap, point_intervals, summarize
-    from citer.router import load_router_mlp
-    from citer.training.labels import TeacherForcer
+    from citer.research.eval_stats import Bootstrap, point_intervals, summarize
+    from citer.research.router_nets import load_router_mlp
+    from citer.research.training.labels import TeacherForcer
 
     routers = dict(routers or {})
     metas = []
@@ -140,13 +140,13 @@ def evaluate(engine: Engine, task: Task, n: int, seed: int = EVAL_SEED, routers:
     by = {r["method"]: r for r in rows if r["knob"] is None}
     forcer = TeacherForcer(engine.paths["slm"], engine.paths["llm"], vocab_limit=engine.core.vocab_limit)
     if query_router:
-        from citer.baselines import QueryRouter
+        from citer.research.baselines import QueryRouter
 
         qr = QueryRouter.load(query_router)
         scores = qr.score(forcer, engine.tokenizer, [p.prompt for p in problems]).numpy()
         rows += query_level_rows(scores, by["slm"], by["llm"])
     if oracle:
-        from citer.oracle import oracle_points
+        from citer.research.oracle import oracle_points
 
         for pt in oracle_points(engine, forcer, task, problems, ORACLE_KS, max_tokens):
             pp = {k: pt[k].tolist() for k in ("correct", "tokens", "llm_tokens")}
@@ -175,8 +175,8 @@ def token_report(engine: Engine, forcer, task: Task, problems, routers: Dict[str
     mistakes within the lowest-scored 1/2/5/10% of positions."""
     import torch
 
-    from citer.router import load_router
-    from citer.token_metrics import auroc, recall_at_budgets
+    from citer.engine.models.router import load_router
+    from citer.research.token_metrics import auroc, recall_at_budgets
 
     tok = engine.tokenizer
     seqs, starts = [], []

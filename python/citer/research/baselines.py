@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from citer import Engine, SamplingParams
-from citer.router import LinearRouter, save_router
-from citer.tasks import Problem, Task
-from citer.training.labels import TeacherForcer
+from citer.research.router_nets import LinearRouter, save_router
+from citer.research.tasks import Problem, Task
+from citer.research.training.labels import TeacherForcer
 
 QUERY_ARCHITECTURE = "citer-query-router"
 

@@ -1,7 +1,7 @@
 """Report on a trained pair: held-out greedy accuracy of each model, and teacher-forced
 per-token error rates on digits vs other tokens (where the SLM's mistakes sit).
 
-  python -m citer.training.report --slm S --llm L [-n 500]
+  python -m citer.research.training.report --slm S --llm L [-n 500]
 """
 import argparse
 import os
@@ -9,8 +9,8 @@ import os
 import torch
 
 from citer import Engine, SamplingParams
-from citer.evaluate import run_point
-from citer.tasks import get_task
+from citer.research.evaluate import run_point
+from citer.research.tasks import get_task
 
 from .labels import TeacherForcer
 

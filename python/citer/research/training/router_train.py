@@ -18,10 +18,10 @@ import torch
 from tqdm import tqdm
 
 from citer import Engine, SamplingParams
-from citer.evaluate import run_point
-from citer.router import RouterMLP, save_router
-from citer.tasks import Task
-from citer.token_metrics import auroc, recall_at_budgets, routing_objective
+from citer.research.evaluate import run_point
+from citer.research.router_nets import RouterMLP, save_router
+from citer.research.tasks import Task
+from citer.research.token_metrics import auroc, recall_at_budgets, routing_objective
 
 from .labels import LabelSet, TeacherForcer, gold_labels, on_policy_labels
 
