@@ -19,12 +19,13 @@ def main():
     from citer import SamplingParams
     from citer.assets import default_paths
     from citer.engine.detokenizer import Detokenizer
+    from citer.engine.policies import SLMOnly
     from citer.engine.sequence import Sequence
 
     tok = AutoTokenizer.from_pretrained(default_paths()[0])
     rng = random.Random(0)
     ids = [rng.randrange(1, len(tok)) for _ in range(args.tokens)]
-    seq = Sequence("x", [1], SamplingParams(stop=["\x00never"]), "slm", None, 0)
+    seq = Sequence("x", [1], SamplingParams(stop=["\x00never"]), SLMOnly(), 0, 1 << 20)
     seq.token_ids += ids
     detok = Detokenizer(tok)
     times = {"incremental (citer)": [], "full re-decode (before)": []}

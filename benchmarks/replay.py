@@ -5,14 +5,15 @@ the LLM was called, and at each LLM call that verified tentative tokens how many
 stood. Replaying a trace on another SLM/LLM pair (random weights at real shapes) makes
 the engine do exactly the same work: the same forwards, catch-up lengths, rollbacks and
 verifications, with that pair's costs. `record` and `replaying` patch the two places the
-step loop takes its choices (routing.decide and verify.verify, as citer.engine.core
-calls them) and nothing else.
+step loop takes its choices (the policies' decisions, RoutingStep.decide, and
+verify.verify, as citer.engine.core calls it) and nothing else.
 """
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Dict, List
 
 import citer.engine.core as core_mod
+from citer.engine.policies import RoutingStep
 
 
 class Trace:
@@ -32,19 +33,19 @@ def record(engine, traces: Dict[str, Trace]):
     pending: Dict[str, int] = {}  # request id -> index of its last SLM step's entry
 
     def slm_recorded(seqs):
-        out, to_llm = slm_step(seqs)
+        routed = slm_step(seqs)
         for s in seqs:
             t = traces.setdefault(s.request_id, Trace())
             pending[s.request_id] = len(t.calls)
             t.calls.append(False)  # set True below when this step's LLM call includes it
-        return out, to_llm
+        return routed
 
-    def llm_recorded(seqs, scores):
-        for s in seqs:
+    def llm_recorded(routed):
+        for s, _ in routed:
             i = pending.pop(s.request_id, None)
             if i is not None:
                 traces[s.request_id].calls[i] = True
-        return llm_step(seqs, scores)
+        return llm_step(routed)
 
     def verify_recorded(seq, tokens, probs):
         kept, token = verify(seq, tokens, probs)
@@ -66,12 +67,12 @@ def replaying(traces: Dict[str, dict]):
     the LLM is called at the recorded SLM steps and the recorded number of tentative
     tokens stands at each verification (the LLM's token after them is whatever the
     replaying pair's LLM chose there)."""
-    decide, verify = core_mod.decide, core_mod.verify
+    decide, verify = RoutingStep.decide, core_mod.verify
     cursor = defaultdict(lambda: [0, 0])
 
-    def decide_replay(seqs, top_prob, router_score, draw):
+    def decide_replay(step, top_prob, router_score):
         out = []
-        for s in seqs:
+        for s in step.seqs:
             c = cursor[s.request_id]
             calls = traces[s.request_id]["calls"]
             out.append(calls[c[0]] if c[0] < len(calls) else True)
@@ -85,8 +86,8 @@ def replaying(traces: Dict[str, dict]):
         c[1] += 1
         return kept, tokens[kept]
 
-    core_mod.decide, core_mod.verify = decide_replay, verify_replay
+    RoutingStep.decide, core_mod.verify = decide_replay, verify_replay
     try:
         yield
     finally:
-        core_mod.decide, core_mod.verify = decide, verify
+        RoutingStep.decide, core_mod.verify = decide, verify

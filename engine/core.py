@@ -1,69 +1,103 @@
 """EngineCore: the step loop of routed decoding (add_request / step / abort).
 
 One step, for every running sequence (top-down: core -> runner -> model -> ops):
-  1. SLM: `self.slm.run` forwards each sequence's positions the SLM has not computed
+  1. schedule: the scheduler admits waiting requests and hands out the running ones.
+  2. SLM: `self.slm.run` forwards each sequence's positions the SLM has not computed
      (the whole prompt on the first step, else the one new token) and runs the head on
-     the last: per row the SLM's token, its top probability and the router score.
-  2. Routing: `routing.decide` turns those signals into one decision per row: keep the
-     SLM's token, or call the LLM (which then makes this token; for "speculative" the
-     SLM's token is a draft and the LLM verifies the drafts).
+     the last; each row's policy (policies.py) decides there whether the LLM makes this
+     token (for "speculative": whether the LLM verifies the drafts now). The SLM's token
+     stands where it does not; the core records it.
   3. LLM catch-up: `self.llm.run` forwards every position the LLM has not seen yet, for
-     all those sequences together. A sequence with tentative tokens (speculative
-     drafts, or check-and-correct's unverified SLM tokens) gets the LLM's head on each
-     of them (`verify`): it is rolled back on the shared page table at the first one the
-     LLM rejects, and the LLM's token is taken there; otherwise the LLM's token follows.
-  4. Commit: tokens that can no longer change get their stop checks, text and one
-     event each; finished sequences free their blocks.
+     all the sequences it makes a token for, together. A sequence with tentative tokens
+     (speculative drafts, or check-and-correct's unverified SLM tokens) gets the LLM's
+     head on each of them (`verify`): it is rolled back on the shared page table at the
+     first one the LLM rejects, and the LLM's token is taken there; otherwise the LLM's
+     token follows.
+  4. commit: tokens that can no longer change get their stop checks, text and one event
+     each; finished sequences free their blocks.
 Without tentative tokens the SLM never sees a rejected proposal and nothing is rolled
-back; a model computes a position again only after a rollback changed its token.
+back; a model computes a position again only after a rollback changed its token. The
+runners change no sequence: they return what they computed, and the core records it.
 
-Every request has one owner (inbox.py): its events wait in that owner's inbox, so the
-step API, generate() calls and streams that share the engine never see, or lose, each
-other's events; a step that fails part-way keeps what it had already made.
+Every request has one owner (inbox.py, through intake.Requests): its events wait in that
+owner's inbox, so the step API, generate() calls and streams that share the engine never
+see, or lose, each other's events; a step that fails part-way keeps what it had already
+made, and a failed request's output holds exactly the tokens its owner was sent.
 """
 import time
-from typing import List, Optional, Tuple
+from typing import Hashable, List, Optional, Tuple
 
 from .detokenizer import Detokenizer
-from .head import HeadSpec, StepResult
+from .head import StepResult, head_spec
 from .inbox import STEP_API
-from .intake import RequestIntake
+from .intake import Requests
 from .model_runner import ModelRunner
+from .models.router import Router
+from .outputs import RequestOutput, TokenEvent, TokenLogprob
+from .policies import RoutingStep
 from .prefix import share_prefix
-from .outputs import RequestOutput, TokenEvent, TokenLogprob, request_output
 from .profiler import attribute_time
-from .routing import decide, draws, needs_head_first, needs_slm
+from .requests import Prompt
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .verify import verify
 
 __all__ = ["EngineCore", "STEP_API"]
 
+Routed = Tuple[Sequence, Optional[float]]  # a sequence the LLM makes a token for, and the router score that sent it
 
-class EngineCore(RequestIntake):
+
+class EngineCore:
     def __init__(self, config, block_manager, slm: Optional[ModelRunner], llm: Optional[ModelRunner],
-                 router, tokenizer, eos_token_ids, vocab_limit: int, timer):
+                 router: Optional[Router], tokenizer, eos_token_ids, vocab_limit: int, timer):
         self.config = config
         self.bm = block_manager
         self.slm, self.llm = slm, llm
-        self.router = router  # a citer.engine.models.router.FoldedRouter (params, default_threshold) or None
+        self.router = router
         self.scheduler = Scheduler(config, block_manager)
+        self.requests = Requests(config, self.scheduler, tokenizer, vocab_limit, slm is not None, llm is not None)
         self.tokenizer = tokenizer
         self.detok = Detokenizer(tokenizer)
         self.eos_token_ids = set(eos_token_ids)
         self.vocab_limit = vocab_limit
         self.timer = timer
-        self.init_intake(config.seed)
+
+    # ---- requests in and out (intake.Requests) ------------------------------------------
+    def make_sequences(self, prompt: Prompt, params, index: int = 0,
+                       request_id: Optional[str] = None) -> List[Sequence]:
+        return self.requests.make_sequences(prompt, params, self.router, index, request_id)
+
+    def add(self, seqs: List[Sequence], owner: Hashable = STEP_API) -> str:
+        return self.requests.add(seqs, owner)
+
+    def abort(self, request_id: str) -> Optional[RequestOutput]:
+        return self.requests.abort(request_id)
+
+    def take(self, owner: Hashable) -> List[TokenEvent]:
+        return self.requests.take(owner)
+
+    def release(self, owner: Hashable) -> None:
+        self.requests.release(owner)
+
+    def get(self, request_id: str) -> Optional[Sequence]:
+        """A live request's sequence (None when unknown or finished)."""
+        return self.scheduler.get(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def set_router(self, router) -> None:
-        """Requests already running keep their policy; graphs that read the old router are
-        dropped at the next step that runs the new one."""
+    def set_router(self, router: Optional[Router]) -> None:
+        """Requests already running keep their policy and threshold; graphs that read the
+        old router are dropped at the next step that runs the new one. Dropping the router
+        is refused while requests that route with it are in the engine."""
+        if router is None:
+            live = [s.request_id for s in self.scheduler.by_id.values() if s.policy.reads_router]
+            if live:
+                raise ValueError(f"cannot drop the router while {len(live)} request(s) with policy 'router' "
+                                 f"are in the engine ({live[:3]}); abort them or let them finish first")
         self.router = router
 
-    # ---- the step -------------------------------------------------------------------
+    # ---- the step -----------------------------------------------------------------------
     def step(self) -> None:
         """One step of every running request; its events go to their owners' inboxes. If
         the step fails as a whole (a model forward raised), every request in it that has
@@ -71,120 +105,92 @@ class EngineCore(RequestIntake):
         running = list(self.scheduler.schedule())
         if not running:
             return
+        t0 = time.perf_counter()
+        self.timer.reset()
         try:
-            self._step(running)
+            self._prepare(running)
+            slm_seqs = [s for s in running if s.policy.uses_slm and self._room_to_draft(s)]
+            routed: List[Routed] = [(s, None) for s in running if s not in slm_seqs]  # "llm"; drafts at the cap
+            if slm_seqs:
+                routed += self._slm_step(slm_seqs)
+            if routed:
+                self._llm_step(routed)
         except BaseException as exc:
             for seq in running:  # leave nothing half-done: these requests fail, blocks come back
                 if seq.finish_reason is None:
                     self._fail(seq, exc)
             raise
+        if self.config.profile:
+            attribute_time(self.timer.last, running, slm_seqs, [s for s, _ in routed], time.perf_counter() - t0)
+        for seq in running:
+            self._commit(seq)
 
-    def _fail(self, seq: Sequence, exc: BaseException) -> None:
-        self.scheduler.finish(seq, "error")  # also when it had finished: its final event is this one
-        out = self.output(seq)
-        out.error = f"{type(exc).__name__}: {exc}"
-        self.inbox.put(TokenEvent(seq.request_id, None, "", False, None, "error", out))
-
-    def _step(self, running: List[Sequence]) -> None:
-        t_step = time.perf_counter()
-        self.timer.reset()
+    def _prepare(self, running: List[Sequence]) -> None:
+        """The n samples of a prompt share its prefix (computed once); KV slots for every token."""
         for seq in running:
             if seq.group is not None and seq.index == 0 and seq.num_computed["slm"] == seq.num_computed["llm"] == 0:
                 share_prefix(seq.group, self.slm, self.llm, self.bm, self.config.block_size)
         for seq in running:
             self.scheduler.ensure_slots(seq)
-        slm_rows = [i for i, s in enumerate(running) if needs_slm(s) and self._room_to_draft(s)]
-        llm_rows = sorted(set(range(len(running))) - set(slm_rows))  # "llm", and speculative at its cap
-        routed_score: List[Optional[float]] = [None] * len(running)
-        if slm_rows:
-            out, to_llm = self._slm_step([running[i] for i in slm_rows])
-            for j, i in enumerate(slm_rows):
-                seq = running[i]
-                score = out.router_score[j] if seq.policy == "router" else None  # where it decides, any batch
-                if seq.policy == "speculative":  # the SLM's token is a draft either way
-                    self._keep_slm_token(seq, out, j, None)
-                    if to_llm[j] or not self._room_to_draft(seq) or self._ends(seq, seq.token_ids[-1]):
-                        llm_rows.append(i)
-                elif to_llm[j] or (seq.params.verify and seq.num_tentative and self._would_end(seq, out.tokens[j])):
-                    # the LLM makes this token instead (check-and-correct: also when the SLM's
-                    # token would end the request, so that no unchecked SLM token is final)
-                    routed_score[i] = score
-                    llm_rows.append(i)
-                else:
-                    self._keep_slm_token(seq, out, j, score)
-        if llm_rows:
-            self._llm_step([running[i] for i in llm_rows], [routed_score[i] for i in llm_rows])
-        if self.config.profile:
-            attribute_time(self.timer.last, running, [running[i] for i in slm_rows], [running[i] for i in llm_rows],
-                           time.perf_counter() - t_step)
-        for seq in running:
-            try:  # one request's failure here (say, detokenization) is that request's alone
-                self._commit(seq)
-            except Exception as exc:
-                self._fail(seq, exc)
 
-    def _slm_step(self, seqs: List[Sequence]) -> Tuple[StepResult, List[bool]]:
-        """The SLM's step and the routing decisions, aligned with seqs.
-
-        A fused head (the Triton kernel, CUDA graphs) gives every row its token, top
-        probability and router score in one pass over the lm_head. An unfused head (the
-        torch references on CPU, or profiling) exits early: rows whose policy does not
-        read the SLM's top probability ("router" with a hidden-only router, "random") are
-        decided on the router score / draw, and the lm_head runs only for the rows the SLM
-        keeps (a head-signal router reads the head's logits: every row gets the head). Every row
-        draws its sampling seed either way (HeadSpec.for_seqs), so seeded sampling gives
-        the same tokens on both paths. Sampling rows whose token stays tentative also get
-        the SLM's distribution (verification needs it)."""
-        use_router = self.router is not None and any(s.policy == "router" for s in seqs)
-        want = [s.tentative and not s.params.greedy for s in seqs]
-        bans = [self._banned(s) if len(s) - s.num_prompt_tokens < s.params.min_tokens else () for s in seqs]
-        spec = HeadSpec.for_seqs(seqs, self.router.params if use_router else None, want_probs=want, bans=bans)
-        draw = draws(seqs)
-        first = None
-        if not self.slm.fused_head and spec.want_probs is None and not (use_router and self.router.head_signals):
-            first = [i for i, s in enumerate(seqs) if needs_head_first(s.policy)]
-        out = self.slm.run(seqs, spec, head_rows=first)
-        to_llm = decide(seqs, out.top_prob, out.router_score, draw)
-        if first is not None:
-            done = set(first)
-            rest = [i for i in range(len(seqs)) if i not in done and not to_llm[i]]
-            if rest:
-                self.slm.head(out, rest, spec)
-        return out, to_llm
+    def _slm_step(self, seqs: List[Sequence]) -> List[Routed]:
+        """The SLM's step: its token where the policy keeps it (or drafts it); -> the
+        sequences the LLM makes this token for. Sampling rows whose token stays tentative
+        also get the SLM's distribution (verification needs it)."""
+        router = self.router.params if self.router is not None and any(s.policy.reads_router for s in seqs) else None
+        want = [s.policy.tentative and not s.params.greedy for s in seqs]
+        bans = [self._banned(s) if s.min_tokens_left(len(s)) else () for s in seqs]
+        out = self.slm.run(seqs, head_spec(seqs, router, want_probs=want, bans=bans), route=RoutingStep(seqs))
+        routed = []
+        for j, seq in enumerate(seqs):
+            seq.record_forward("slm", *out.spans[j])
+            score = out.router_score[j] if seq.policy.reads_router else None  # where it decides, any batch
+            if seq.policy.drafts:  # the SLM's token is a draft either way
+                self._keep_slm_token(seq, out, j, None)
+                if out.to_llm[j] or not self._room_to_draft(seq) or self._ends(seq, out.tokens[j]):
+                    routed.append((seq, None))
+            elif out.to_llm[j] or (seq.policy.tentative and seq.num_tentative and self._would_end(seq, out.tokens[j])):
+                # the LLM makes this token instead (check-and-correct: also when the SLM's
+                # token would end the request, so that no unchecked SLM token is final)
+                routed.append((seq, score))
+            else:
+                self._keep_slm_token(seq, out, j, score)
+        return routed
 
     def _keep_slm_token(self, seq: Sequence, out: StepResult, j: int, score: Optional[float]) -> None:
-        seq.append(out.tokens[j], False, score, commit=not seq.tentative,
+        tentative = seq.policy.tentative
+        seq.append(out.tokens[j], False, score, commit=not tentative,
                    logprob=_logprob(seq, out.logprobs, j, 0, out.tokens[j]))
-        if seq.tentative:
-            if out.probs is not None and not seq.params.greedy:
-                seq.draft_probs[len(seq) - 1] = out.probs[j][0].cpu()
-            if seq.policy == "speculative":
-                seq.stats["drafted"] += 1
+        if tentative and out.probs is not None and not seq.params.greedy:
+            seq.draft_probs[len(seq) - 1] = out.probs[j][0].cpu()
+        if seq.policy.drafts:
+            seq.stats.drafted += 1
 
-    def _llm_step(self, seqs: List[Sequence], scores: List[Optional[float]]) -> None:
+    def _llm_step(self, routed: List[Routed]) -> None:
         """The LLM's catch-up for these sequences: its token for each, after verifying
         (and rolling back) their tentative tokens."""
+        seqs = [s for s, _ in routed]
         for seq in seqs:
             self.scheduler.ensure_slots(seq)  # this step's drafts
-        positions = [s.num_tentative + 1 for s in seqs]
+        head_tokens = [s.num_tentative + 1 for s in seqs]
         want = [s.num_tentative > 0 and not s.params.greedy for s in seqs]
-        bans = [self._banned(s) if s.params.min_tokens else () for s in seqs]
-        ban_rows = [max(0, s.params.min_tokens - (s.committed - s.num_prompt_tokens)) for s in seqs]
-        out = self.llm.run(seqs, HeadSpec.for_seqs(seqs, positions=positions, want_probs=want, bans=bans,
-                                                   ban_rows=ban_rows))
-        for r, (seq, score) in enumerate(zip(seqs, scores)):
-            seq.stats["llm_calls"] += 1
-            w = seq.num_tentative
-            kept = 0
+        bans = [self._banned(s) for s in seqs]
+        ban_rows = [s.min_tokens_left(s.committed) for s in seqs]
+        out = self.llm.run(seqs, head_spec(seqs, head_tokens=head_tokens, want_probs=want, bans=bans,
+                                           ban_rows=ban_rows), head_tokens)
+        for r, (seq, score) in enumerate(routed):
+            seq.record_forward("llm", *out.spans[r])
+            seq.stats.llm_calls += 1
+            w, kept = seq.num_tentative, 0
             if w:
                 tokens = out.position_tokens[r] if out.position_tokens is not None else [out.tokens[r]]
                 kept, token = verify(seq, tokens, out.probs[r].cpu() if want[r] else None)
-                if seq.policy == "speculative":
-                    seq.stats["accepted"] += kept
+                if seq.policy.drafts:
+                    seq.stats.accepted += kept
                 if kept < w:  # roll back to the first rejected token; the LLM's replaces it
                     score = seq.router_scores[seq.committed + kept - seq.num_prompt_tokens]
                     self.scheduler.truncate(seq, seq.committed + kept)
-                    seq.stats["corrected"] = seq.stats.get("corrected", 0) + 1
+                    seq.stats.corrected += 1
             else:
                 token = out.tokens[r]
             seq.append(token, True, score, commit=True, logprob=_logprob(seq, out.logprobs, r, kept, token))
@@ -193,7 +199,7 @@ class EngineCore(RequestIntake):
     # ---- commit: stop checks, text, events --------------------------------------------
     def _room_to_draft(self, seq: Sequence) -> bool:
         """Speculative: one more draft and the LLM's token after it still fit the request."""
-        return seq.policy != "speculative" or len(seq) + 2 <= min(seq.max_len, self.config.max_model_len)
+        return not seq.policy.drafts or len(seq) + 2 <= seq.max_len
 
     def _ends(self, seq: Sequence, token: int) -> bool:
         p = seq.params
@@ -201,45 +207,54 @@ class EngineCore(RequestIntake):
 
     def _would_end(self, seq: Sequence, token: int) -> bool:
         """Appending token would end the request (stop id, or its length)."""
-        return self._ends(seq, token) or self._at_length(seq, len(seq) + 1)
+        return self._ends(seq, token) or len(seq) + 1 >= seq.max_len
 
     def _banned(self, seq: Sequence) -> Tuple[int, ...]:
         """The ids a request under its min_tokens may not choose: those that would end it."""
         p = seq.params
+        if not p.min_tokens:
+            return ()
         return tuple(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)))
 
     def _commit(self, seq: Sequence) -> None:
-        """One event per token that became final this step, with its stop checks: the
-        first token that ends the request finishes it (later ones are dropped)."""
+        """One event per token that became final this step, with its stop checks: the first
+        token that ends the request finishes it (later ones are dropped). A failure here
+        (say, detokenization) is this request's alone."""
+        try:
+            self._emit(seq)
+        except Exception as exc:
+            self._fail(seq, exc)
+
+    def _emit(self, seq: Sequence) -> None:
         if seq.finish_reason is not None:
             return
         for t in range(seq.emitted, seq.committed):
             token = seq.token_ids[t]
-            early = t + 1 - seq.num_prompt_tokens < seq.params.min_tokens  # nothing but length ends it yet
-            stop_id, length = self._ends(seq, token) and not early, self._at_length(seq, t + 1)
+            early = seq.min_tokens_left(t + 1) > 0  # nothing but length ends it yet
+            stop_id, length = self._ends(seq, token) and not early, t + 1 >= seq.max_len
             delta, stop_str = self.detok.update(seq, t + 1, finishing=stop_id or length, stop_strings=not early)
             seq.emitted = t + 1
             k = t - seq.num_prompt_tokens
             reason = "stop" if (stop_str or stop_id) else "length" if length else None
             if reason is None:
-                self.inbox.put(TokenEvent(seq.request_id, token, delta, seq.from_llm[k], seq.router_scores[k],
-                                          logprob=seq.logprobs[k]))
+                self.requests.emit(TokenEvent(seq.request_id, token, delta, seq.from_llm[k], seq.router_scores[k],
+                                              logprob=seq.logprobs[k]))
                 continue
             seq.committed = t + 1
             if len(seq) > t + 1:
                 self.scheduler.truncate(seq, t + 1)
             self.scheduler.finish(seq, reason)
-            self.inbox.put(TokenEvent(seq.request_id, token, delta, seq.from_llm[k], seq.router_scores[k], reason,
-                                      self.output(seq), seq.logprobs[k]))
+            self.requests.emit(TokenEvent(seq.request_id, token, delta, seq.from_llm[k], seq.router_scores[k], reason,
+                                          self.requests.output(seq), seq.logprobs[k]))
             return
 
-    def _at_length(self, seq: Sequence, n: Optional[int] = None) -> bool:
-        n = len(seq) if n is None else n
-        return n - seq.num_prompt_tokens >= seq.params.max_tokens or n >= self.config.max_model_len
-
-    # ---- outputs --------------------------------------------------------------------
-    def output(self, seq: Sequence) -> RequestOutput:
-        return request_output(seq, with_text=self.tokenizer is not None)
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        """The request fails: blocks freed, its owner gets an "error" final event whose output
+        holds exactly the tokens it was sent."""
+        self.scheduler.finish(seq, "error")  # also when it had finished: its final event is this one
+        out = self.requests.output(seq)
+        out.error = f"{type(exc).__name__}: {exc}"
+        self.requests.emit(TokenEvent(seq.request_id, None, "", False, None, "error", out))
 
 
 def _logprob(seq: Sequence, logprobs, row: int, position: int, token: int):

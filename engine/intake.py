@@ -1,7 +1,10 @@
-"""Request intake, the part of EngineCore that takes requests in and lets them go:
-every check a request gets (in one place, before any state changes), ids that never
-collide, the n samples of one prompt, who owns each request's events (the inbox), and
-abort. EngineCore (core.py) mixes it in beside the step loop."""
+"""Requests: how requests come into the engine and leave it.
+
+Every check a request gets (in one place, before any state changes), its policy, ids
+that never collide, the n samples of one prompt, who owns each request's events (the
+inbox), the outputs their owners receive, and abort. The core (core.py) owns one and
+asks it; the step loop itself is the core's.
+"""
 import itertools
 from dataclasses import replace
 from typing import Dict, Hashable, List, Optional
@@ -9,37 +12,31 @@ from typing import Dict, Hashable, List, Optional
 import numpy as np
 
 from .inbox import STEP_API, Inbox
-from .outputs import RequestOutput, TokenEvent
-from .requests import Prompt, check_params, check_servable, prompt_token_ids
+from .outputs import RequestOutput, TokenEvent, request_output
+from .policies import make_policy
+from .requests import Prompt, check_params, prompt_token_ids
 from .sequence import Sequence
 
 
-class RequestIntake:
-    def init_intake(self, seed: int) -> None:
+class Requests:
+    def __init__(self, config, scheduler, tokenizer, vocab_limit: int, has_slm: bool, has_llm: bool):
+        self.config, self.scheduler = config, scheduler
+        self.tokenizer, self.vocab_limit = tokenizer, vocab_limit
+        self.has_slm, self.has_llm = has_slm, has_llm
         self.inbox = Inbox()
         self.groups: Dict[str, List[str]] = {}  # request id -> its samples' ids (SamplingParams.n > 1)
-        self._rng = np.random.default_rng(seed)  # seeds of requests that bring none
+        self._rng = np.random.default_rng(config.seed)  # seeds of requests that bring none
         self._ids = itertools.count()
 
-    def default_policy(self) -> str:
-        if self.router is not None and self.llm is not None:
-            return "router"
-        return "slm" if self.slm is not None else "llm"
-
-    def make_sequences(self, prompt: Prompt, params, index: int = 0,
+    def make_sequences(self, prompt: Prompt, params, router, index: int = 0,
                        request_id: Optional[str] = None) -> List[Sequence]:
         """Every check a request gets, in one place; -> its Sequences: one, or with
         params.n > 1 one per sample (ids "<id>#<i>", seeds seed + i when seeded). Each owns
-        a copy of params (a caller changing its object later changes nothing). Changes no
-        state but the engine's seed and id draws."""
+        a copy of params (a caller changing its object later changes nothing) and its own
+        policy. Changes no state but the engine's seed and id draws. router: the engine's."""
         params = replace(check_params(params))  # re-validated, and the request's own
         ids = prompt_token_ids(prompt, index, self.tokenizer, self.vocab_limit, self.config.max_model_len)
-        policy = params.policy or self.default_policy()
-        threshold = params.threshold
-        if threshold is None and self.router is not None:
-            threshold = self.router.default_threshold
-        check_servable(policy, threshold, self.slm is not None, self.llm is not None, self.router is not None,
-                       params.verify)
+        make_policy(params, 0, self.has_slm, self.has_llm, router)  # refuses what this engine cannot serve
         self.scheduler.check_fits(len(ids), params.max_tokens, params.n)
         if request_id is not None:
             if not isinstance(request_id, str) or not request_id:
@@ -48,12 +45,14 @@ class RequestIntake:
                 raise ValueError(f"request id {request_id!r} is already in the engine")
         rid = request_id if request_id is not None else self._new_id()
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**62))
-        if params.n == 1:
-            return [Sequence(rid, ids, params, policy, threshold, seed)]
-        group = [Sequence(f"{rid}#{i}", ids, params, policy, threshold, (seed + i) % 2**64) for i in range(params.n)]
-        for i, s in enumerate(group):
-            s.index, s.group = i, group
-        return group
+        seeds = [seed] if params.n == 1 else [(seed + i) % 2**64 for i in range(params.n)]
+        names = [rid] if params.n == 1 else [f"{rid}#{i}" for i in range(params.n)]
+        seqs = [Sequence(name, ids, params, make_policy(params, s, self.has_slm, self.has_llm, router), s,
+                         self.config.max_model_len) for name, s in zip(names, seeds)]
+        if params.n > 1:
+            for i, s in enumerate(seqs):
+                s.index, s.group = i, seqs
+        return seqs
 
     def _taken(self, rid: str) -> bool:
         group = self.groups.get(rid)
@@ -78,6 +77,12 @@ class RequestIntake:
         self.groups[rid] = [s.request_id for s in seqs]
         return rid
 
+    def output(self, seq: Sequence) -> RequestOutput:
+        return request_output(seq, with_text=self.tokenizer is not None, profiled=self.config.profile)
+
+    def emit(self, event: TokenEvent) -> None:
+        self.inbox.put(event)
+
     def take(self, owner: Hashable) -> List[TokenEvent]:
         return self.inbox.take(owner)
 
@@ -92,7 +97,7 @@ class RequestIntake:
         if request_id in self.groups:  # every sample; -> sample 0's output
             outs = [self.abort(child) for child in self.groups.pop(request_id)]
             return outs[0]
-        seq = self.scheduler.by_id.get(request_id)
+        seq = self.scheduler.get(request_id)
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")

@@ -1,11 +1,12 @@
 """ModelRunner: one model's step on the shared page table.
 
 `run(seqs, spec)` is the step. For each sequence it forwards the positions this model
-has not computed yet, [num_computed[name], len), marks them computed (and counts them
-in the sequence's `<name>_forward_tokens`), runs the head on each sequence's last
-position and returns one StepResult, aligned with seqs. The runner picks the path
-itself: a CUDA graph (model body + fused head) when it has graphs and the batch fits a
-bucket, else the eager forward. Both pack the batch with batch.pack_batch.
+has not computed yet, [num_computed[name], len), runs the head on each sequence's last
+position and returns one StepResult, aligned with seqs, with the spans it computed (the
+core records them: the runner changes no sequence). The runner picks the path itself: a
+CUDA graph (model body + fused head) when it has graphs and the batch fits a bucket,
+else the eager forward (both pack the batch with batch.pack_batch), and, for the SLM
+step, which rows get the head before and after their routing decisions.
 
 The KV pool per layer is [num_blocks + 1, block_size, Hkv, D]: the extra last block is
 the sink that padded graph lanes write to.
@@ -17,9 +18,10 @@ import torch
 from .batch import eager_inputs, pack_batch
 from .config import EngineConfig
 from .cuda_graph import CUDAGraph, GraphKey, StepGraphs, batch_buckets, query_len_buckets
-from .head import HeadSpec, StepResult
+from .head import StepResult
 from .models.attention import AttentionMetadata
-from .models.head import HeadInputs, HeadOutput
+from .models.head import HeadOutput, HeadSpec
+from .policies import RoutingStep
 
 
 class ModelRunner:
@@ -42,9 +44,8 @@ class ModelRunner:
     @property
     def fused_head(self) -> bool:
         """One head pass gives every row its token, top probability and router score (the
-        ops' fused head, or a graph, which holds the whole head), so the step never
-        splits the head; profiling times the router apart."""
-        return (self.ops.fused_head or self.graphs is not None) and not self.config.profile
+        ops' fused head, or a graph, which holds the whole head): the step never splits it."""
+        return self.ops.fused_head or self.graphs is not None
 
     def build_graphs(self, graph_cls=CUDAGraph, pool=None) -> None:
         """CUDA graphs of this model's step: decode buckets (B, 1) for the SLM, catch-up
@@ -58,74 +59,69 @@ class ModelRunner:
 
     # ---- the step -----------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, seqs: Seq, spec: HeadSpec, head_rows: Optional[List[int]] = None) -> StepResult:
-        """Forward what this model has not computed of each sequence, then the head on
-        each sequence's last position (its last spec.positions[i] positions, for
-        verification). head_rows: only those rows get the lm_head (the others' tokens
-        stay None; `head` can add them from result.hidden), the router still scores every
-        row; None: every row, in one fused pass where the ops have one."""
+    def run(self, seqs: Seq, spec: HeadSpec, head_tokens: Optional[List[int]] = None,
+            route: Optional[RoutingStep] = None) -> StepResult:
+        """Forward what this model has not computed of each sequence, then the head on each
+        sequence's last position (its last head_tokens[i] positions, for verification;
+        spec has one row per head position). route (the SLM step): the rows' policies,
+        asked once per row; the decisions come back in result.to_llm. The runner alone
+        decides which rows get the head: every row in one pass where the head is fused;
+        on an unfused head, when no row needs more of it, an early exit: the rows whose
+        decision reads the head first, the decisions (hidden-only routers score every row
+        from the hidden state), then the lm_head only for the rows the SLM keeps."""
+        if head_tokens is not None and all(n == 1 for n in head_tokens):
+            head_tokens = None
         starts, ends = [s.num_computed[self.name] for s in seqs], [len(s) for s in seqs]
-        graphed = None
+        split = (route is not None and not self.fused_head and spec.want_probs is None
+                 and not (spec.router is not None and spec.router.head_signals))
         with self.timer.phase(self.name):
-            if self.graphs is not None and head_rows is None:
-                graphed = self._replay(seqs, starts, ends, spec)
-            hidden = graphed[0] if graphed is not None else self.forward(seqs, starts, ends, spec.positions)
-            self._mark_computed(seqs, starts, ends)
+            graphed = self._replay(seqs, starts, ends, spec, head_tokens) if self.graphs is not None else None
+            hidden = graphed[0] if graphed is not None else self.forward(seqs, starts, ends, head_tokens)
             if graphed is not None and spec.filters is None and spec.want_probs is None \
-                    and spec.want_logprobs is None and (spec.positions is None or not any(spec.temperature)):
-                return _result(graphed[1], hidden, spec)
-            if self.fused_head and head_rows is None:  # the fused head (or a graph's body + the full-logits head)
-                return _result(self.model.head(self.ops, hidden, spec.per_position().inputs(self.device)), hidden,
-                               spec)
-        if spec.router is not None and spec.router.head_signals:
-            # a head-signal router reads the lm_head's logits: every row gets the head, router included
-            with self.timer.phase(self.name):
-                return _result(self.model.head(self.ops, hidden, spec.per_position().inputs(self.device)), hidden,
-                               spec)
-        # an unfused head: the router on its own, the lm_head only where asked
-        score = None
-        if spec.router is not None:
-            with self.timer.phase("router"):
-                score = self.model.router_score(self.ops, hidden, spec.router).tolist()
-        n = len(seqs)
-        if spec.positions is not None or spec.want_probs is not None:  # verifying / drafting: every row, no early exit
-            with self.timer.phase(self.name):
-                out = _result(self.model.head(self.ops, hidden, spec.per_position().without_router()
-                                              .inputs(self.device)), hidden, spec)
-            out.router_score = score
-            return out
-        result = StepResult([None] * n, [None] * n, score, hidden)
-        rows = list(range(n)) if head_rows is None else head_rows
-        if rows:
-            self.head(result, rows, spec)
+                    and spec.want_logprobs is None and (head_tokens is None or not any(spec.temperature)):
+                result = _result(graphed[1], head_tokens)
+            elif not split:
+                result = _result(self.model.head(self.ops, hidden, spec, self.timer.phase), head_tokens)
+        if split:
+            result = self._early_exit(hidden, spec, route)
+        elif route is not None:
+            result.to_llm = route.decide(result.top_prob, result.router_score)
+        result.spans = list(zip(starts, ends))
         return result
 
-    @torch.inference_mode()
-    def head(self, result: StepResult, rows: List[int], spec: HeadSpec) -> None:
-        """The lm_head (token and top probability) for rows of a step that run() left
-        without one, from the hidden states it kept."""
+    def _early_exit(self, hidden: torch.Tensor, spec: HeadSpec, route: RoutingStep) -> StepResult:
+        """An unfused head, one row per sequence: the router from the hidden state, the
+        lm_head of the rows whose decision reads it, the decisions, the other kept rows' lm_head."""
+        result = StepResult.empty(len(hidden))
+        if spec.router is not None:
+            with self.timer.phase("router"):
+                result.router_score = self.model.router_score(self.ops, hidden, spec.router).tolist()
+        first = [i for i, f in enumerate(route.head_first) if f]
+        if first:
+            self._head_rows(result, hidden, spec, first)
+        result.to_llm = route.decide(result.top_prob, result.router_score)
+        rest = [i for i, f in enumerate(route.head_first) if not f and not result.to_llm[i]]
+        if rest:
+            self._head_rows(result, hidden, spec, rest)
+        return result
+
+    def _head_rows(self, result: StepResult, hidden: torch.Tensor, spec: HeadSpec, rows: List[int]) -> None:
         with self.timer.phase(self.name):
-            inputs = spec.rows(rows).without_router().inputs(self.device)
-            out = self.model.head(self.ops, result.hidden[rows], inputs)
+            out = self.model.head(self.ops, hidden[rows], spec.rows(rows).without_router())
             tokens, top_prob, _ = out.to_host()
         result.fill(rows, tokens, top_prob, out.logprobs)
 
     def forward(self, seqs: Seq, starts: List[int], ends: List[int],
-                positions: Optional[List[int]] = None) -> torch.Tensor:
+                head_tokens: Optional[List[int]] = None) -> torch.Tensor:
         """Eager: positions [start, end) of each sequence -> pre-norm hidden [rows, H] of each
-        sequence's last position (its last positions[i] positions, in order)."""
+        sequence's last position (its last head_tokens[i] positions, in order)."""
         ids, pos, meta = eager_inputs(self.bm, self.sink_block, self.block_size, seqs, starts, ends, self.device)
         hidden = self.model(self.ops, ids, pos, self.kv_cache, meta)
-        return hidden[_head_row_index(meta.query_start_loc.tolist(), positions, hidden.device)]
-
-    def _mark_computed(self, seqs: Seq, starts: List[int], ends: List[int]) -> None:
-        for s, a, b in zip(seqs, starts, ends):
-            s.num_computed[self.name] = b
-            s.stats[f"{self.name}_forward_tokens"] += b - a
+        return hidden[_head_row_index(meta.query_start_loc.tolist(), head_tokens, hidden.device)]
 
     # ---- CUDA graphs ----------------------------------------------------------------------
-    def _replay(self, seqs: Seq, starts: List[int], ends: List[int],
-                spec: HeadSpec) -> Optional[Tuple[torch.Tensor, HeadOutput]]:
+    def _replay(self, seqs: Seq, starts: List[int], ends: List[int], spec: HeadSpec,
+                head_tokens: Optional[List[int]]) -> Optional[Tuple[torch.Tensor, HeadOutput]]:
         """The step through the graph of its bucket -> (hidden [b, H], head of b rows),
         views of graph memory valid until the next replay or capture of either model
         (they share a pool); None when no bucket fits."""
@@ -135,16 +131,16 @@ class ModelRunner:
             return None
         if spec.router is not None:
             g.use_router(spec.router)
-        key = (*bucket, spec.router is not None) + ((True,) if spec.positions is not None else ())
+        key = (*bucket, spec.router is not None) + ((True,) if head_tokens is not None else ())
         graph = g.get(key, self._graph_step)
         g.inputs.writable()
         t, _ = pack_batch(self.bm, self.sink_block, seqs, starts, ends, g.host_batch())
-        temperature, seeds = (spec.temperature, spec.seeds) if spec.positions is None else ([0.0] * len(seqs), [0] * len(seqs))
+        temperature, seeds = (spec.temperature, spec.seeds) if head_tokens is None else ([0.0] * len(seqs), [0] * len(seqs))
         g.stage(bucket, len(seqs), t, temperature, seeds)
         hidden, head = graph.replay()
-        if spec.positions is None:
+        if head_tokens is None:
             return hidden[:len(seqs)], head.first(len(seqs))
-        idx = _head_row_index(g.host.query_start_loc[:len(seqs) + 1].tolist(), spec.positions, hidden.device)
+        idx = _head_row_index(g.host.query_start_loc[:len(seqs) + 1].tolist(), head_tokens, hidden.device)
         return hidden[idx], head.select(idx)
 
     def _graph_step(self, key: GraphKey) -> Callable[[], Tuple[torch.Tensor, HeadOutput]]:
@@ -160,18 +156,18 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=v.slot_mapping, block_tables=v.block_tables, seq_lens=v.seq_lens,
                                  query_start_loc=v.query_start_loc, max_query_len=num_l, max_seq_len=v.max_seq_len,
                                  num_splits=splits)
-        inputs = HeadInputs(v.temperature, v.seeds, self.graphs.router if with_router else None)
+        spec = HeadSpec(v.temperature, v.seeds, router=self.graphs.router if with_router else None)
         model, ops, kv_cache = self.model, self.ops, self.kv_cache
 
         if all_rows:
             num_t = num_b * num_l
             zeros = torch.zeros(num_t, dtype=torch.int64, device=self.device)
-            inputs = HeadInputs(zeros.float(), zeros, inputs.router)
+            spec = HeadSpec(zeros.float(), zeros, router=spec.router)
 
         def step() -> Tuple[torch.Tensor, HeadOutput]:
             hidden = model(ops, v.input_ids, v.positions, kv_cache, meta)
             hidden = hidden if all_rows else hidden[v.last_idx]
-            return hidden, model.head(ops, hidden, inputs)
+            return hidden, model.head(ops, hidden, spec)
 
         return step
 
@@ -196,28 +192,28 @@ class ModelRunner:
         return n
 
 
-def _head_row_index(query_start_loc: List[int], positions: Optional[List[int]], device) -> torch.Tensor:
-    """Rows of a packed forward that get the head: each sequence's last positions[i] rows
-    (its last row when positions is None)."""
+def _head_row_index(query_start_loc: List[int], head_tokens: Optional[List[int]], device) -> torch.Tensor:
+    """Rows of a packed forward that get the head: each sequence's last head_tokens[i]
+    rows (its last row when head_tokens is None)."""
     ends = query_start_loc[1:]
-    if positions is None:
+    if head_tokens is None:
         idx = [e - 1 for e in ends]
     else:
-        idx = [r for e, n in zip(ends, positions) for r in range(e - n, e)]
+        idx = [r for e, n in zip(ends, head_tokens) for r in range(e - n, e)]
     return torch.tensor(idx, dtype=torch.long, device=device)
 
 
-def _result(head: HeadOutput, hidden: torch.Tensor, spec: HeadSpec) -> StepResult:
-    """The head's rows -> one StepResult row per sequence (per-position lists with spec.positions)."""
+def _result(head: HeadOutput, head_tokens: Optional[List[int]]) -> StepResult:
+    """The head's rows -> a StepResult per sequence (per-position lists with head_tokens)."""
     tokens, top_prob, score = head.to_host()
-    if spec.positions is None:
+    if head_tokens is None:
         split = lambda t: list(t.split(1)) if t is not None else None  # noqa: E731
-        return StepResult(tokens, top_prob, score, hidden, probs=split(head.probs), logprobs=split(head.logprobs))
-    out = StepResult([], [], [] if score is not None else None, hidden, position_tokens=[],
+        return StepResult(tokens, top_prob, score, probs=split(head.probs), logprobs=split(head.logprobs))
+    out = StepResult([], [], [] if score is not None else None, position_tokens=[],
                      probs=[] if head.probs is not None else None,
                      logprobs=[] if head.logprobs is not None else None)
     o = 0
-    for n in spec.positions:
+    for n in head_tokens:
         out.position_tokens.append(tokens[o:o + n])
         out.tokens.append(tokens[o + n - 1])
         out.top_prob.append(top_prob[o + n - 1])

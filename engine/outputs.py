@@ -67,19 +67,20 @@ def llm_share(outputs: Iterable[RequestOutput]) -> float:
     return made / total if total else 0.0
 
 
-def request_output(seq, with_text: bool) -> RequestOutput:
-    """A sequence's output: its committed tokens (tentative ones are not an output yet)
-    and its stats, with the shares and rates derived from them."""
-    n = len(seq.output_token_ids)
+def request_output(seq, with_text: bool, profiled: bool = False) -> RequestOutput:
+    """A sequence's output: exactly the tokens its owner was sent as events (committed
+    ones; tentative tokens are not an output yet, nor tokens of a step that failed before
+    their events), and its stats, with the shares and rates derived from them."""
+    n = seq.emitted - seq.num_prompt_tokens
     out = RequestOutput(
         request_id=seq.request_id,
         prompt_token_ids=list(seq.prompt_token_ids),
-        token_ids=seq.output_token_ids,
+        token_ids=seq.token_ids[seq.num_prompt_tokens:seq.emitted],
         text=seq.text if with_text else None,
         finish_reason=seq.finish_reason,
         from_llm=seq.from_llm[:n],
         router_scores=seq.router_scores[:n],
-        stats=dict(seq.stats),
+        stats=seq.stats.as_dict(seq.policy, profiled),
         logprobs=seq.logprobs[:n] if seq.params.logprobs is not None else None,
         index=seq.index,
     )

@@ -10,7 +10,7 @@ copy-on-write). Sample 0's stats count the shared prefix's forward tokens, once.
 """
 from typing import List
 
-from .head import HeadSpec
+from .head import head_spec
 from .sequence import Sequence
 
 
@@ -20,15 +20,16 @@ def share_prefix(group: List[Sequence], slm, llm, block_manager, block_size: int
     if prefix == 0:
         return
     block_manager.append_slots(lead.handle, prefix)
-    part = Sequence(f"{lead.request_id}/prefix", lead.prompt_token_ids[:prefix], lead.params, lead.policy,
-                    lead.threshold, 0)
+    part = Sequence(f"{lead.request_id}/prefix", lead.prompt_token_ids[:prefix], lead.params, lead.policy, 0,
+                    lead.max_len)
     part.handle = lead.handle
-    for runner in (slm if lead.policy != "llm" else None, llm if lead.policy != "slm" else None):
+    for runner in (slm if lead.policy.uses_slm else None, llm if lead.policy.uses_llm else None):
         if runner is not None:
-            runner.run([part], HeadSpec.for_seqs([part]))  # its head's token is not used
+            result = runner.run([part], head_spec([part]))  # its head's token is not used
+            part.record_forward(runner.name, *result.spans[0])
     lead.num_computed = dict(part.num_computed)
-    for key in ("slm_forward_tokens", "llm_forward_tokens"):
-        lead.stats[key] += part.stats[key]
+    lead.stats.slm_forward_tokens += part.stats.slm_forward_tokens
+    lead.stats.llm_forward_tokens += part.stats.llm_forward_tokens
     for seq in group[1:]:
         block_manager.free_sequence(seq.handle)  # its empty table, for one sharing the prefix
         seq.handle = block_manager.fork(lead.handle)

@@ -1,11 +1,10 @@
-"""The checks a request gets before it enters the engine, in one place (EngineCore.make_sequences
-calls them all before any state changes): its prompt, its params, and whether this
-engine can serve its policy and fit it in its KV pool."""
+"""The checks of a request's prompt and params before it enters the engine (intake.Requests
+calls them, with the policy's and the KV pool's, before any state changes)."""
 from typing import List, Optional, Sequence as Seq, Union
 
 import numpy as np
 
-from .sampling_params import VERIFIABLE, SamplingParams
+from .sampling_params import SamplingParams
 
 Prompt = Union[str, Seq[int]]
 
@@ -56,18 +55,3 @@ def check_params(params) -> SamplingParams:
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
     return params
-
-
-def check_servable(policy: str, threshold: Optional[float], has_slm: bool, has_llm: bool, has_router: bool,
-                   verify: bool = False) -> None:
-    """Raise unless an engine with these models can serve the policy."""
-    if policy != "llm" and not has_slm:
-        raise ValueError(f"policy {policy!r} needs an SLM")
-    if policy != "slm" and not has_llm:
-        raise ValueError(f"policy {policy!r} needs an LLM, and this engine has none")
-    if policy == "router" and not has_router:
-        raise ValueError("policy 'router' needs a router, and this engine has none")
-    if policy == "router" and threshold is None:
-        raise ValueError("policy 'router' needs a threshold")
-    if verify and policy not in VERIFIABLE:
-        raise ValueError(f"verify=True applies to the policies {VERIFIABLE}, and this request's policy is {policy!r}")

@@ -11,7 +11,7 @@ from collections import deque
 from typing import Deque, Dict, List
 
 from .config import EngineConfig
-from .sequence import Sequence, Status
+from .sequence import Sequence, capped_len
 
 
 class Scheduler:
@@ -22,12 +22,9 @@ class Scheduler:
         self.running: List[Sequence] = []
         self.by_id: Dict[str, Sequence] = {}
 
-    def max_len(self, seq: Sequence) -> int:
-        return min(seq.num_prompt_tokens + seq.params.max_tokens, self.config.max_model_len)
-
     def check_fits(self, num_prompt_tokens: int, max_tokens: int, n: int = 1) -> None:
         """Raise if a request (of n samples) could never be served by this pool."""
-        need = n * self.config.blocks_for(min(num_prompt_tokens + max_tokens, self.config.max_model_len))
+        need = n * self.config.blocks_for(capped_len(num_prompt_tokens, max_tokens, self.config.max_model_len))
         if need > self.bm.num_blocks:
             samples = f" for its {n} samples" if n > 1 else ""
             raise ValueError(
@@ -57,15 +54,14 @@ class Scheduler:
         while self.waiting:
             seq = self.waiting[0]
             group = seq.group or [seq]
-            need = sum(self.config.blocks_for(self.max_len(s)) for s in group)
+            need = sum(self.config.blocks_for(s.max_len) for s in group)
             if (need > free or len(self.running) + len(group) > self.config.max_num_seqs
                     or (admitted_any and seq.num_prompt_tokens > budget)):
                 break
             for s in group:
                 self.waiting.popleft()
                 s.handle = self.bm.create_sequence()
-                s.reserved_blocks = self.config.blocks_for(self.max_len(s))
-                s.status = Status.RUNNING
+                s.reserved_blocks = self.config.blocks_for(s.max_len)
                 self.running.append(s)
             free -= need
             budget -= seq.num_prompt_tokens
@@ -87,7 +83,6 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
-        seq.status = Status.FINISHED
         if seq.handle is not None:
             self.bm.free_sequence(seq.handle)
             seq.handle = None
@@ -99,6 +94,10 @@ class Scheduler:
             except ValueError:
                 pass
         self.by_id.pop(seq.request_id, None)
+
+    def get(self, request_id: str):
+        """The live (waiting or running) sequence of this id, or None."""
+        return self.by_id.get(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

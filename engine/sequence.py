@@ -1,18 +1,50 @@
-"""Sequence: one request's state inside the engine."""
-import enum
-import time
+"""Sequence: one request's state inside the engine, and SeqStats, its counters.
+
+The core (core.py) is the one writer of a running sequence's state: it appends tokens,
+records what each model computed (from the runners' results), commits, rolls back
+(through the scheduler, which also shrinks the block table) and finishes it.
+"""
+from dataclasses import dataclass, fields
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 
+from .policies import Policy
 from .sampling_params import SamplingParams
 
 
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
+def capped_len(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> int:
+    """The length a request may reach: prompt + max_tokens, capped at max_model_len."""
+    return min(num_prompt_tokens + max_tokens, max_model_len)
+
+
+@dataclass
+class SeqStats:
+    """Per-request counters (RequestOutput.stats holds them with derived rates)."""
+
+    slm_forward_tokens: int = 0  # positions the SLM computed
+    llm_forward_tokens: int = 0
+    llm_calls: int = 0  # LLM steps this request took part in
+    slm_discarded_tokens: int = 0  # computed positions a rollback discarded
+    llm_discarded_tokens: int = 0
+    drafted: int = 0  # speculative: draft tokens made
+    accepted: int = 0  # speculative: drafts the LLM accepted
+    corrected: int = 0  # tentative policies: rollbacks (a rejected token replaced by the LLM's)
+    slm_time: float = 0.0  # profile=True: this request's share of each phase's time
+    router_time: float = 0.0
+    llm_time: float = 0.0
+    other_time: float = 0.0
+
+    def as_dict(self, policy: Policy, profiled: bool) -> Dict[str, float]:
+        keep = {"slm_forward_tokens", "llm_forward_tokens", "llm_calls", "slm_discarded_tokens",
+                "llm_discarded_tokens"}
+        if policy.drafts:
+            keep |= {"drafted", "accepted"}
+        if policy.tentative:
+            keep.add("corrected")
+        if profiled:
+            keep |= {"slm_time", "router_time", "llm_time", "other_time"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in keep}
 
 
 class Sequence:
@@ -23,18 +55,19 @@ class Sequence:
     are final; later ones are tentative (a speculative draft, or an SLM token that
     check-and-correct has not verified yet) and may be rolled back (`truncate`), which
     sets both computed counts back and counts what each model computed and discarded.
-    Invariant: a model computes a position again only after a rollback changed its token.
+    Tokens [0, emitted) have been sent to the request's owner as events; an output holds
+    exactly those. Invariant: a model computes a position again only after a rollback
+    changed its token.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: List[int], params: SamplingParams,
-                 policy: str, threshold: Optional[float], seed: int):
+    def __init__(self, request_id: str, prompt_token_ids: List[int], params: SamplingParams, policy: Policy,
+                 seed: int, max_model_len: int):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)
         self.params = params
         self.policy = policy
-        self.threshold = threshold
-        self.status = Status.WAITING
+        self.max_len = capped_len(len(prompt_token_ids), params.max_tokens, max_model_len)
         self.finish_reason: Optional[str] = None
         self.handle: Optional[int] = None  # block-manager handle while running
         self.reserved_blocks = 0  # blocks this sequence may still need (admission budget)
@@ -47,15 +80,10 @@ class Sequence:
         self.index = 0  # which of its prompt's n samples (SamplingParams.n)
         self.group: Optional[list] = None  # n > 1: the samples of one prompt, admitted together
         self.draft_probs: Dict[int, torch.Tensor] = {}  # position -> the SLM's distribution of its tentative token
-        self.text = ""  # detokenized committed output so far (stop strings cut)
+        self.text = ""  # detokenized emitted output so far (stop strings cut)
         self.detok = None  # the detokenizer's state (detokenizer.DetokState)
-        self.sampler = torch.Generator(device="cpu").manual_seed(seed)  # draws per-step sampling seeds
-        self.route_rng = np.random.default_rng(seed)  # policy "random"
-        self.stats = {"slm_forward_tokens": 0, "llm_forward_tokens": 0, "llm_calls": 0,
-                      "slm_discarded_tokens": 0, "llm_discarded_tokens": 0}
-        if policy == "speculative":
-            self.stats.update(drafted=0, accepted=0)
-        self.arrival_time = time.perf_counter()
+        self.sampler = torch.Generator(device="cpu").manual_seed(seed)  # per-step sampling seeds, verification
+        self.stats = SeqStats()
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -65,23 +93,13 @@ class Sequence:
         return len(self.prompt_token_ids)
 
     @property
-    def output_token_ids(self) -> List[int]:
-        """The committed generated tokens (what outputs and streams carry)."""
-        return self.token_ids[self.num_prompt_tokens:self.committed]
-
-    @property
     def num_tentative(self) -> int:
         return len(self.token_ids) - self.committed
 
-    @property
-    def max_len(self) -> int:
-        """The length this request may reach: prompt + max_tokens (the engine caps it at max_model_len)."""
-        return self.num_prompt_tokens + self.params.max_tokens
-
-    @property
-    def tentative(self) -> bool:
-        """True when this request's SLM tokens wait for the LLM's check before they commit."""
-        return self.policy == "speculative" or self.params.verify
+    def min_tokens_left(self, n: int) -> int:
+        """How many more generated tokens SamplingParams.min_tokens asks for once the
+        sequence holds n tokens (> 0: nothing but its length may end it yet)."""
+        return max(0, self.params.min_tokens - (n - self.num_prompt_tokens))
 
     def append(self, token: int, from_llm: bool, score: Optional[float], commit: bool, logprob=None) -> None:
         self.token_ids.append(token)
@@ -90,6 +108,14 @@ class Sequence:
         self.logprobs.append(logprob)
         if commit:
             self.committed = len(self.token_ids)
+
+    def record_forward(self, model: str, start: int, end: int) -> None:
+        """A model computed positions [start, end) (a runner's StepResult.spans)."""
+        self.num_computed[model] = end
+        if model == "slm":
+            self.stats.slm_forward_tokens += end - start
+        else:
+            self.stats.llm_forward_tokens += end - start
 
     def truncate(self, n: int) -> None:
         """Drop the tokens from position n on (never committed ones): both models' caches
@@ -104,7 +130,10 @@ class Sequence:
         del self.logprobs[keep:]
         for model, computed in self.num_computed.items():
             if computed > n:
-                self.stats[f"{model}_discarded_tokens"] += computed - n
+                if model == "slm":
+                    self.stats.slm_discarded_tokens += computed - n
+                else:
+                    self.stats.llm_discarded_tokens += computed - n
                 self.num_computed[model] = n
         self.draft_probs = {p: q for p, q in self.draft_probs.items() if p < n}
 

@@ -42,7 +42,7 @@ def test_n_samples_share_blocks_in_the_page_table(engine):
     prompt = random_prompts(1, 9, 9, seed=2)[0]
     rid = engine.add_request(prompt, SamplingParams(n=3, max_tokens=4, policy="slm", ignore_eos=True))
     engine.step()
-    seqs = [engine.core.scheduler.by_id[f"{rid}#{i}"] for i in range(3)]
+    seqs = [engine.core.get(f"{rid}#{i}") for i in range(3)]
     tables = [engine.block_manager.block_table(s.handle) for s in seqs]
     assert tables[0][:2] == tables[1][:2] == tables[2][:2] and len({t[2] for t in tables}) == 3
     assert [engine.block_manager.ref_count(b) for b in tables[0][:2]] == [3, 3]
@@ -112,15 +112,16 @@ def test_stop_string_in_output_and_special_tokens(engine):
     special = tok.convert_tokens_to_ids("</s>")
     raw = [5, 6, special, 7]
     from citer.engine.detokenizer import Detokenizer
+    from citer.engine.policies import SLMOnly
     from citer.engine.sequence import Sequence
 
     for skip in (True, False):
-        seq = Sequence("x", [3], SamplingParams(skip_special_tokens=skip), "slm", None, 0)
+        seq = Sequence("x", [3], SamplingParams(skip_special_tokens=skip), SLMOnly(), 0, 4096)
         seq.token_ids += raw
         text = "".join(Detokenizer(tok).update(seq, 2 + i, finishing=i == 3)[0] for i in range(4))
         assert text == tok.decode(raw, skip_special_tokens=skip)
         # a stop string naming a special token fires only when special tokens are in the text
-        seq = Sequence("y", [3], SamplingParams(skip_special_tokens=skip, stop=["</s>"]), "slm", None, 0)
+        seq = Sequence("y", [3], SamplingParams(skip_special_tokens=skip, stop=["</s>"]), SLMOnly(), 0, 4096)
         seq.token_ids += raw
         hits = [Detokenizer(tok).update(seq, 2 + i, finishing=False)[1] for i in range(4)]
         assert any(hits) == (not skip)
@@ -130,6 +131,7 @@ def test_incremental_detokenization_equals_a_full_decode(demo_tokenizer):
     """Random token streams (multi-byte characters split across tokens included): the
     deltas join to decode(all tokens), and no delta ends in half a character."""
     from citer.engine.detokenizer import Detokenizer
+    from citer.engine.policies import SLMOnly
     from citer.engine.sequence import Sequence
 
     tok = demo_tokenizer
@@ -140,7 +142,7 @@ def test_incremental_detokenization_equals_a_full_decode(demo_tokenizer):
         ids = tok(text).input_ids
         for _ in range(3):
             cut = ids + [rng.randrange(len(tok)) for _ in range(5)]
-            seq = Sequence("x", [0], SamplingParams(), "slm", None, 0)
+            seq = Sequence("x", [0], SamplingParams(), SLMOnly(), 0, 4096)
             seq.token_ids += cut
             deltas = [detok.update(seq, 2 + i, finishing=i == len(cut) - 1)[0] for i in range(len(cut))]
             assert "".join(deltas) == tok.decode(cut, skip_special_tokens=True)

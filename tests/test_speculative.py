@@ -189,8 +189,8 @@ def test_blocks_come_back_after_rollbacks_aborts_and_errors(hf_models, slms, mon
     rolled = False
     for _ in range(40):  # abort right after a step that rolled back
         e.step()
-        seq = e.core.scheduler.by_id.get(rid)
-        if seq is not None and seq.stats["slm_discarded_tokens"]:
+        seq = e.core.get(rid)
+        if seq is not None and seq.stats.slm_discarded_tokens:
             rolled = True
             break
     assert rolled

@@ -3,6 +3,7 @@
 Activations are packed: [T, H] for all new tokens of all sequences in the batch.
 q/k/v and gate/up projections are fused at load time (one GEMM each).
 """
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -10,12 +11,13 @@ from torch import nn
 import torch.nn.functional as F
 
 from citer.kernels.routed_head import router_mlp_ref, router_scores_ref
-from citer.kernels.sampling import NO_FILTER, choose_tokens, sampling_probs
+from citer.kernels.sampling import choose_tokens, sampling_probs
 
 from .attention import AttentionMetadata, KVCache, paged_attention
 from .config import ModelConfig
-from .head import HeadInputs, HeadOutput, RouterParams
+from .head import HeadOutput, HeadSpec
 from .rope import RotaryEmbedding, apply_rotary
+from .router import RouterParams
 
 
 class RMSNorm(nn.Module):
@@ -115,46 +117,50 @@ class DecoderLM(nn.Module):
             x, residual = layer(ops, x, residual, rope_cs, kv, meta)
         return x + residual
 
-    def head(self, ops, hidden: torch.Tensor, inputs: HeadInputs) -> HeadOutput:
-        """Pre-norm hidden [B, H] (one row per sequence) -> each row's token, top
-        probability and, with inputs.router, router score. The fused op (ops.fused_head:
+    def head(self, ops, hidden: torch.Tensor, spec: HeadSpec, phase=None) -> HeadOutput:
+        """Pre-norm hidden [B, H] (one row per head position) -> each row's token, top
+        probability and, with spec.router, router score. The fused op (ops.fused_head:
         one pass over the lm_head, no [B, vocab] logits) chooses every row's token; rows
         that filter (top-k / top-p / banned ids) or want their distribution or logprobs
         also get full logits, for those rows only, so a row's choice never depends on the
-        rest of its batch. Without a fused op every row goes through full logits."""
+        rest of its batch. Without a fused op every row goes through full logits.
+        phase: a profiler's phase(name) context factory; the unfused head's router is
+        timed as "router" (the fused op has it inside its one pass)."""
+        temperature, seeds = spec.tensors(hidden.device)
         if not ops.fused_head:
             h = self.final_norm(ops, hidden)
             logits = self.logits_from_normed(h)[:, :self.vocab_limit]
-            tokens, top_prob = choose_tokens(logits, inputs.temperature, inputs.seeds, inputs.filters)
-            score = router_scores_ref(h, inputs.router, top_prob, logits) if inputs.router is not None else None
+            tokens, top_prob = choose_tokens(logits, temperature, seeds, spec.filters)
+            score = None
+            if spec.router is not None:
+                with phase("router") if phase is not None else nullcontext():
+                    score = router_scores_ref(h, spec.router, top_prob, logits)
             rows = torch.arange(len(hidden), device=hidden.device)
-            probs, logprobs = self._extras(logits, rows, inputs, len(hidden))
+            probs, logprobs = self._extras(logits, rows, spec, temperature, len(hidden))
             return HeadOutput(tokens, top_prob, score, probs, logprobs)
         lm_head = self.lm_head.weight[:self.vocab_limit]
-        tokens, top_prob, score = ops.routed_head(hidden, self.norm.weight, self.norm.eps, lm_head, inputs.router,
-                                                  inputs.temperature, inputs.seeds)
-        need = [bool((inputs.filters and inputs.filters[i] != NO_FILTER) or (inputs.want_probs and inputs.want_probs[i])
-                     or (inputs.want_logprobs and inputs.want_logprobs[i])) for i in range(len(hidden))]
+        tokens, top_prob, score = ops.routed_head(hidden, self.norm.weight, self.norm.eps, lm_head, spec.router,
+                                                  temperature, seeds)
+        need = [spec.needs_logits(i) for i in range(len(hidden))]
         probs = logprobs = None
         if any(need):
             rows = torch.tensor([i for i, w in enumerate(need) if w], device=hidden.device)
             logits = self.logits(ops, hidden[rows])[:, :self.vocab_limit]
-            if inputs.filters is not None:
-                sub = _take(inputs.filters, rows)
-                chosen, _ = choose_tokens(logits, inputs.temperature[rows], inputs.seeds[rows], sub)
+            if spec.filters is not None:
+                chosen, _ = choose_tokens(logits, temperature[rows], seeds[rows], _take(spec.filters, rows))
                 tokens = tokens.index_copy(0, rows, chosen)
-            probs, logprobs = self._extras(logits, rows, inputs, len(hidden))
-        return HeadOutput(tokens, top_prob, score if inputs.router is not None else None, probs, logprobs)  # op: NaN
+            probs, logprobs = self._extras(logits, rows, spec, temperature, len(hidden))
+        return HeadOutput(tokens, top_prob, score if spec.router is not None else None, probs, logprobs)  # op: NaN
 
     @staticmethod
-    def _extras(logits: torch.Tensor, rows: torch.Tensor, inputs: HeadInputs, batch: int):
+    def _extras(logits: torch.Tensor, rows: torch.Tensor, spec: HeadSpec, temperature: torch.Tensor, batch: int):
         """The sampling distributions / raw log-softmax of the rows that asked, as [B, V]
         tensors (other rows 0), from the full logits of `rows`."""
         probs = logprobs = None
-        if inputs.want_probs is not None:
-            part = sampling_probs(logits, inputs.temperature[rows], _take(inputs.filters, rows))
+        if spec.want_probs is not None:
+            part = sampling_probs(logits, temperature[rows], _take(spec.filters, rows))
             probs = logits.new_zeros(batch, logits.shape[1]).index_copy_(0, rows, part)
-        if inputs.want_logprobs is not None:
+        if spec.want_logprobs is not None:
             part = torch.log_softmax(logits.float(), dim=-1)
             logprobs = logits.new_zeros(batch, logits.shape[1]).index_copy_(0, rows, part)
         return probs, logprobs

@@ -14,8 +14,9 @@ from citer.engine.outputs import RequestOutput, TokenEvent, llm_share
 from citer.engine.requests import Prompt
 from citer.engine.sampling_params import SamplingParams
 
-from .builder import build_core
 from citer.engine.models.router import load_router
+
+from .builder import build_core
 
 
 @dataclass
@@ -104,21 +105,15 @@ class Engine:
         """Load (or, with None, drop) the router; requests already running keep their policy."""
         if router is not None and (self.core.slm is None or self.core.llm is None):
             raise ValueError("a router needs both an SLM and an LLM")
-        if router is None:
-            live = [s.request_id for s in self.core.scheduler.by_id.values() if s.policy == "router"]
-            if live:
-                raise ValueError(f"cannot drop the router while {len(live)} request(s) with policy 'router' "
-                                 f"are in the engine ({live[:3]}); abort them or let them finish first")
         folded = load_router(router, self.core.slm.cfg.hidden_size).to(self.config.device) if router else None
-        self.core.set_router(folded)
+        self.core.set_router(folded)  # refuses to drop a router that live requests route with
         self.paths["router"] = router
 
     def capture_cuda_graphs(self, speculative: bool = False) -> int:
         """Capture every CUDA-graph bucket now, largest first, instead of at each bucket's
         first use (which costs that step a warm-up and a capture); -> graphs captured.
         speculative=True also captures the buckets only speculative decoding and
-        check-and-correct use. Nothing to do without graphs (CPU, enforce_eager=True,
-        profile=True)."""
+        check-and-correct use. Nothing to do without graphs (CPU, enforce_eager=True)."""
         n = self.core.llm.capture_graphs(speculative=speculative) if self.core.llm is not None else 0  # sizes the pool
         if self.core.slm is not None:
             n += self.core.slm.capture_graphs(self.router.params if self.router is not None else None, speculative)

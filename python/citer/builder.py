@@ -67,7 +67,7 @@ def build_core(args: EngineArgs) -> EngineCore:
     config = EngineConfig(
         device=str(torch_device), block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        cuda_graphs=torch_device.type == "cuda" and ops.graph_safe and not args.enforce_eager and not args.profile,
+        cuda_graphs=torch_device.type == "cuda" and ops.graph_safe and not args.enforce_eager,
         max_graph_query_len=args.max_graph_query_len, profile=args.profile, seed=args.seed,
     )
     from citer._C import BlockManager

@@ -16,9 +16,17 @@ EXTRAS = {  # extra -> the modules its commands import
 }
 
 
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def require_extra(extra: str, command: str) -> None:
     """Exit with a message naming the extra to install when one of its modules is missing."""
-    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    missing = [m for m in EXTRAS[extra] if not _importable(m)]
     if missing:
         print(f"citer {command} needs {', '.join(missing)}, which this install does not have; "
               f"install it with: pip install 'citer[{extra}]'", file=sys.stderr)
