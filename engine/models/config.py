@@ -45,8 +45,15 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def load_model_config(path: str) -> ModelConfig:
-    """Read config.json from a Hugging Face folder; clear errors for what we cannot serve."""
+def load_model_config(path: str, checkpoint=None) -> ModelConfig:
+    """Read config.json from a Hugging Face folder (or the metadata of a GGUF checkpoint, see
+    gguf.py; pass the checkpoint already read, if any); clear errors for what we cannot serve."""
+    from .gguf import gguf_file, read_gguf  # gguf.py builds on ModelConfig: imported here, not at the top
+
+    if checkpoint is not None:
+        return checkpoint.config
+    if gguf_file(path) is not None:
+        return read_gguf(path).config
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder not found: {path!r}")
     fn = os.path.join(path, "config.json")

@@ -1,13 +1,14 @@
-"""Load a Hugging Face checkpoint folder (single or sharded safetensors) into DecoderLM."""
+"""Load a Hugging Face checkpoint folder (single or sharded safetensors) or a GGUF file into DecoderLM."""
 import json
 import os
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterable, Iterator, Tuple
 
 import torch
 from safetensors import safe_open
 
 from .config import ModelConfig, load_model_config
 from .decoder import DecoderLM
+from .gguf import gguf_file, read_gguf
 from .rope import RotaryEmbedding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,10 +67,16 @@ def _fused_offsets(cfg: ModelConfig, target: str):
 
 
 def load_weights(model: DecoderLM, files) -> None:
+    load_state(model, _iter_tensors(files))
+
+
+def load_state(model: DecoderLM, tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
+    """Copy (HF name, tensor) pairs into the model's (fused) parameters; every one must be used
+    once, with its shape, and every parameter filled."""
     cfg = model.cfg
     params: Dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     loaded = set()
-    for hf_name, tensor in _iter_tensors(files):
+    for hf_name, tensor in tensors:
         name = hf_name
         if name.startswith("model."):
             name = name[len("model."):]
@@ -106,12 +113,19 @@ def load_weights(model: DecoderLM, files) -> None:
         raise ValueError(f"checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
 
-def load_model(path: str, device="cpu", dtype="float32", max_positions: int = 4096, vocab_limit=None):
+def load_model(path: str, device="cpu", dtype="float32", max_positions: int = 4096, vocab_limit=None,
+               checkpoint=None):
     """-> (DecoderLM in eval mode on device/dtype, ModelConfig). vocab_limit: the head
-    chooses among the first vocab_limit token ids (None: all of the model's)."""
-    cfg = load_model_config(path)
-    files = safetensors_files(path)
-    dtype = resolve_dtype(dtype)
+    chooses among the first vocab_limit token ids (None: all of the model's). path: an HF
+    folder or a GGUF checkpoint (dequantized to dtype; checkpoint: the file already read)."""
+    if checkpoint is not None or gguf_file(path) is not None:
+        dtype = resolve_dtype(dtype)
+        ckpt = checkpoint or read_gguf(path)
+        cfg, tensors = ckpt.config, ckpt.hf_tensors()
+    else:
+        cfg = load_model_config(path)
+        tensors = _iter_tensors(safetensors_files(path))
+        dtype = resolve_dtype(dtype)
     device = torch.device(device)
     with torch.device("meta"):
         model = DecoderLM(cfg, 1, vocab_limit)
@@ -119,7 +133,7 @@ def load_model(path: str, device="cpu", dtype="float32", max_positions: int = 40
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding(cfg, max_positions).to(device)
-    load_weights(model, files)
+    load_state(model, tensors)
     if device.type == "cpu":
         model.keep_transposed_lm_head()
     return model.eval().requires_grad_(False), cfg

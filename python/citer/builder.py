@@ -21,6 +21,7 @@ from citer.kernels.flash_attention import check_flash_attn
 from citer.kernels.ops import get_ops, resolve_backend
 
 from citer.engine.models import load_model, load_model_config
+from citer.engine.models.gguf import gguf_file, read_gguf
 from citer.engine.models.loader import resolve_dtype
 from citer.engine.models.router import load_router
 from .pair_tokenizer import check_same_tokenizer, load_tokenizer, vocab_limit
@@ -36,9 +37,11 @@ def build_core(args: EngineArgs) -> EngineCore:
     if slm is None and llm is None:
         raise ValueError("Engine needs at least one model folder (slm= or llm=)")
     block_size, max_model_len, max_num_seqs = args.block_size, args.max_model_len, args.max_num_seqs
-    cfgs = {name: load_model_config(path) for name, path in (("slm", slm), ("llm", llm)) if path is not None}
-    slm_tok = load_tokenizer(slm) if slm is not None else None
-    llm_tok = load_tokenizer(llm) if llm is not None else None
+    paths = {"slm": slm, "llm": llm}
+    ggufs = {name: read_gguf(p) for name, p in paths.items() if p is not None and gguf_file(p) is not None}  # once
+    cfgs = {name: load_model_config(p, ggufs.get(name)) for name, p in paths.items() if p is not None}
+    slm_tok = load_tokenizer(slm, ggufs.get("slm")) if slm is not None else None
+    llm_tok = load_tokenizer(llm, ggufs.get("llm")) if llm is not None else None
     check_same_tokenizer(slm_tok, llm_tok, slm, llm)
     tokenizer = slm_tok if slm_tok is not None else llm_tok
     limit = vocab_limit(cfgs.get("slm"), cfgs.get("llm"), tokenizer, slm, llm)
@@ -52,9 +55,8 @@ def build_core(args: EngineArgs) -> EngineCore:
     if args.attention == "flash-attn":
         check_flash_attn(torch_device, torch_dtype, block_size)
 
-    paths = {"slm": slm, "llm": llm}
     models = {name: load_model(paths[name], torch_device, torch_dtype, max_positions=max_model_len,
-                               vocab_limit=limit)[0] for name in cfgs}
+                               vocab_limit=limit, checkpoint=ggufs.pop(name, None))[0] for name in cfgs}
     folded = load_router(router, cfgs["slm"].hidden_size).to(torch_device) if router is not None else None
     num_blocks = args.num_blocks
     if num_blocks is None:

@@ -1,5 +1,5 @@
 """The `citer` command: one plain function per subcommand (train-router, train-baselines,
-eval, serve, demo), each importing what it needs when it runs. A subcommand whose
+eval, serve, demo, convert), each importing what it needs when it runs. A subcommand whose
 packages come with an extra (`pip install 'citer[serve]'`, `'citer[eval]'`) says which
 extra to install when they are missing."""
 import argparse
@@ -13,6 +13,7 @@ from citer.engine.args import EngineArgs
 EXTRAS = {  # extra -> the modules its commands import
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
     "eval": ("matplotlib",),
+    "gguf": ("gguf",),
 }
 
 
@@ -107,6 +108,15 @@ def demo_cmd(args) -> None:
     demo()
 
 
+def convert_cmd(args) -> None:
+    require_extra("gguf", "convert")
+    from citer.convert import convert_gguf
+
+    summary = convert_gguf(args.src, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {args.out}: {', '.join(summary['files'])} ({summary['weight_bytes'] / 1e9:.2f} GB of "
+          f"{args.dtype} weights, {summary['seconds']:.1f} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="citer", description="token-level routed decoding (CITER)")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -161,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(sv)
 
     sub.add_parser("demo", help="what `make demo` runs").set_defaults(run=demo_cmd)
+
+    cv = sub.add_parser("convert", help="write a GGUF checkpoint once as a Hugging Face folder")
+    cv.set_defaults(run=convert_cmd)
+    cv.add_argument("src", help="a .gguf file (architecture qwen2, qwen3 or llama)")
+    cv.add_argument("out", help="the folder to write (new or empty)")
+    cv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the weights' dtype (default float32: dequantized values rarely fit 16 bits exactly)")
+    cv.add_argument("--max-shard-gb", type=float, default=4.0, help="shard the weights above this size (GiB)")
     return ap
 
 

@@ -1,13 +1,22 @@
 """The tokenizer an SLM/LLM pair shares: loading it from a model folder (transformers
-AutoTokenizer), the check that both folders have the same one, and the vocabulary limit."""
+AutoTokenizer) or a GGUF file's metadata, the check that both models have the same one, and the
+vocabulary limit."""
 import os
+import re
 from typing import Optional
 
+from citer.engine.models.gguf import gguf_file, read_gguf
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+GGUF_PADDING = re.compile(r"\[PAD(\d+)\]")  # llama.cpp names the ids past the real vocabulary [PAD<id>]
 
 
-def load_tokenizer(path: str):
-    """-> a transformers tokenizer, or None when the folder has no tokenizer files."""
+def load_tokenizer(path: str, checkpoint=None):
+    """-> a transformers tokenizer, or None when the folder (or GGUF file) has no tokenizer.
+    checkpoint: the GGUF file already read (engine.models.gguf.read_gguf)."""
+    gguf = checkpoint.path if checkpoint is not None else gguf_file(path)
+    if gguf is not None:
+        return gguf_tokenizer(gguf, checkpoint)
     if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
@@ -15,11 +24,32 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def gguf_tokenizer(fn: str, checkpoint=None):
+    """The tokenizer a GGUF file's metadata describes (vocabulary, merges, special tokens, chat
+    template), built by transformers as AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    builds it. TokenizersBackend (PreTrainedTokenizerFast) is named directly: AutoTokenizer would
+    first read the whole file once more with gguf.GGUFReader for the model config (~10 s on a
+    152K-token vocabulary) only to pick the class; the tokenizer is the same (tests compare)."""
+    if not (checkpoint or read_gguf(fn)).has_tokenizer:
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    folder, name = os.path.split(os.path.abspath(fn))
+    return PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
+
+
+def shared_vocab(tok) -> dict:
+    """get_vocab() without llama.cpp's padding entries ("[PAD151665]" at id 151665, ...): a GGUF
+    file lists a token for every row of the embedding, an HF tokenizer only its real tokens."""
+    return {t: i for t, i in tok.get_vocab().items()
+            if not ((m := GGUF_PADDING.fullmatch(t)) and int(m.group(1)) == i)}
+
+
 def check_same_tokenizer(slm_tok, llm_tok, slm_path: str, llm_path: str) -> None:
     """Routing mixes the two models' tokens in one sequence: their tokenizers must agree."""
     if slm_tok is None or llm_tok is None:
         return
-    if slm_tok.get_vocab() != llm_tok.get_vocab():
+    if shared_vocab(slm_tok) != shared_vocab(llm_tok):
         raise ValueError(
             f"the SLM ({slm_path!r}) and LLM ({llm_path!r}) have different tokenizers "
             f"(vocabularies of {len(slm_tok)} and {len(llm_tok)} tokens differ); "

@@ -1,0 +1,363 @@
+"""GGUF checkpoints: tiny random models written as llama.cpp's converter writes them (F32, F16,
+a mix of block quant types), read back by citer, converted back to HF folders by `citer convert`.
+
+The conftest tokenizer is character-level; transformers rebuilds a GGUF tokenizer as byte-level
+BPE, so its ids round-trip but its vocabulary is spelled differently (" " becomes "Ġ"). The
+GGUF SLM + HF LLM pair therefore uses a small byte-level BPE tokenizer trained here, as real
+checkpoints have."""
+import json
+import math
+import os
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from citer.engine.models import gguf as citer_gguf
+from citer.engine.models import load_model, load_model_config
+from citer.engine.models.loader import load_state
+from conftest import MODEL_CONFIGS, build_hf_model, hf_greedy, make_tokenizer, random_prompts
+from test_models import paged_forward
+
+CHAT = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}" \
+       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+TEXTS = ["hello world", "def f(x):\n    return x + 1\n", "Tom has 3 apples.</s><|endoftext|>", "  two  spaces"]
+
+_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+          "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def gguf_name(hf_name):
+    base, suffix = hf_name.rsplit(".", 1)
+    if base in _GLOBAL:
+        return f"{_GLOBAL[base]}.{suffix}"
+    _, _, i, rest = base.split(".", 3)
+    return f"blk.{i}.{_LAYER[rest]}.{suffix}"
+
+
+def _permute(w, n_head):  # llama.cpp convert_hf_to_gguf.py, LlamaModel.permute
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_rope_freqs(rope, theta, head_dim):  # llama.cpp, LlamaModel.generate_extra_tensors
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    out = []
+    for freq in (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))).tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def _add_tokenizer(w, tok, n_vocab):
+    """The tokenizer metadata llama.cpp writes for a BPE tokenizer (ids past it: [PAD<id>])."""
+    inv = {i: t for t, i in tok.get_vocab().items()}
+    special = set(tok.all_special_ids)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([inv.get(i, f"[PAD{i}]") for i in range(n_vocab)])
+    w.add_token_types([3 if i in special else 1 if i in inv else 5 for i in range(n_vocab)])  # control/normal/unused
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"].get("merges") or []
+    if merges:
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    else:  # no merges at all: transformers then derives them from scores
+        w.add_token_scores([0.0] * n_vocab)
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_add_bos_token(False)
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+
+
+def write_gguf(path, model, arch, ftype=Q.F32, tokenizer=None, arch_name=None, qtypes=None):
+    """A transformers model written as llama.cpp's convert_hf_to_gguf.py writes it: 2-D weights in
+    ftype (or qtypes[gguf name]), 1-D tensors F32, llama's q/k rows permuted, llama3 rope scaling as
+    rope_freqs, no output.weight when the embeddings are tied."""
+    c = model.config
+    rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+    theta = rope.get("rope_theta") or c.rope_theta
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w = gguf.GGUFWriter(str(path), arch_name or arch)
+    w.add_name("tiny")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if arch == "qwen3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch == "llama":
+        w.add_rope_dimension_count(head_dim)
+    if tokenizer is not None:
+        _add_tokenizer(w, tokenizer, c.vocab_size)
+    if rope.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", _llama3_rope_freqs(rope, theta, head_dim))
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        data = t.float().numpy()
+        if arch == "llama" and ".q_proj." in name:
+            data = _permute(data, c.num_attention_heads)
+        if arch == "llama" and ".k_proj." in name:
+            data = _permute(data, c.num_key_value_heads)
+        gname = gguf_name(name)
+        qtype = (qtypes or {}).get(gname, ftype if data.ndim == 2 else Q.F32)
+        if qtype == Q.F32:
+            w.add_tensor(gname, np.ascontiguousarray(data))
+        elif qtype == Q.F16:
+            w.add_tensor(gname, data.astype(np.float16))
+        elif qtype == Q.Q8_1:  # no quantizer in the gguf package: raw bytes of the right size
+            w.add_tensor(gname, np.zeros((data.shape[0], data.shape[1] // 32 * 40), np.uint8), raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ggufs(hf_models, tmp_path_factory):
+    """name -> {"F32": path, "F16": path} for each conftest model, with the conftest tokenizer."""
+    tok = make_tokenizer()
+    tok.chat_template = CHAT
+    out = {}
+    for name, (_, hf) in hf_models.items():
+        d = tmp_path_factory.mktemp(f"gguf_{name}")
+        arch = MODEL_CONFIGS[name]["arch"]
+        out[name] = {f: write_gguf(d / f"{name}-{f}.gguf", hf, arch, getattr(Q, f), tok) for f in ("F32", "F16")}
+    return out
+
+
+def _logits(path, prompts, round_to=None):
+    model, cfg = load_model(path, max_positions=512)
+    if round_to is not None:  # the source model with its 2-D weights as the GGUF stores them
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 2:
+                    p.copy_(round_to(p))
+        model.keep_transposed_lm_head()
+    return paged_forward(model, cfg, prompts, [0, 3, len(prompts[2]) - 1])
+
+
+@pytest.mark.parametrize("name", list(MODEL_CONFIGS))
+def test_config_and_f32_logits_equal_the_hf_folder(hf_models, ggufs, name):
+    path, hf = hf_models[name]
+    assert load_model_config(ggufs[name]["F32"]) == load_model_config(path)  # rope, biases, tying, eos, bos
+    prompts = random_prompts(3, 5, 30, seed=1)
+    ours = _logits(ggufs[name]["F32"], prompts)
+    assert torch.equal(ours, _logits(path, prompts))
+    with torch.no_grad():  # and so transformers' own, as test_models checks for the folder
+        ref = hf(torch.tensor([prompts[0]])).logits[0]
+    assert (ours[:len(prompts[0])] - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("name", list(MODEL_CONFIGS))
+def test_f16_logits_are_the_source_model_rounded_to_f16(hf_models, ggufs, name):
+    path, _ = hf_models[name]
+    prompts = random_prompts(3, 5, 30, seed=2)
+    ours = _logits(ggufs[name]["F16"], prompts)
+    assert torch.equal(ours, _logits(path, prompts, round_to=lambda p: p.half().float()))
+    exact = _logits(path, prompts)
+    assert (ours - exact).abs().max() <= 1e-2 * exact.abs().max()
+
+
+def test_block_quant_types_dequantize_like_gguf(tmp_path, hf_models):
+    """A mix of block types as in a real Q4_K_M file (Q8_0, Q5_0, Q4_0, Q4_1; the K-quants need
+    rows of 256): citer's model holds exactly gguf.quants' dequantized values."""
+    path, hf = hf_models["qwen2"]
+    kinds = [Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q4_1]
+    names = [gguf_name(n) for n, t in hf.state_dict().items() if t.ndim == 2 and n != "lm_head.weight"]
+    qtypes = {n: kinds[i % len(kinds)] for i, n in enumerate(names)}
+    g = write_gguf(tmp_path / "q.gguf", hf, "qwen2", tokenizer=None, qtypes=qtypes)
+    assert {t.tensor_type for t in gguf.GGUFReader(g).tensors} == {Q.F32, *kinds}
+    want = {}  # HF name -> the values the file holds
+    for n, t in hf.state_dict().items():
+        q = qtypes.get(gguf_name(n))
+        if q is not None:
+            want[n] = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t.numpy(), q), q)).reshape(t.shape)
+    got = dict(citer_gguf.read_gguf(g).hf_tensors())
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    ref, cfg = load_model(path, max_positions=512)  # the source model holding those values
+    load_state(ref, ((n, want.get(n, t)) for n, t in hf.state_dict().items()))
+    ref.keep_transposed_lm_head()
+    prompts = random_prompts(3, 5, 30, seed=3)
+    assert torch.equal(_logits(g, prompts), paged_forward(ref, cfg, prompts, [0, 3, len(prompts[2]) - 1]))
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama"])
+def test_greedy_tokens_equal_transformers(hf_models, ggufs, name):
+    from citer import Engine, SamplingParams
+
+    _, hf = hf_models[name]
+    engine = Engine(slm=ggufs[name]["F32"], num_blocks=64, max_model_len=128)
+    prompts = random_prompts(2, 4, 12, seed=4)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=10, policy="slm", ignore_eos=True))
+    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 10) for p in prompts]
+
+
+def test_conftest_tokenizer_round_trips_through_gguf(ggufs):
+    """ids, text, special tokens and chat template; only the spelling of the vocabulary differs
+    (transformers rebuilds a GGUF tokenizer as byte-level BPE)."""
+    from transformers import AutoTokenizer
+
+    from citer.pair_tokenizer import load_tokenizer
+
+    src = make_tokenizer()
+    ours = load_tokenizer(ggufs["qwen2"]["F32"])
+    folder, fname = os.path.split(ggufs["qwen2"]["F32"])
+    auto = AutoTokenizer.from_pretrained(folder, gguf_file=fname)  # what transformers itself builds
+    for text in TEXTS:
+        ids = src(text).input_ids
+        assert ours(text).input_ids == ids == auto(text).input_ids
+        assert ours.decode(ids) == src.decode(ids) == auto.decode(ids)
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(ours, attr) == getattr(src, attr)
+    assert ours.chat_template == CHAT == auto.chat_template
+
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2: pad, bos, eos of build_hf_model
+
+
+def byte_level_tokenizer():
+    """A small byte-level BPE (256 byte symbols + merges + specials), like real checkpoints'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = ["def add(a, b):\n    return a + b\n", "Tom has 3 apples and buys 4 more.", "the cat sat on the mat"] * 20
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=SPECIALS[0], bos_token=SPECIALS[1],
+                                   eos_token=SPECIALS[2], chat_template=CHAT)
+
+
+def test_engine_runs_a_gguf_slm_with_an_hf_llm(tmp_path, router_path):
+    """Token-level routing needs one vocabulary: the GGUF's (padded with [PAD<id>] to the
+    embedding's 320 rows) and the HF folder's (300 tokens) are the same tokenizer."""
+    from transformers import AutoTokenizer
+
+    from citer import Engine, SamplingParams
+
+    tok = byte_level_tokenizer()
+    conf = {k: v for k, v in MODEL_CONFIGS["qwen2"].items() if k != "arch"}
+    slm_hf = build_hf_model(str(tmp_path / "slm"), "qwen2", vocab_size=320, with_tokenizer=False, **conf)
+    slm = write_gguf(tmp_path / "slm.gguf", slm_hf, "qwen2", Q.F16, tok)
+    conf = {k: v for k, v in MODEL_CONFIGS["llama"].items() if k != "arch"}
+    llm_hf = build_hf_model(str(tmp_path / "llm"), "llama", seed=1, vocab_size=320, with_tokenizer=False, **conf)
+    tok.save_pretrained(tmp_path / "llm")
+    engine = Engine(slm=slm, llm=str(tmp_path / "llm"), router=router_path, num_blocks=128, max_model_len=128)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "llm")
+    auto = AutoTokenizer.from_pretrained(tmp_path, gguf_file="slm.gguf")
+    for text in TEXTS:
+        assert engine.tokenizer(text).input_ids == hf_tok(text).input_ids == auto(text).input_ids
+    prompts = ["def add(a, b):", "Tom has 3 apples"]
+    ids = [hf_tok(p).input_ids for p in prompts]
+    outs = {policy: engine.generate(prompts, SamplingParams(max_tokens=8, policy=policy, ignore_eos=True))
+            for policy in ("router", "slm", "llm")}
+    assert [o.token_ids for o in outs["llm"]] == [hf_greedy(llm_hf, p, 8) for p in ids]
+    slm_f16 = build_hf_model(str(tmp_path / "slm16"), "qwen2", vocab_size=320, with_tokenizer=False, **dict(
+        {k: v for k, v in MODEL_CONFIGS["qwen2"].items() if k != "arch"}))
+    with torch.no_grad():  # the SLM as the F16 file holds it
+        for p in slm_f16.parameters():
+            p.copy_(p.half().float() if p.ndim == 2 else p)
+    assert [o.token_ids for o in outs["slm"]] == [hf_greedy(slm_f16, p, 8) for p in ids]
+    assert [engine.tokenizer.decode([i]) for i in range(300)] == [hf_tok.decode([i]) for i in range(300)]
+    assert all(len(o.token_ids) == 8 and o.router_scores for o in outs["router"])
+
+
+@pytest.mark.parametrize("name", list(MODEL_CONFIGS))
+def test_citer_convert_round_trip(tmp_path, hf_models, ggufs, name):
+    """`citer convert` -> an HF folder (sharded here) that citer loads with the GGUF's logits and
+    transformers with the source model's, with the tokenizer and the EOS ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from citer.cli import main
+
+    src = ggufs[name]["F32"]
+    out = tmp_path / "hf"
+    assert main(["convert", src, str(out), "--max-shard-gb", "0.0002"]) == 0  # ~200 KB shards
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2]
+    prompts = random_prompts(3, 5, 30, seed=5)
+    assert torch.equal(_logits(str(out), prompts), _logits(src, prompts))
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    x = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        ref, got = hf_models[name][1](x).logits, theirs(x).logits
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert [tok(t).input_ids for t in TEXTS] == [make_tokenizer()(t).input_ids for t in TEXTS]
+    assert tok.chat_template == CHAT
+    with pytest.raises(ValueError, match="not empty"):
+        main(["convert", src, str(out)])
+    shutil.rmtree(out)
+    main(["convert", src, str(out), "--dtype", "bfloat16"])  # one file, bfloat16
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_unsupported_architecture_and_quant_type_are_named(tmp_path, hf_models):
+    _, hf = hf_models["qwen2"]
+    g = write_gguf(tmp_path / "gpt2.gguf", hf, "qwen2", arch_name="gpt2")
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'gpt2'.*qwen2, qwen3, llama"):
+        load_model_config(g)
+    g = write_gguf(tmp_path / "q81.gguf", hf, "qwen2", qtypes={"blk.1.ffn_up.weight": Q.Q8_1})
+    with pytest.raises(ValueError, match="'blk.1.ffn_up.weight'.*quant type Q8_1.*Q4_K"):
+        load_model(g)
+
+
+def test_paths_and_one_read_per_file(tmp_path, ggufs, monkeypatch):
+    """A folder with one .gguf (and no safetensors) is a GGUF checkpoint; the file is read once
+    for the config, the weights and the tokenizer of an Engine."""
+    from citer import Engine
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(ggufs["qwen2"]["F32"], folder / "model.gguf")
+    reads = []
+    real = citer_gguf._read
+    monkeypatch.setattr(citer_gguf, "_read", lambda fn: reads.append(fn) or real(fn))
+    Engine(slm=str(folder), num_blocks=16, max_model_len=64)
+    assert reads == [str(folder / "model.gguf")]
+    assert load_model_config(str(folder)) == load_model_config(ggufs["qwen2"]["F32"])
+    shutil.copy(ggufs["qwen2"]["F16"], folder / "other.gguf")
+    with pytest.raises(ValueError, match="2 GGUF files.*model.gguf, other.gguf"):
+        load_model_config(str(folder))
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        load_model_config(str(tmp_path / "nope.gguf"))
+
+
+def test_llama3_rope_factors_read_back():
+    """rope_freqs of real Llama 3.1 / 3.2 shapes give back the parameters they were made from."""
+    for factor, head_dim, theta in ((8.0, 128, 500000.0), (32.0, 64, 500000.0)):
+        rope = {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+        got = citer_gguf.llama3_from_freq_factors(_llama3_rope_freqs(rope, theta, head_dim).astype(np.float64),
+                                                  theta, head_dim)
+        assert got == rope
+    assert citer_gguf.llama3_from_freq_factors(np.ones(64), 500000.0, 128) is None
+    assert citer_gguf.llama3_from_freq_factors(np.linspace(1, 3, 64), 500000.0, 128) == "unknown"
