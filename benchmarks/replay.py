@@ -32,20 +32,19 @@ def record(engine, traces: Dict[str, Trace]):
     slm_step, llm_step, verify = core._slm_step, core._llm_step, core_mod.verify
     pending: Dict[str, int] = {}  # request id -> index of its last SLM step's entry
 
-    def slm_recorded(seqs):
-        routed = slm_step(seqs)
+    def slm_recorded(seqs, now):
+        slm_step(seqs, now)
         for s in seqs:
             t = traces.setdefault(s.request_id, Trace())
             pending[s.request_id] = len(t.calls)
             t.calls.append(False)  # set True below when this step's LLM call includes it
-        return routed
 
-    def llm_recorded(routed):
-        for s, _ in routed:
+    def llm_recorded(seqs):
+        for s in seqs:
             i = pending.pop(s.request_id, None)
             if i is not None:
                 traces[s.request_id].calls[i] = True
-        return llm_step(routed)
+        return llm_step(seqs)
 
     def verify_recorded(seq, tokens, probs):
         kept, token = verify(seq, tokens, probs)

@@ -15,6 +15,7 @@ from typing import Optional
 from citer.kernels.flash_attention import ATTENTION_CHOICES
 from citer.kernels.ops import BACKENDS
 
+from .config import LLM_PREFILL
 from .models.loader import DTYPES
 
 
@@ -45,6 +46,12 @@ class EngineArgs:
     profile: bool = field(default=False, metadata={"help": "per-request time in SLM steps, router, LLM catch-up "
                                                           "and the rest (stats *_time)"})
     seed: int = field(default=0, metadata={"help": "seeds the requests that bring no seed of their own"})
+    max_llm_wait: int = field(default=0, metadata={"help": "steps a row routed to the LLM may wait so that LLM "
+                                                          "calls batch (0: the LLM runs in the step it is called)"})
+    llm_batch_min: int = field(default=1, metadata={"help": "the LLM runs as soon as this many rows wait for it"})
+    llm_prefill: str = field(default="lazy", metadata={"help": "lazy: the LLM reads a prompt at its first call; "
+                                                              "idle: in steps without an LLM call, it prefills the "
+                                                              "prompts of running requests that may call it"})
 
     def __post_init__(self):
         for name in ("slm", "llm", "router"):
@@ -57,10 +64,14 @@ class EngineArgs:
         if self.router is not None and (self.slm is None) != (self.llm is None):
             raise ValueError("a router needs both an SLM and an LLM")
         for name in ("block_size", "num_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                     "max_graph_query_len"):
+                     "max_graph_query_len", "llm_batch_min"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.max_llm_wait, int) or isinstance(self.max_llm_wait, bool) or self.max_llm_wait < 0:
+            raise ValueError(f"max_llm_wait must be an int >= 0 (steps), got {self.max_llm_wait!r}")
+        if self.llm_prefill not in LLM_PREFILL:
+            raise ValueError(f"llm_prefill must be one of {LLM_PREFILL}, got {self.llm_prefill!r}")
         m = self.kv_cache_memory
         if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Real) or not m > 0):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {m!r}")

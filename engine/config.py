@@ -7,7 +7,8 @@ CUDA graphs are possible); the runtime reads these fields and nothing else.
 from dataclasses import dataclass
 
 POSITIVE_INT_FIELDS = ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                       "max_graph_query_len", "num_blocks")
+                       "max_graph_query_len", "num_blocks", "llm_batch_min")
+LLM_PREFILL = ("lazy", "idle")
 
 
 def check_positive_ints(**values) -> None:
@@ -29,6 +30,9 @@ class EngineConfig:
     max_graph_query_len: int = 32  # LLM catch-ups up to this many tokens per sequence replay a graph
     profile: bool = False  # per-phase timers (SLM step, router, LLM catch-up, rest)
     seed: int = 0  # seeds requests that give no seed of their own
+    max_llm_wait: int = 0  # steps a routed row may wait for its LLM call (SamplingParams may lower or raise it)
+    llm_batch_min: int = 1  # the LLM runs once this many rows wait for it
+    llm_prefill: str = "lazy"  # "idle": the LLM prefills prompts in steps without an LLM call
 
     def __post_init__(self):
         check_positive_ints(**{name: getattr(self, name) for name in POSITIVE_INT_FIELDS})

@@ -32,6 +32,7 @@ from .head import StepResult, head_spec
 from .inbox import STEP_API
 from .intake import Requests
 from .model_runner import ModelRunner
+from .models.head import HeadSpec
 from .models.router import Router
 from .outputs import RequestOutput, TokenEvent, TokenLogprob
 from .policies import RoutingStep
@@ -44,7 +45,11 @@ from .verify import verify
 
 __all__ = ["EngineCore", "STEP_API"]
 
-Routed = Tuple[Sequence, Optional[float]]  # a sequence the LLM makes a token for, and the router score that sent it
+
+
+def _without(seqs: List[Sequence], drop: List[Sequence]) -> List[Sequence]:
+    gone = {id(s) for s in drop}
+    return [s for s in seqs if id(s) not in gone]
 
 
 class EngineCore:
@@ -61,6 +66,7 @@ class EngineCore:
         self.eos_token_ids = set(eos_token_ids)
         self.vocab_limit = vocab_limit
         self.timer = timer
+        self.steps = 0  # steps run so far: the clock deferred LLM calls wait by
 
     # ---- requests in and out (intake.Requests) ------------------------------------------
     def make_sequences(self, prompt: Prompt, params, index: int = 0,
@@ -105,23 +111,30 @@ class EngineCore:
         running = list(self.scheduler.schedule())
         if not running:
             return
-        t0 = time.perf_counter()
+        t0, now = time.perf_counter(), self.steps
+        self.steps += 1
         self.timer.reset()
+        llm_seqs: List[Sequence] = []
         try:
             self._prepare(running)
-            slm_seqs = [s for s in running if s.policy.uses_slm and self._room_to_draft(s)]
-            routed: List[Routed] = [(s, None) for s in running if s not in slm_seqs]  # "llm"; drafts at the cap
+            active = [s for s in running if not s.parked]
+            slm_seqs = [s for s in active if s.policy.uses_slm and self._room_to_draft(s)]
+            for seq in _without(active, slm_seqs):  # "llm", and speculative drafts at their cap
+                self.scheduler.wait_for_llm(seq, now, parked=True)
             if slm_seqs:
-                routed += self._slm_step(slm_seqs)
-            if routed:
-                self._llm_step(routed)
+                self._slm_step(slm_seqs, now)
+            llm_seqs = self.scheduler.llm_batch(now)
+            if llm_seqs:
+                self._llm_step(llm_seqs)
+            elif self.config.llm_prefill == "idle" and self.llm is not None:
+                self._llm_prefill(running)
         except BaseException as exc:
             for seq in running:  # leave nothing half-done: these requests fail, blocks come back
                 if seq.finish_reason is None:
                     self._fail(seq, exc)
             raise
         if self.config.profile:
-            attribute_time(self.timer.last, running, slm_seqs, [s for s, _ in routed], time.perf_counter() - t0)
+            attribute_time(self.timer.last, running, slm_seqs, llm_seqs, time.perf_counter() - t0)
         for seq in running:
             self._commit(seq)
 
@@ -133,29 +146,35 @@ class EngineCore:
         for seq in running:
             self.scheduler.ensure_slots(seq)
 
-    def _slm_step(self, seqs: List[Sequence]) -> List[Routed]:
-        """The SLM's step: its token where the policy keeps it (or drafts it); -> the
-        sequences the LLM makes this token for. Sampling rows whose token stays tentative
-        also get the SLM's distribution (verification needs it)."""
+    def _slm_step(self, seqs: List[Sequence], now: int) -> None:
+        """The SLM's step: its token where the policy keeps it (or drafts it); the rows the
+        LLM makes this token for wait for it (parked). Sampling rows whose token stays
+        tentative also get the SLM's distribution (verification needs it). With deferred
+        LLM calls, check-and-correct rows keep the SLM's token when routed and go on
+        drafting; the LLM checks them when it runs."""
         router = self.router.params if self.router is not None and any(s.policy.reads_router for s in seqs) else None
         want = [s.policy.tentative and not s.params.greedy for s in seqs]
         bans = [self._banned(s) if s.min_tokens_left(len(s)) else () for s in seqs]
-        out = self.slm.run(seqs, head_spec(seqs, router, want_probs=want, bans=bans), route=RoutingStep(seqs))
-        routed = []
+        defer = [s.policy.verify and s.max_llm_wait > 0 for s in seqs]
+        out = self.slm.run(seqs, head_spec(seqs, router, want_probs=want, bans=bans),
+                           route=RoutingStep(seqs, always_head=defer))
         for j, seq in enumerate(seqs):
             seq.record_forward("slm", *out.spans[j])
             score = out.router_score[j] if seq.policy.reads_router else None  # where it decides, any batch
+            token = out.tokens[j]
             if seq.policy.drafts:  # the SLM's token is a draft either way
                 self._keep_slm_token(seq, out, j, None)
-                if out.to_llm[j] or not self._room_to_draft(seq) or self._ends(seq, out.tokens[j]):
-                    routed.append((seq, None))
-            elif out.to_llm[j] or (seq.policy.tentative and seq.num_tentative and self._would_end(seq, out.tokens[j])):
-                # the LLM makes this token instead (check-and-correct: also when the SLM's
-                # token would end the request, so that no unchecked SLM token is final)
-                routed.append((seq, score))
+                if out.to_llm[j] or not self._room_to_draft(seq) or self._ends(seq, token):
+                    self.scheduler.wait_for_llm(seq, now, parked=True)
+            elif out.to_llm[j] and not defer[j]:
+                self.scheduler.wait_for_llm(seq, now, parked=True, score=score)  # the LLM makes this token
+            elif seq.policy.tentative and (seq.num_tentative or defer[j]) and self._would_end(seq, token):
+                # no unchecked SLM token may end a request: the LLM makes this one
+                self.scheduler.wait_for_llm(seq, now, parked=True, score=score)
             else:
                 self._keep_slm_token(seq, out, j, score)
-        return routed
+                if out.to_llm[j]:
+                    self.scheduler.wait_for_llm(seq, now, parked=False)  # the LLM checks it later
 
     def _keep_slm_token(self, seq: Sequence, out: StepResult, j: int, score: Optional[float]) -> None:
         tentative = seq.policy.tentative
@@ -166,10 +185,9 @@ class EngineCore:
         if seq.policy.drafts:
             seq.stats.drafted += 1
 
-    def _llm_step(self, routed: List[Routed]) -> None:
+    def _llm_step(self, seqs: List[Sequence]) -> None:
         """The LLM's catch-up for these sequences: its token for each, after verifying
         (and rolling back) their tentative tokens."""
-        seqs = [s for s, _ in routed]
         for seq in seqs:
             self.scheduler.ensure_slots(seq)  # this step's drafts
         head_tokens = [s.num_tentative + 1 for s in seqs]
@@ -178,10 +196,10 @@ class EngineCore:
         ban_rows = [s.min_tokens_left(s.committed) for s in seqs]
         out = self.llm.run(seqs, head_spec(seqs, head_tokens=head_tokens, want_probs=want, bans=bans,
                                            ban_rows=ban_rows), head_tokens)
-        for r, (seq, score) in enumerate(routed):
+        for r, seq in enumerate(seqs):
             seq.record_forward("llm", *out.spans[r])
             seq.stats.llm_calls += 1
-            w, kept = seq.num_tentative, 0
+            w, kept, score = seq.num_tentative, 0, seq.routed_score
             if w:
                 tokens = out.position_tokens[r] if out.position_tokens is not None else [out.tokens[r]]
                 kept, token = verify(seq, tokens, out.probs[r].cpu() if want[r] else None)
@@ -195,6 +213,20 @@ class EngineCore:
                 token = out.tokens[r]
             seq.append(token, True, score, commit=True, logprob=_logprob(seq, out.logprobs, r, kept, token))
             seq.draft_probs.clear()  # every token is committed now
+        self.scheduler.llm_done(seqs)
+
+    def _llm_prefill(self, running: List[Sequence]) -> None:
+        """A step without an LLM call: the LLM reads the prompts it has not read yet of the
+        running requests that may call it (one batched prefill), so that their first call is
+        a short catch-up, not the whole prompt alone."""
+        seqs = [s for s in running if s.policy.uses_llm and s.finish_reason is None
+                and s.num_computed["llm"] < s.num_prompt_tokens]
+        if not seqs:
+            return
+        n = len(seqs)
+        out = self.llm.run(seqs, HeadSpec([0.0] * n, [0] * n), ends=[s.num_prompt_tokens for s in seqs])
+        for seq, span in zip(seqs, out.spans):
+            seq.record_forward("llm", *span)
 
     # ---- commit: stop checks, text, events --------------------------------------------
     def _room_to_draft(self, seq: Sequence) -> bool:

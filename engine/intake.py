@@ -48,7 +48,7 @@ class Requests:
         seeds = [seed] if params.n == 1 else [(seed + i) % 2**64 for i in range(params.n)]
         names = [rid] if params.n == 1 else [f"{rid}#{i}" for i in range(params.n)]
         seqs = [Sequence(name, ids, params, make_policy(params, s, self.has_slm, self.has_llm, router), s,
-                         self.config.max_model_len) for name, s in zip(names, seeds)]
+                         self.config.max_model_len, self.config.max_llm_wait) for name, s in zip(names, seeds)]
         if params.n > 1:
             for i, s in enumerate(seqs):
                 s.index, s.group = i, seqs

@@ -60,7 +60,7 @@ class ModelRunner:
     # ---- the step -----------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, seqs: Seq, spec: HeadSpec, head_tokens: Optional[List[int]] = None,
-            route: Optional[RoutingStep] = None) -> StepResult:
+            route: Optional[RoutingStep] = None, ends: Optional[List[int]] = None) -> StepResult:
         """Forward what this model has not computed of each sequence, then the head on each
         sequence's last position (its last head_tokens[i] positions, for verification;
         spec has one row per head position). route (the SLM step): the rows' policies,
@@ -68,10 +68,11 @@ class ModelRunner:
         decides which rows get the head: every row in one pass where the head is fused;
         on an unfused head, when no row needs more of it, an early exit: the rows whose
         decision reads the head first, the decisions (hidden-only routers score every row
-        from the hidden state), then the lm_head only for the rows the SLM keeps."""
+        from the hidden state), then the lm_head only for the rows the SLM keeps. ends:
+        forward positions only up to these (a prefill of the prompt; default: every token)."""
         if head_tokens is not None and all(n == 1 for n in head_tokens):
             head_tokens = None
-        starts, ends = [s.num_computed[self.name] for s in seqs], [len(s) for s in seqs]
+        starts, ends = [s.num_computed[self.name] for s in seqs], ends or [len(s) for s in seqs]
         split = (route is not None and not self.fused_head and spec.want_probs is None
                  and not (spec.router is not None and spec.router.head_signals))
         with self.timer.phase(self.name):

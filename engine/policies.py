@@ -147,11 +147,13 @@ def make_policy(params: SamplingParams, seed: int, has_slm: bool, has_llm: bool,
 
 class RoutingStep:
     """The policies of one SLM step's rows, as the model runner asks them: which rows need
-    the head before their decision, and the decisions (one per row, in order)."""
+    the head before their decision, and the decisions (one per row, in order).
+    always_head: rows that need the SLM's token whatever the decision (check-and-correct
+    with deferred LLM calls keeps it tentatively)."""
 
-    def __init__(self, seqs: Seq):
+    def __init__(self, seqs: Seq, always_head: Optional[Seq[bool]] = None):
         self.seqs = seqs
-        self.head_first = [s.policy.head_first for s in seqs]
+        self.head_first = [s.policy.head_first or bool(always_head and always_head[i]) for i, s in enumerate(seqs)]
 
     def decide(self, top_prob: Seq[Optional[float]], scores: Optional[Seq[Optional[float]]]) -> List[bool]:
         """top_prob: None for rows whose head did not run yet (not head_first)."""

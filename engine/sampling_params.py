@@ -44,6 +44,7 @@ class SamplingParams:
     num_draft_tokens: int = 4  # policy "speculative": most drafts per LLM call
     draft_confidence: Optional[float] = None  # "speculative": stop drafting under this top probability
     verify: bool = False  # check-and-correct for router / confidence / random
+    max_llm_wait: Optional[int] = None  # steps this request's LLM calls may wait to batch (None: the engine's)
     n: int = 1  # samples of this prompt (they share its KV blocks)
     logprobs: Optional[int] = None  # per emitted token: its logprob and the top-k (k <= 20), from the model that made it
     prompt_logprobs: Optional[int] = None  # not supported: an error when set
@@ -93,6 +94,7 @@ class SamplingParams:
         if self.prompt_logprobs is not None:
             bad("prompt_logprobs is not supported by citer (logprobs of generated tokens are)")
         integer("min_tokens", 0)
+        integer("max_llm_wait", 0, optional=True)
         if self.min_tokens > self.max_tokens:
             bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         number("draft_confidence", 0.0, 1.0, optional=True)

@@ -6,9 +6,14 @@ are then allocated lazily as tokens arrive, so memory comes back early when a re
 stops, and a running request can never hit a full cache mid-generation (no preemption,
 no recomputation: each model computes each position once). Requests that cannot fit
 now wait; a request that could never fit is refused at add time.
+
+Deferred LLM calls (EngineConfig.max_llm_wait, llm_batch_min): a row routed to the LLM
+joins `llm_queue` and the LLM runs for all queued rows together once one has waited its
+max_llm_wait steps, llm_batch_min rows wait, or nothing else can advance. With
+max_llm_wait 0 (the default) the LLM runs in the very step a row needs it.
 """
 from collections import deque
-from typing import Deque, Dict, List
+from typing import Deque, Dict, List, Optional
 
 from .config import EngineConfig
 from .sequence import Sequence, capped_len
@@ -21,6 +26,7 @@ class Scheduler:
         self.waiting: Deque[Sequence] = deque()
         self.running: List[Sequence] = []
         self.by_id: Dict[str, Sequence] = {}
+        self.llm_queue: List[Sequence] = []  # rows waiting for the LLM, in the order they came to need it
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int, n: int = 1) -> None:
         """Raise if a request (of n samples) could never be served by this pool."""
@@ -81,7 +87,37 @@ class Scheduler:
             self.bm.truncate(seq.handle, min(n, self.bm.num_tokens(seq.handle)))
         seq.truncate(n)
 
+    # ---- deferred LLM calls -------------------------------------------------------------
+    def wait_for_llm(self, seq: Sequence, step: int, parked: bool, score: Optional[float] = None) -> None:
+        """The row needs the LLM from this step on: to make its next token (parked: it does
+        not advance until then), or to check its tentative tokens (it goes on drafting)."""
+        if seq.llm_since is None:
+            seq.llm_since = step
+            self.llm_queue.append(seq)
+        if parked:
+            seq.parked, seq.routed_score = True, score
+
+    def llm_batch(self, step: int) -> List[Sequence]:
+        """The rows the LLM runs for in this step, in the order they came: all that wait,
+        once one has waited its max_llm_wait steps, llm_batch_min rows wait, or no running
+        row can advance without the LLM; else none (they wait)."""
+        q = self.llm_queue
+        if not q:
+            return []
+        if (len(q) >= self.config.llm_batch_min or any(step - s.llm_since >= s.max_llm_wait for s in q)
+                or all(s.parked for s in self.running)):
+            self.llm_queue = []
+            return q
+        return []
+
+    def llm_done(self, seqs: List[Sequence]) -> None:
+        for s in seqs:
+            s.llm_since, s.parked, s.routed_score = None, False, None
+
     def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.llm_since is not None and seq in self.llm_queue:  # a parked row holds its blocks until now
+            self.llm_queue.remove(seq)
+        self.llm_done([seq])
         seq.finish_reason = reason
         if seq.handle is not None:
             self.bm.free_sequence(seq.handle)

@@ -61,7 +61,7 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: List[int], params: SamplingParams, policy: Policy,
-                 seed: int, max_model_len: int):
+                 seed: int, max_model_len: int, max_llm_wait: int = 0):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)
@@ -84,6 +84,12 @@ class Sequence:
         self.detok = None  # the detokenizer's state (detokenizer.DetokState)
         self.sampler = torch.Generator(device="cpu").manual_seed(seed)  # per-step sampling seeds, verification
         self.stats = SeqStats()
+        # deferred LLM calls (Scheduler.wait_for_llm): the step this row first needed the
+        # LLM (None: it does not now); parked rows wait for the LLM's token and do not advance
+        self.max_llm_wait = params.max_llm_wait if params.max_llm_wait is not None else max_llm_wait
+        self.llm_since: Optional[int] = None
+        self.parked = False
+        self.routed_score: Optional[float] = None  # the router score that parked it
 
     def __len__(self) -> int:
         return len(self.token_ids)

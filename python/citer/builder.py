@@ -71,6 +71,7 @@ def build_core(args: EngineArgs) -> EngineCore:
         max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         cuda_graphs=torch_device.type == "cuda" and ops.graph_safe and not args.enforce_eager,
         max_graph_query_len=args.max_graph_query_len, profile=args.profile, seed=args.seed,
+        max_llm_wait=args.max_llm_wait, llm_batch_min=args.llm_batch_min, llm_prefill=args.llm_prefill,
     )
     from citer._C import BlockManager
 
