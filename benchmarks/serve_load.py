@@ -8,6 +8,18 @@ each layer costs on the same requests at concurrency 1: the sync Engine, AsyncEn
 Greedy, policy "router" (the demo's default), held-out arithmetic problems as prompts.
 The server runs as a subprocess on this machine, so at concurrency 32 the client and
 the server share its cores.
+
+  .venv/bin/python benchmarks/serve_load.py --stall [--stall-requests 80] [--json out.json]
+
+The stall case instead (issue 23): one client's 4-token completions (max_tokens 4,
+ignore_eos, one at a time), in blocks that alternate between no hostile client and one
+(its own process) that sends a 10 MB prompt each second, or 10 MB prompts back to back (a
+flood: on a 2-core machine the hostile client's own copying competes for the cores), or
+a 2,000-prompt list (max_tokens 200) each second, leaving after 1 s; against the server's
+default limits (the 10 MB body is a 413, the list a 400), and with --max-prompts 2000,
+where the list goes in and the hostile client really leaves after 1 s. Alternating
+blocks let the machine's other load drift alike in both. Target: under default limits,
+the 4-token completions within 2x their unloaded latency.
 """
 import argparse
 import asyncio
@@ -86,12 +98,13 @@ def async_one(engine, params):
     return one
 
 
-def start_server():
+def start_server(*extra, threads=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "citer.cli", "serve", "--port", str(port), "--max-num-seqs", "32"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "citer.cli", "serve", "--port", str(port), "--max-num-seqs", "32",
+                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            env={**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
     import httpx2 as httpx
 
     for _ in range(600):
@@ -153,12 +166,139 @@ def layer_round(layer, prompts, max_tokens):
     return dict(ms=wall / toks * 1e3, step_ms=in_step[0] / toks * 1e3)
 
 
+# ---- the stall case (issue 23) --------------------------------------------------------------
+STALL_PROMPT = "Q: Tom has 4 beads. He finds 5 more. How many beads does he have now? A:"
+HOSTILE = {"10mb": "10 MB prompt, one a second", "10mb-flood": "10 MB prompts back to back",
+           "list2000": "2,000-prompt list, leaves after 1 s"}
+
+
+def hostile(url, kind, active, stop, statuses):
+    """A separate process: while `active`, send `kind` ("10mb", "10mb-flood" or "list2000"): one
+    request a second, or back to back for the flood; a list's request gives up after 1 s."""
+    import httpx2 as httpx
+
+    if kind.startswith("10mb"):
+        body = json.dumps({"prompt": "x" * 10_000_000, "max_tokens": 4}).encode()
+    else:
+        body = json.dumps({"prompt": [STALL_PROMPT] * 2000, "max_tokens": 200, "ignore_eos": True}).encode()
+    with httpx.Client(timeout=1.0 if kind == "list2000" else 30) as c:
+        while not stop.is_set():
+            if not active.is_set():
+                time.sleep(0.01)
+                continue
+            t = time.perf_counter()
+            try:
+                r = c.post(url + "/completions", content=body, headers={"content-type": "application/json"})
+                statuses.append(r.status_code)
+            except httpx.TimeoutException:
+                statuses.append("left after 1 s")
+            if kind != "10mb-flood":
+                time.sleep(max(0.0, 1.0 - (time.perf_counter() - t)))
+
+
+async def victim_latencies(url, n):
+    """n 4-token completions, one at a time; -> their latencies (s)."""
+    import httpx2 as httpx
+
+    out = []
+    async with httpx.AsyncClient(timeout=60) as c:
+        body = {"prompt": STALL_PROMPT, "max_tokens": 4, "ignore_eos": True, "temperature": 0}
+        await c.post(url + "/completions", json=body)  # warm the connection
+        for _ in range(n):
+            t = time.perf_counter()
+            r = await c.post(url + "/completions", json=body)
+            out.append(time.perf_counter() - t)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stall_row(url, pid, kind, n, blocks):
+    """Blocks of n / blocks completions, alternately without and with the hostile client (the
+    machine's other load drifts; alternating compares like with like), and the server's CPU
+    time (pid's) per second of each kind of block: what the hostile requests cost it,
+    whatever else runs on the machine."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    active, stop, statuses = ctx.Event(), ctx.Event(), ctx.Manager().list()
+    proc = ctx.Process(target=hostile, args=(url, kind, active, stop, statuses))
+    proc.start()
+    time.sleep(2.0)  # its imports
+    off, on, cpu = [], [], {"off": [0.0, 0.0], "on": [0.0, 0.0]}  # [cpu s, wall s]
+
+    def block(lat, which, wait):
+        t, c = time.perf_counter(), cpu_seconds(pid)
+        time.sleep(wait)
+        lat += asyncio.run(victim_latencies(url, n // blocks))
+        cpu[which][0] += cpu_seconds(pid) - c
+        cpu[which][1] += time.perf_counter() - t
+
+    try:
+        for _ in range(blocks):
+            active.clear()
+            block(off, "off", 1.2)  # after its request in flight is answered, or it left
+            active.set()
+            block(on, "on", 1.2)
+    finally:
+        stop.set()
+        proc.join(30)
+    base = statistics.median(off)
+    cpu_off, cpu_on = (1e3 * cpu[k][0] / cpu[k][1] for k in ("off", "on"))
+    per_request = 1e3 * (cpu["on"][0] - cpu["off"][0]) / max(len(statuses), 1)
+    return dict(hostile=HOSTILE[kind], requests=len(on), unloaded_p50_ms=base * 1e3, unloaded_p90_ms=pct(off, 90),
+                p50_ms=statistics.median(on) * 1e3, p90_ms=pct(on, 90), max_ms=max(on) * 1e3,
+                p50_vs_unloaded=statistics.median(on) / base, p90_vs_unloaded=pct(on, 90) / pct(off, 90),
+                hostile_requests=len(statuses), hostile_got=sorted({str(x) for x in statuses}),
+                server_cpu_ms_per_s_unloaded=cpu_off, server_cpu_ms_per_s_loaded=cpu_on,
+                server_cpu_ms_per_hostile_request=per_request)
+
+
+def stall_phase(args):
+    rows = []
+    for limits, extra, kinds in (("default limits", (), ("10mb", "10mb-flood", "list2000")),
+                                 ("--max-prompts 2000", ("--max-prompts", "2000"), ("list2000",))):
+        proc, url = start_server(*extra, threads=1)  # its cores are shared with two client processes
+        try:
+            for kind in tqdm(kinds, desc=f"stall case, {limits}"):
+                rows.append(dict(server=limits, **stall_row(url, proc.pid, kind, args.stall_requests,
+                                                            args.stall_blocks)))
+        finally:
+            proc.terminate()
+            proc.wait(15)
+    print(f"\n4-token completions (max_tokens 4, ignore_eos, one at a time), {args.stall_requests} with the hostile "
+          f"client and as many without, in {args.stall_blocks} alternating blocks; demo pair, client and server on "
+          "this machine")
+    print(f"{'server':<20} {'hostile client':<36} {'unloaded p50':>12} {'p90':>6} {'loaded p50':>10} {'p90':>6} "
+          f"{'max':>6} {'p50 x':>6} {'p90 x':>6} {'server cpu':>10} {'loaded':>7} {'/hostile':>8}  "
+          "hostile requests: answers")
+    for r in rows:
+        print(f"{r['server']:<20} {r['hostile']:<36} {r['unloaded_p50_ms']:>12.1f} {r['unloaded_p90_ms']:>6.1f} "
+              f"{r['p50_ms']:>10.1f} {r['p90_ms']:>6.1f} {r['max_ms']:>6.1f} {r['p50_vs_unloaded']:>6.2f} "
+              f"{r['p90_vs_unloaded']:>6.2f} {r['server_cpu_ms_per_s_unloaded']:>10.0f} "
+              f"{r['server_cpu_ms_per_s_loaded']:>7.0f} {r['server_cpu_ms_per_hostile_request']:>8.1f}  "
+              f"{r['hostile_requests']}: {', '.join(r['hostile_got'])}")
+    print("(ms; x: loaded / unloaded; server cpu: the server's CPU ms per second of unloaded / loaded blocks, and "
+          "per hostile request)")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5, help="the concurrency-1 overhead runs (median)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--stall", action="store_true", help="run the stall case (issue 23) instead")
+    ap.add_argument("--stall-requests", type=int, default=80, help="4-token completions per stall row, loaded "
+                    "(as many unloaded)")
+    ap.add_argument("--stall-blocks", type=int, default=4, help="alternating unloaded / loaded blocks per row")
     ap.add_argument("--layer", choices=("sync", "async"), help=argparse.SUPPRESS)  # internal: one child round
     args = ap.parse_args()
     from citer.research.tasks import get_task
@@ -166,6 +306,12 @@ def main():
     prompts = [p.prompt for p in get_task("arith").test_problems(max(args.requests, 8))][:args.requests]
     if args.layer:  # a child process: one layer, one measured round after a warm-up round
         print(json.dumps(layer_round(args.layer, prompts, args.max_tokens)))
+        return
+    if args.stall:
+        rows = stall_phase(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(stall=rows), f, indent=1)
         return
     # layer overhead at concurrency 1: each round in a fresh process per layer, interleaved
     # (two engines in one process share libgomp's thread count and slow each other down)

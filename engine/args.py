@@ -100,7 +100,7 @@ class EngineArgs:
         """One --flag per field (--max-num-seqs for max_num_seqs), with its help."""
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            kind = _field_type(f)
+            kind = cli_type(f)
             if kind is bool:
                 parser.add_argument(flag, action="store_true", help=f.metadata["help"])
             else:
@@ -111,7 +111,8 @@ class EngineArgs:
         return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
-def _field_type(f) -> type:
+def cli_type(f) -> type:
+    """The argparse type of a dataclass field (bool -> a store_true flag)."""
     t = f.type if isinstance(f.type, str) else str(f.type)
     for name, kind in (("bool", bool), ("int", int), ("float", float)):
         if name in t:

@@ -3,6 +3,7 @@
 transformers is the reference: citer loads the same folders and must match it.
 TRITON_INTERPRET=1 is set here (CPU only) before anything imports Triton kernels.
 """
+import contextlib
 import os
 import string
 
@@ -147,3 +148,41 @@ def assert_all_free(engine):
     bm.check_invariants()
     assert bm.num_free_blocks == bm.num_blocks
     assert not engine.has_unfinished_requests()
+
+
+@contextlib.contextmanager
+def serve_process(args=(), env=None, timeout: float = 90):
+    """`citer serve` (the embedded pair) on a free loopback port, as a subprocess; -> its base
+    URL once /health answers. Always terminated (killed if it does not stop) at the end."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx2 as httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "citer.cli", "serve", "--port", str(port), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"citer serve did not come up: {proc.stdout.read()[-3000:]}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -107,3 +107,46 @@ def test_abort_is_a_no_op_on_unknown_ids(engines):
     a, _ = engines
     a.abort("never-was")
     run(a.check_health())
+
+
+def test_add_requests_is_one_unit(engines):
+    """Several prompts go in together or not at all; a consumer cancelled while they go in
+    has them all aborted; token ids (tokenized elsewhere) are taken as they are."""
+    a, ref = engines
+    ids = ref.tokenizer(PROBLEMS[3].prompt).input_ids
+    with pytest.raises(ValueError, match="prompt 2 has token ids outside"):
+        run(a.add_requests([PROBLEMS[3].prompt, ids, [10 ** 9]], SamplingParams(max_tokens=8)))
+    assert not a.engine.has_unfinished_requests() and free(a)
+
+    async def both():
+        streams = await a.add_requests([PROBLEMS[3].prompt, ids], SamplingParams(max_tokens=8, policy="slm"))
+        return [[t for d in [x async for x in s] for t in d.token_ids] for s in streams]
+
+    first, second = run(both())
+    assert first == second == ref.generate([ids], SamplingParams(max_tokens=8, policy="slm"))[0].token_ids
+
+    async def cancelled():
+        task = asyncio.ensure_future(a.add_requests([ids] * 50, SamplingParams(max_tokens=200, ignore_eos=True)))
+        await asyncio.sleep(0)  # queued on the engine thread, not yet settled
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.2)  # the engine thread settles the add on this (live) loop: it aborts them
+
+    run(cancelled())
+    assert settled(a)
+    run(cancelled_on_a_closed_loop(a, ids))  # and when the consumer's loop is closed before the add settles
+    assert settled(a)
+    run(a.check_health())  # the engine thread serves on
+
+
+def settled(a, within=5.0) -> bool:
+    deadline = time.time() + within
+    while not (free(a) and not a.engine.has_unfinished_requests()) and time.time() < deadline:
+        time.sleep(0.01)
+    return free(a) and a.stats["running"] == 0
+
+
+async def cancelled_on_a_closed_loop(a, ids):
+    task = asyncio.ensure_future(a.add_requests([ids] * 50, SamplingParams(max_tokens=200, ignore_eos=True)))
+    await asyncio.sleep(0)
+    task.cancel()  # asyncio.run then closes this loop at once

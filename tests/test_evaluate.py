@@ -132,9 +132,9 @@ def test_baselines_train_load_and_route(hf_models, tmp_path):
     outs = engine.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=5, policy="router", threshold=0.5,
                                                               ignore_eos=True))
     assert all(all(0 < s < 1 for s in o.router_scores) for o in outs)
-    from citer.research.training.labels import TeacherForcer
+    from citer.research.training.forcing import Forcer
 
-    pol = qr.policies(TeacherForcer(slm, llm), engine.tokenizer, ["Q: abc A:", "Q: x A:"], threshold=2.0)
+    pol = qr.policies(Forcer(slm, llm), engine.tokenizer, ["Q: abc A:", "Q: x A:"], threshold=2.0)
     assert pol == ["llm", "llm"]
     with pytest.raises(ValueError, match="is not 'citer-query-router'"):
         QueryRouter.load(str(tmp_path / "colm").replace("colm", "colm_cfg") if False else _bad_query(tmp_path))
@@ -177,11 +177,11 @@ def test_evaluate_end_to_end(engine, tmp_path, hf_models):
 def test_oracle_at_large_k_is_the_llm(engine, hf_models):
     """Replacing every mismatch gives exactly the LLM's greedy answer, one LLM token per replacement."""
     from citer.research.oracle import oracle_points
-    from citer.research.training.labels import TeacherForcer
+    from citer.research.training.forcing import Forcer
 
     task = ToyTask()
     problems = task.problems[:4]
-    forcer = TeacherForcer(hf_models["qwen2"][0], hf_models["llama"][0])
+    forcer = Forcer(hf_models["qwen2"][0], hf_models["llama"][0])
     pts = oracle_points(engine, forcer, task, problems, ks=(1, 30), max_tokens=6)
     llm = engine.generate([p.prompt for p in problems], SamplingParams(max_tokens=6, policy="llm"))
     assert pts[1]["tokens"].tolist() == [len(o.token_ids) for o in llm]

@@ -41,7 +41,7 @@ MAX = 8
 def setup(hf_models):
     slm, llm = hf_models["qwen2"][0], hf_models["llama"][0]
     engine = Engine(slm, llm, block_size=8, num_blocks=256, max_model_len=128, max_num_seqs=128)
-    return engine, L.TeacherForcer(slm, llm), ToyTask()
+    return engine, L.Forcer(slm, llm), ToyTask()
 
 
 def hf_rollout(model, tok, prefix, task, prob):

@@ -5,11 +5,7 @@ for bad input; and a load test: 32 concurrent streaming requests with random pol
 and lengths, a third cancelled mid-stream. Bounded waits; the server is always stopped."""
 import asyncio
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
 import time
 
 import httpx2 as httpx
@@ -18,37 +14,15 @@ import pytest
 
 from citer import Engine, SamplingParams
 from citer.research.tasks import get_task
+from conftest import serve_process
 
 PROBLEMS = get_task("arith").test_problems(40)
 
 
 @pytest.fixture(scope="module")
 def server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "citer.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"citer serve did not come up: {proc.stdout.read()[-3000:]}")
-            time.sleep(0.2)
+    with serve_process() as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,9 @@ loop), runs `step()` while requests are running and sleeps on a condition when n
 - `generate` yields one RequestDelta per step in which its request decided tokens (the
   new token ids, text delta, from_llm, router scores, logprobs; the final one carries
   the RequestOutput with its stats). With n > 1 samples, deltas of all of them (index).
+- `add_requests` queues several prompts as one unit (one command on the engine thread:
+  all in, or none). Prompts may be text or token ids (a server tokenizes off this
+  thread and hands ids in).
 - Cancelling the consumer (task cancel, a client that disconnects, `aclose()`) aborts
   the request before the next step and frees its blocks. `abort(id)` is a no-op on
   unknown or finished ids.
@@ -30,7 +33,7 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Dict, List, Optional
+from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence
 
 from citer.engine.args import EngineArgs
 from citer.engine.core import STEP_API
@@ -84,24 +87,48 @@ class AsyncEngine:
     # ---- the consumer side (event loop) -------------------------------------------------
     async def add_request(self, prompt, params: Optional[SamplingParams] = None,
                           request_id: Optional[str] = None) -> "RequestStream":
-        """Queue a request; -> the async iterator of its deltas. Raises (ValueError /
-        TypeError, naming the problem) on bad input, with nothing queued."""
+        """Queue a request (text or token ids); -> the async iterator of its deltas. Raises
+        (ValueError / TypeError, naming the problem) on bad input, with nothing queued."""
+        (stream,) = await self.add_requests([prompt], params, None if request_id is None else [request_id])
+        return stream
+
+    async def add_requests(self, prompts: Sequence, params: Optional[SamplingParams] = None,
+                           request_ids: Optional[Sequence[str]] = None) -> List["RequestStream"]:
+        """Queue several prompts as one unit: one command on the engine thread adds them
+        all, or none if one is refused (the error names the prompt's index), so no step
+        runs between them. -> one stream per prompt. Cancelled while waiting (its client
+        left), every prompt it added is aborted before the next step."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        added = loop.create_future()
         params = params or SamplingParams()
+        prompts = list(prompts)
+        if request_ids is not None and len(request_ids) != len(prompts):
+            raise ValueError(f"{len(request_ids)} request ids for {len(prompts)} prompts")
+        queues = [asyncio.Queue() for _ in prompts]
+        added = loop.create_future()
 
         def add():
+            rids = []
             try:
-                rid = self.engine.add_request(prompt, params, request_id)
-            except BaseException as e:  # bad input: the caller's error
-                loop.call_soon_threadsafe(_fail, added, e)
+                for i, prompt in enumerate(prompts):
+                    try:
+                        rids.append(self.engine.add_request(prompt, params,
+                                                            None if request_ids is None else request_ids[i]))
+                    except (ValueError, TypeError) as e:
+                        e.args = (_renumbered(str(e), i),)
+                        raise
+            except BaseException as e:  # bad input: the caller's error; the unit goes in whole or not at all
+                for rid in rids:
+                    self.engine.abort(rid)
+                _post(loop, _fail, added, e)
                 return
-            self._routes[rid] = (loop, queue)
-            loop.call_soon_threadsafe(self._settle_added, added, rid)
+            for rid, queue in zip(rids, queues):
+                self._routes[rid] = (loop, queue)
+            if not _post(loop, self._settle_added, added, rids):  # the consumer's loop is gone
+                self._drop(rids)
 
         self._submit(add)
-        return RequestStream(self, await added, queue, params.n)
+        rids = await added
+        return [RequestStream(self, rid, queue, params.n) for rid, queue in zip(rids, queues)]
 
     async def generate(self, prompt, params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None) -> AsyncIterator[RequestDelta]:
@@ -130,13 +157,18 @@ class AsyncEngine:
             self._cv.notify()
         self._thread.join(timeout)
 
-    def _settle_added(self, future: asyncio.Future, rid: str) -> None:
-        """On the loop: the request is in; its consumer may have been cancelled meanwhile."""
+    def _settle_added(self, future: asyncio.Future, rids: List[str]) -> None:
+        """On the loop: the requests are in; their consumer may have been cancelled meanwhile."""
         if future.cancelled():
-            self.abort(rid)
-            self._submit(lambda: self._routes.pop(rid, None))
+            self._submit(lambda: self._drop(rids))
         else:
-            future.set_result(rid)
+            future.set_result(rids)
+
+    def _drop(self, rids: List[str]) -> None:
+        """On the engine thread: abort requests no consumer will read, and forget them."""
+        for rid in rids:
+            self.engine.abort(rid)
+            self._routes.pop(rid, None)
 
     def _submit(self, command: Callable[[], None]) -> None:
         with self._cv:
@@ -171,7 +203,7 @@ class AsyncEngine:
         except BaseException as e:  # pragma: no cover - a bug in the loop itself
             self._fatal = e
             for loop, queue in self._routes.values():
-                loop.call_soon_threadsafe(queue.put_nowait, RuntimeError(f"the engine thread stopped: {e!r}"))
+                _post(loop, queue.put_nowait, RuntimeError(f"the engine thread stopped: {e!r}"))
 
     def _dispatch(self, events: List[TokenEvent]) -> None:
         """One step's events -> one delta per request, handed over with one wake-up per
@@ -195,14 +227,15 @@ class AsyncEngine:
                 finish_reason=last.finish_reason, output=last.output)
             by_loop.setdefault(route[0], []).append((route[1], delta))
         for loop, deliveries in by_loop.items():
-            loop.call_soon_threadsafe(_deliver, deliveries)
+            if not _post(loop, _deliver, deliveries):  # the consumer's loop is gone: nobody reads these
+                self._drop([rid for rid, (owner, _) in self._routes.items() if owner is loop])
 
     @property
     def stats(self) -> dict:
         """Requests running / waiting and KV blocks used, read as of now (for metrics;
         plain reads of the engine thread's lists and counters)."""
         core = self.engine.core
-        bm = self.engine.block_manager
+        bm = core.bm
         return {"running": len(core.scheduler.running), "waiting": len(core.scheduler.waiting),
                 "kv_blocks_used": bm.num_blocks - bm.num_free_blocks, "kv_blocks_total": bm.num_blocks}
 
@@ -232,15 +265,27 @@ class RequestStream:
             self._forget()
         return item
 
-    async def aclose(self) -> None:
-        if self.live:  # left early (cancelled, disconnected, closed): abort what still runs
+    async def aclose(self) -> int:
+        """Stop; -> how many of its samples were still live (and are now aborted)."""
+        live = self.live
+        if live:  # left early (cancelled, disconnected, closed): abort what still runs
             self.engine.abort(self.request_id)
             self.live = 0
         self._forget()
+        return live
 
     def _forget(self) -> None:
         rid = self.request_id
         self.engine._submit(lambda: self.engine._routes.pop(rid, None))
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+    """Hand fn(*args) to the consumer's loop; False when that loop is closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _deliver(deliveries: list) -> None:
@@ -251,6 +296,13 @@ def _deliver(deliveries: list) -> None:
 def _fail(future: asyncio.Future, error: BaseException) -> None:
     if not future.cancelled():
         future.set_exception(error)
+
+
+def _renumbered(message: str, index: int) -> str:
+    """The engine's message about "prompt 0" (each prompt goes in alone) for prompt `index`."""
+    if message.startswith("prompt 0 "):
+        return f"prompt {index} " + message[len("prompt 0 "):]
+    return message if index == 0 else f"prompt {index}: {message}"
 
 
 def _index(request_id: str) -> int:

@@ -3,7 +3,7 @@ eval, serve, demo, convert), each importing what it needs when it runs. A subcom
 packages come with an extra (`pip install 'citer[serve]'`, `'citer[eval]'`) says which
 extra to install when they are missing."""
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import sys
@@ -36,11 +36,19 @@ def require_extra(extra: str, command: str) -> None:
 
 def train_router_cmd(args) -> None:
     from citer.research.tasks import get_task
-    from citer.research.training.router_train import train_router
+    from citer.research.tasks.jsonl import task_from_args
+    from citer.research.training.router_train import resolve_labels, train_router
 
-    metrics = train_router(args.slm, args.llm, get_task(args.task), args.out, rounds=args.rounds,
-                           n_train=args.n_train, n_val=args.n_val, short_term=args.short_term, seed=args.seed,
-                           features=args.features, labels=args.labels, easy_keep=args.easy_keep, slack=args.slack)
+    if args.data:
+        task = task_from_args(args, tokenizer=args.slm, train=args.labels != "llm-agreement")
+    else:
+        task = get_task(args.task)
+    labels, short_term = resolve_labels(args.labels, args.short_term, task)
+    metrics = train_router(args.slm, args.llm, task, args.out, rounds=args.rounds, n_train=args.n_train,
+                           n_val=args.n_val, short_term=short_term, seed=args.seed, features=args.features,
+                           labels=labels, easy_keep=args.easy_keep, slack=args.slack, dtype=args.dtype,
+                           max_len=args.max_len, max_tokens=args.max_tokens, target_recall=args.target_recall,
+                           n_onpolicy=args.n_onpolicy, round_share=args.round_share)
     print(json.dumps(metrics["default_threshold"], indent=1))
 
 
@@ -86,18 +94,17 @@ def train_baselines_cmd(args) -> None:
 
 def serve_cmd(args) -> None:
     require_extra("serve", "serve")
-    import uvicorn
-
     from citer.async_engine import AsyncEngine
-    from citer.serve import create_app
+    from citer.serve import ServerArgs, create_app, run_server
 
-    engine_args = EngineArgs.from_cli_args(args)
-    engine = AsyncEngine(engine_args)
+    server_args = ServerArgs.from_cli_args(args)  # checked before the models load
+    engine = AsyncEngine(EngineArgs.from_cli_args(args))
     model = args.llm or args.slm
-    name = args.model_name or (os.path.basename(os.path.normpath(model)) if model else "citer-demo")
-    print(f"citer serve: model {name!r} on http://{args.host}:{args.port}/v1", flush=True)
+    name = server_args.model_name or (os.path.basename(os.path.normpath(model)) if model else "citer-demo")
+    key = "API key required" if server_args.api_key else "no API key"
+    print(f"citer serve: model {name!r} on http://{server_args.host}:{server_args.port}/v1 ({key})", flush=True)
     try:
-        uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="warning")
+        run_server(create_app(engine, name, server_args), server_args)
     finally:
         engine.shutdown()
 
@@ -134,12 +141,27 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--features", default="hidden+head", choices=["hidden+head", "hidden"],
                     help="router input: the hidden state and the head's signals (default), or the paper's hidden only")
-    tr.add_argument("--labels", default="gold", choices=["gold", "llm-agreement"],
-                    help="gold: CITER's shortcut labels; llm-agreement: 1 where the SLM's greedy token is the LLM's")
+    tr.add_argument("--labels", default="auto", choices=["auto", "gold", "llm-agreement"],
+                    help="gold: CITER's shortcut labels (long-term by rollouts with a checker; with references but "
+                         "no checker, CITER-S's short-term ones); llm-agreement: 1 where the SLM's greedy token is "
+                         "the LLM's (on references, or on the LLM's own trajectories when the data has only "
+                         "prompts); auto: what the data allows, in that order")
     tr.add_argument("--easy-keep", type=float, default=1.0,
                     help="hard-case mining: keep positions with top probability >= 0.99 at this rate (reweighted)")
     tr.add_argument("--slack", type=float, default=0.01,
                     help="default τ: the cheapest within this much of the LLM's validation accuracy")
+    tr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the models' dtype for teacher forcing and rollouts (the dtype you will serve in)")
+    tr.add_argument("--max-len", type=int, default=256, help="longest prompt + reference to teacher-force (tokens)")
+    tr.add_argument("--max-tokens", type=int, default=128, help="new tokens per rollout / trajectory")
+    tr.add_argument("--target-recall", type=float, default=0.9,
+                    help="without a checker: default τ sends the LLM this share of validation disagreements")
+    tr.add_argument("--n-onpolicy", type=int, help="training prompts whose routed trajectories round 2 adds "
+                                                   "(default: all)")
+    tr.add_argument("--round-share", type=float, default=0.15, help="round 2's router runs at about this LLM share")
+    from citer.research.tasks.jsonl import add_arguments as data_arguments
+
+    data_arguments(tr, train=True)
 
     ev = sub.add_parser("eval", help="accuracy vs LLM share of CITER and every baseline, with bootstrap CIs")
     ev.set_defaults(run=eval_cmd)
@@ -165,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (default: the embedded demo pair)")
     sv.set_defaults(run=serve_cmd)
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--model-name", help="the model id clients ask for (default: citer-demo, or the LLM's folder)")
+    from citer.serve.args import ServerArgs  # the server's flags (--host, --port, limits, key, origins, timeouts)
+
+    ServerArgs.add_cli_args(sv)
     EngineArgs.add_cli_args(sv)
 
     sub.add_parser("demo", help="what `make demo` runs").set_defaults(run=demo_cmd)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from citer import Engine, SamplingParams
 from citer.research.router_nets import LinearRouter, save_router
 from citer.research.tasks import Problem, Task
-from citer.research.training.labels import TeacherForcer
+from citer.research.training.forcing import Forcer
 
 QUERY_ARCHITECTURE = "citer-query-router"
 
@@ -51,10 +51,10 @@ class QueryRouter:
         self.linear, self.meta = linear, meta or {}
 
     @torch.no_grad()
-    def score(self, forcer: TeacherForcer, tokenizer, prompts: List[str]) -> torch.Tensor:  # [N]
+    def score(self, forcer: Forcer, tokenizer, prompts: List[str]) -> torch.Tensor:  # [N]
         return torch.sigmoid(self.linear(prompt_features(forcer, tokenizer, prompts)).squeeze(-1))
 
-    def policies(self, forcer: TeacherForcer, tokenizer, prompts: List[str], threshold: float) -> List[str]:
+    def policies(self, forcer: Forcer, tokenizer, prompts: List[str], threshold: float) -> List[str]:
         """Per query: "llm" where the score is under threshold, else "slm"."""
         return ["llm" if s < threshold else "slm" for s in self.score(forcer, tokenizer, prompts).tolist()]
 
@@ -80,13 +80,13 @@ class QueryRouter:
         return cls(lin.eval(), cfg.get("meta"))
 
 
-def prompt_features(forcer: TeacherForcer, tokenizer, prompts: List[str]) -> torch.Tensor:
+def prompt_features(forcer: Forcer, tokenizer, prompts: List[str]) -> torch.Tensor:
     """The SLM's normed final hidden state at each prompt's last token [N, H]."""
     seqs = [tokenizer(p).input_ids for p in prompts]
     return torch.stack([f.hidden[-1] for f in forcer.run(seqs)])
 
 
-def train_query_router(engine: Engine, forcer: TeacherForcer, task: Task, problems: List[Problem],
+def train_query_router(engine: Engine, forcer: Forcer, task: Task, problems: List[Problem],
                        max_tokens: int = 128) -> QueryRouter:
     outs = engine.generate([p.prompt for p in problems], SamplingParams(max_tokens=max_tokens, policy="slm"))
     y = torch.tensor([float(task.check(o.text, p)) for o, p in zip(outs, problems)])
@@ -95,7 +95,7 @@ def train_query_router(engine: Engine, forcer: TeacherForcer, task: Task, proble
     return QueryRouter(lin, {"n_train": len(problems), "slm_right_share": float(y.mean())})
 
 
-def colm_labels(forcer: TeacherForcer, tokenizer, problems: List[Problem]):
+def colm_labels(forcer: Forcer, tokenizer, problems: List[Problem]):
     """Co-LLM's weak labels on teacher-forced gold solutions -> (h [N, H], keep [N]): keep
     = 0 (defer) where the LLM gives the gold token a higher probability than the SLM."""
     seqs, starts = [], []
@@ -110,7 +110,7 @@ def colm_labels(forcer: TeacherForcer, tokenizer, problems: List[Problem]):
     return torch.cat(xs), torch.cat(ys)
 
 
-def train_colm_head(forcer: TeacherForcer, tokenizer, problems: List[Problem], hidden_size: int) -> LinearRouter:
+def train_colm_head(forcer: Forcer, tokenizer, problems: List[Problem], hidden_size: int) -> LinearRouter:
     x, y = colm_labels(forcer, tokenizer, problems)
     head = LinearRouter(hidden_size)
     head.linear = _fit_logistic(x, y, epochs=20, desc="Co-LLM head")
@@ -123,7 +123,7 @@ def train_baselines(slm: str, llm: str, task: Task, out: str, n_train: int = 300
     """Both baselines on training problems drawn like the router's (seed + 777 stream)."""
     problems = task.train_problems(n_train, np.random.default_rng(seed + 777))
     engine = Engine(slm, llm, max_model_len=256, max_num_seqs=256, num_blocks=256 * 16)
-    forcer = TeacherForcer(slm, llm, vocab_limit=engine.core.vocab_limit)
+    forcer = Forcer(slm, llm, dtype=engine.args.dtype, vocab_limit=engine.core.vocab_limit)
     query = train_query_router(engine, forcer, task, problems, max_tokens)
     query.save(os.path.join(out, "query"))
     colm = train_colm_head(forcer, engine.tokenizer, problems, engine.slm_config.hidden_size)

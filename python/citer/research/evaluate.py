@@ -29,10 +29,10 @@ EVAL_SEED = 20261202  # the problems `citer eval` draws by default (not the trai
 
 def run_point(engine: Engine, task: Task, problems, params: SamplingParams) -> dict:
     t0 = time.perf_counter()
-    outs = engine.generate([p.prompt for p in problems], params)
+    outs = engine.generate([p.prompt for p in problems], task.sampling_params(problems, params))
     seconds = time.perf_counter() - t0
     tokens = sum(len(o.token_ids) for o in outs)
-    correct = [bool(task.check(o.text, p)) for o, p in zip(outs, problems)]
+    correct = [bool(c) for c in task.check_many([o.text for o in outs], problems)]
     return {
         "accuracy": float(np.mean(correct)),
         "llm_share": llm_share(outs),
@@ -129,7 +129,7 @@ def evaluate(engine: Engine, task: Task, n: int, seed: int = EVAL_SEED, routers:
     """Everything `citer eval` reports (see the module doc)."""
     from citer.research.eval_stats import Bootstrap, point_intervals, summarize
     from citer.research.router_nets import load_router_mlp
-    from citer.research.training.labels import TeacherForcer
+    from citer.research.training.forcing import Forcer
 
     routers = dict(routers or {})
     metas = []
@@ -138,7 +138,8 @@ def evaluate(engine: Engine, task: Task, n: int, seed: int = EVAL_SEED, routers:
     problems = fresh_problems(task, n, seed, metas)
     rows = sweep(engine, task, n, routers=routers, problems=problems, max_tokens=max_tokens)
     by = {r["method"]: r for r in rows if r["knob"] is None}
-    forcer = TeacherForcer(engine.paths["slm"], engine.paths["llm"], vocab_limit=engine.core.vocab_limit)
+    forcer = Forcer(engine.paths["slm"], engine.paths["llm"], dtype=engine.args.dtype,
+                    vocab_limit=engine.core.vocab_limit)
     if query_router:
         from citer.research.baselines import QueryRouter
 

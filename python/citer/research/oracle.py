@@ -14,10 +14,10 @@ from tqdm import tqdm
 
 from citer import Engine, SamplingParams
 from citer.research.tasks import Problem, Task
-from citer.research.training.labels import TeacherForcer
+from citer.research.training.forcing import Forcer
 
 
-def oracle_points(engine: Engine, forcer: TeacherForcer, task: Task, problems: List[Problem],
+def oracle_points(engine: Engine, forcer: Forcer, task: Task, problems: List[Problem],
                   ks: Sequence[int] = (1, 2, 3, 4, 6, 8, 12), max_tokens: int = 128) -> List[Dict]:
     """-> per k: {"k", "correct" [N] bool, "tokens" [N], "llm_tokens" [N]} (per-problem arrays)."""
     tok = engine.tokenizer

@@ -16,7 +16,8 @@ class Metrics:
         self.llm_share = Gauge("citer_llm_share", "Share of generated tokens the LLM made, since start", registry=r)
         self.router_seconds = Counter("citer_router_seconds", "Time in the router MLP (servers started with "
                                       "--profile)", registry=r)
-        self.finished = Counter("citer_requests_finished", "Finished requests by finish reason", ["reason"],
+        self.finished = Counter("citer_requests_finished", "Finished requests (each of n samples counts) by "
+                                "finish reason: stop, length, abort (the client left), error", ["reason"],
                                 registry=r)
         self.ttft = Histogram("citer_time_to_first_token_seconds", "Request arrival to its first token",
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -35,6 +36,11 @@ class Metrics:
         self.llm_share.set(self._made["llm"] / total if total else 0.0)
         self.router_seconds.inc(out.stats.get("router_time", 0.0))
         self.finished.labels(out.finish_reason or "unknown").inc()
+
+    def on_end(self, reason: str, count: int = 1) -> None:
+        """Requests that ended with no output of their own: "abort" (their client left) or "error"."""
+        if count:
+            self.finished.labels(reason).inc(count)
 
     def render(self, stats: dict) -> bytes:
         self.running.set(stats["running"])

@@ -39,8 +39,9 @@ import numpy as np
 import torch
 
 from citer import Engine, SamplingParams
-from citer.kernels.routed_head import head_signals_ref
 from citer.research.tasks import Problem, Task
+
+from .forcing import Forcer
 
 LABELS = ("gold", "llm-agreement")
 EASY_TOP_PROB = 0.99
@@ -85,57 +86,6 @@ class LabelSet:
         return int(sum(len(y) for y in self.labels))
 
 
-class TeacherForcer:
-    """Runs both models (transformers, fp32) over whole sequences: per position the SLM's
-    normed final hidden state, the head's signals of its logits and its greedy token, and
-    the LLM's greedy token and its probability of the next token (over the first
-    vocab_limit ids, the vocabulary the pair shares, as the engine does)."""
-
-    def __init__(self, slm_path: str, llm_path: str, batch_size: int = 64, vocab_limit: Optional[int] = None):
-        from transformers import AutoModelForCausalLM
-
-        self.slm = AutoModelForCausalLM.from_pretrained(slm_path, dtype=torch.float32).eval()
-        self.llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32).eval()
-        self.batch_size = batch_size
-        self.vocab_limit = vocab_limit or min(self.slm.config.vocab_size, self.llm.config.vocab_size)
-
-    @torch.inference_mode()
-    def run(self, seqs: List[List[int]]):
-        """-> per sequence a Forced (row p predicts token p+1)."""
-        out = []
-        for i in range(0, len(seqs), self.batch_size):
-            chunk = seqs[i: i + self.batch_size]
-            L = max(len(s) for s in chunk)
-            ids = torch.zeros(len(chunk), L, dtype=torch.long)
-            mask = torch.zeros(len(chunk), L, dtype=torch.long)
-            for j, s in enumerate(chunk):
-                ids[j, : len(s)] = torch.tensor(s)
-                mask[j, : len(s)] = 1
-            h = self.slm.model(input_ids=ids, attention_mask=mask).last_hidden_state  # after the final norm
-            slm_logits = self.slm.lm_head(h)[..., :self.vocab_limit].float()
-            llm_logits = self.llm(input_ids=ids, attention_mask=mask).logits[..., :self.vocab_limit].float()
-            slm_logp, llm_logp = slm_logits.log_softmax(-1), llm_logits.log_softmax(-1)
-            nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)[..., None]  # token p+1 (garbage at the last row)
-            for j, s in enumerate(chunk):
-                n = len(s)
-                out.append(Forced(h[j, :n], head_signals_ref(slm_logits[j, :n]), slm_logits[j, :n].argmax(-1),
-                                  llm_logits[j, :n].argmax(-1), slm_logp[j, :n].gather(-1, nxt[j, :n])[:, 0],
-                                  llm_logp[j, :n].gather(-1, nxt[j, :n])[:, 0]))
-        return out
-
-
-@dataclass
-class Forced:
-    """Both models teacher-forced over one sequence; row p is the position predicting token p+1."""
-
-    hidden: torch.Tensor  # [L, H] the SLM's normed final hidden state
-    signals: torch.Tensor  # [L, NUM_SIGNALS] the head's signals of the SLM's logits
-    slm_pred: torch.Tensor  # [L] the SLM's greedy token
-    llm_pred: torch.Tensor  # [L] the LLM's greedy token
-    slm_logp_next: torch.Tensor  # [L] the SLM's log-probability of token p+1 (last row: meaningless)
-    llm_logp_next: torch.Tensor  # [L] the LLM's
-
-
 def _rollouts(engine: Engine, task: Task, prefixes: List[List[int]], problems: List[Problem],
               policy: str, threshold: Optional[float], max_tokens: int) -> np.ndarray:
     """Continue each prefix to the end -> 1 where the final answer is right."""
@@ -151,7 +101,7 @@ def _rollouts(engine: Engine, task: Task, prefixes: List[List[int]], problems: L
     return np.array(right, dtype=bool)
 
 
-def gold_labels(engine: Engine, forcer: TeacherForcer, task: Task, problems: List[Problem],
+def gold_labels(engine: Engine, forcer: Forcer, task: Task, problems: List[Problem],
                 router_threshold: Optional[float] = None, short_term: bool = False,
                 max_tokens: int = 128, into: Optional[LabelSet] = None, labels: str = "gold") -> LabelSet:
     """Labels on teacher-forced gold solutions. router_threshold None: round 1 (SLM rollouts);
@@ -206,7 +156,7 @@ def gold_labels(engine: Engine, forcer: TeacherForcer, task: Task, problems: Lis
     return out
 
 
-def on_policy_labels(engine: Engine, forcer: TeacherForcer, task: Task, problems: List[Problem],
+def on_policy_labels(engine: Engine, forcer: Forcer, task: Task, problems: List[Problem],
                      threshold: float, max_tokens: int = 128, into: Optional[LabelSet] = None,
                      labels: str = "gold") -> LabelSet:
     """Labels on trajectories the routed system itself produced (see the module doc)."""

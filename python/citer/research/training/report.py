@@ -12,10 +12,10 @@ from citer import Engine, SamplingParams
 from citer.research.evaluate import run_point
 from citer.research.tasks import get_task
 
-from .labels import TeacherForcer
+from .forcing import Forcer
 
 
-def token_error_rates(forcer: TeacherForcer, tok, problems) -> dict:
+def token_error_rates(forcer: Forcer, tok, problems) -> dict:
     seqs, starts = [], []
     for p in problems:
         seqs.append(tok(p.prompt + p.solution).input_ids + [tok.eos_token_id])
@@ -55,7 +55,7 @@ def main():
         size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
         rows.append((name, params, size, acc))
         tok = engine.tokenizer
-    rates = token_error_rates(TeacherForcer(args.slm, args.llm), tok, problems[: min(args.n, 300)])
+    rates = token_error_rates(Forcer(args.slm, args.llm), tok, problems[: min(args.n, 300)])
     print(f"| model | parameters | folder size | accuracy on {args.n} held-out (greedy) | "
           "teacher-forced error: digits | other tokens | digits' share of errors |")
     print("|---|---|---|---|---|---|---|")

@@ -5,13 +5,23 @@ iterative rounds, and the default τ chosen on routed validation runs.
 
   citer train-router --slm S --llm L --task arith --out R [--rounds 2] [--short-term]
       [--features hidden+head|hidden] [--labels gold|llm-agreement] [--easy-keep 0.2]
+  citer train-router --slm S --llm L --data train.jsonl --val-data val.jsonl --out R
+      --labels llm-agreement --dtype bfloat16        # a real pair on your own data
+
+Labels that need no rollouts (llm-agreement, and CITER-S's short-term labels) are read off
+teacher-forced positions computed once and cached on disk (positions.py): the path for
+real pairs, where the forward passes are the cost. Round 2 of llm-agreement adds the
+routed system's own trajectories (the router of round 1 in the loop), teacher-forced the
+same way. Without a checker (data with references only) the default τ is chosen on the
+validation positions: the smallest τ whose router sends the LLM at least target_recall of
+the positions where the SLM's greedy token is not the LLM's.
 """
 import copy
 import json
 import os
 import time
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -23,7 +33,9 @@ from citer.research.router_nets import RouterMLP, save_router
 from citer.research.tasks import Task
 from citer.research.token_metrics import auroc, recall_at_budgets, routing_objective
 
-from .labels import LabelSet, TeacherForcer, gold_labels, on_policy_labels
+from .forcing import Forcer
+from .labels import LabelSet, gold_labels, on_policy_labels
+from .positions import Positions, force_positions, labels_of, sequences
 
 
 @dataclass
@@ -111,14 +123,23 @@ def choose_threshold(engine: Engine, task: Task, problems, taus=TAUS, max_tokens
 def train_router(slm: str, llm: str, task: Task, out: str, rounds: int = 2, n_train: int = 800, n_val: int = 200,
                  short_term: bool = False, round_share: float = 0.15, seed: int = 0, max_tokens: int = 128,
                  features: str = "hidden+head", labels: str = "gold", easy_keep: float = 1.0,
-                 slack: float = 0.01) -> dict:
+                 slack: float = 0.01, dtype: str = "float32", max_len: int = 256, target_recall: float = 0.9,
+                 n_onpolicy: Optional[int] = None) -> dict:
     """The whole pipeline; writes a router folder to `out` and returns the metrics."""
+    if labels == "llm-agreement" or short_term:
+        return train_on_positions(slm, llm, task, out, rounds=rounds, n_train=n_train, n_val=n_val,
+                                  short_term=short_term, round_share=round_share, seed=seed, max_tokens=max_tokens,
+                                  features=features, easy_keep=easy_keep, slack=slack, dtype=dtype, max_len=max_len,
+                                  target_recall=target_recall, n_onpolicy=n_onpolicy)
+    if not task.has_checker:
+        raise ValueError(f"task {task.name!r} has no checker (no tests or answers), so CITER's long-term labels "
+                         "cannot be rolled out; train with labels='llm-agreement' or short_term=True (CITER-S)")
     t0 = time.time()
     rng = np.random.default_rng(seed + 777)
     train_p = task.train_problems(n_train, rng)
-    val_p = task.train_problems(n_val, rng)
-    engine = Engine(slm, llm, max_model_len=256, max_num_seqs=256, num_blocks=256 * 16)
-    forcer = TeacherForcer(slm, llm, vocab_limit=engine.core.vocab_limit)
+    val_p = task.validation_problems(n_val, rng)
+    engine = Engine(slm, llm, max_model_len=256, max_num_seqs=256, num_blocks=256 * 16, dtype=dtype)
+    forcer = Forcer(slm, llm, dtype=engine.args.dtype, vocab_limit=engine.core.vocab_limit)
     hidden = engine.slm_config.hidden_size
     metrics = {"task": task.name, "slm": slm, "llm": llm, "short_term": short_term, "features": features,
                "labels": labels, "easy_keep": easy_keep, "n_train": n_train, "n_val": n_val, "seed": seed,
@@ -174,3 +195,134 @@ def _round_metrics(r, train_l, val_l, fit, threshold) -> dict:
            "val_recall_top_prob": {str(k): v for k, v in recall_at_budgets(vs[:, 0], vy).items()}}
     print(json.dumps(row))
     return row
+
+
+def resolve_labels(labels: str, short_term: bool, task: Task):
+    """--labels auto: what the data allows -> (labels, short_term). Long-term CITER labels need
+    references and a checker; references alone give the short-term (CITER-S) labels; prompts
+    alone give llm-agreement on the LLM's own trajectories."""
+    if labels != "auto":
+        return labels, short_term
+    probe = task.train_problems(1, np.random.default_rng(0))
+    has_refs = bool(probe and probe[0].solution)
+    if not has_refs:
+        return "llm-agreement", False
+    return "gold", short_term or not task.has_checker
+
+
+def train_on_positions(slm: str, llm: str, task: Task, out: str, rounds: int = 2, n_train: int = 800,
+                       n_val: int = 200, short_term: bool = False, round_share: float = 0.15, seed: int = 0,
+                       max_tokens: int = 128, features: str = "hidden+head", easy_keep: float = 1.0,
+                       slack: float = 0.01, dtype: str = "float32", max_len: int = 256, target_recall: float = 0.9,
+                       n_onpolicy: Optional[int] = None) -> dict:
+    """llm-agreement (CITER distillation) or short-term (CITER-S) labels on cached teacher-forced
+    positions: references first, then (llm-agreement, rounds >= 2) the routed system's own
+    trajectories; see the module doc."""
+    import resource
+
+    t0 = time.time()
+    scheme = "short-term" if short_term else "llm-agreement"
+    rng = np.random.default_rng(seed + 777)
+    train_p, val_p = task.train_problems(n_train, rng), task.validation_problems(n_val, rng)
+    engine = Engine(slm, llm, dtype=dtype, max_model_len=max_len + max_tokens, max_num_seqs=64)
+    forcer = Forcer.from_engine(engine)
+    tok, hidden = engine.tokenizer, engine.slm_config.hidden_size
+    cache = os.path.join(out, "cache")
+    metrics = {"task": task.name, "slm": slm, "llm": llm, "short_term": short_term, "features": features,
+               "labels": scheme, "easy_keep": easy_keep, "n_train": n_train, "n_val": n_val, "seed": seed,
+               "dtype": dtype, "rounds": [], "timings": {}}
+
+    def refs(problems, name):
+        """References where the data has them; else the LLM's own greedy trajectories."""
+        parts, with_ref = [], [p for p in problems if p.solution]
+        without = [p for p in problems if not p.solution]
+        if with_ref:
+            seqs, starts, _ = sequences(tok, with_ref, max_len)
+            metrics[f"{name}_references"] = len(seqs)
+            parts.append(force_positions(forcer, seqs, starts, gold=True, desc=f"teacher forcing {name} references",
+                                         cache=os.path.join(cache, f"{name}-references")))
+        if without:
+            if short_term:
+                raise ValueError(f"CITER-S's short-term labels need references; {len(without)} {name} problems "
+                                 "have none (train with labels='llm-agreement')")
+            params = SamplingParams(max_tokens=max_tokens, policy="llm")
+            gens = engine.generate([p.prompt for p in without], task.sampling_params(without, params), use_tqdm=True)
+            seqs = [g.prompt_token_ids + g.token_ids for g in gens if g.token_ids]
+            metrics[f"{name}_llm_trajectories"] = len(seqs)
+            parts.append(force_positions(forcer, seqs, [len(g.prompt_token_ids) for g in gens if g.token_ids],
+                                         gold=False, cache=os.path.join(cache, f"{name}-llm-trajectories"),
+                                         desc=f"teacher forcing {name} LLM trajectories"))
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            raise ValueError(f"no {name} sequence fits max_len={max_len} tokens")
+        return Positions.cat(parts)
+
+    tick = time.time()
+    pos = {"train": refs(train_p, "train"), "val": refs(val_p, "val")}
+    metrics["timings"]["references"] = time.time() - tick
+    fit = _fit_positions(pos, scheme, hidden, features, easy_keep, seed)
+    metrics["rounds"].append(_round_metrics(1, *fit[1:], None))
+    for r in range(2, (1 if short_term else rounds) + 1):
+        tau = float(_scores(fit[0], fit[2]).quantile(round_share))  # the round's router in the loop at ~round_share
+        folder = os.path.join(out, f"round{r - 1}")
+        save_router(fit[0], folder)
+        engine.set_router(folder)
+        tick = time.time()
+        n = n_onpolicy if n_onpolicy is not None else len(train_p)
+        for name, problems in (("train", train_p[:n]), ("val", val_p)):
+            params = SamplingParams(max_tokens=max_tokens, policy="router", threshold=tau)
+            gens = engine.generate([p.prompt for p in problems], task.sampling_params(problems, params),
+                                   use_tqdm=True)
+            seqs = [g.prompt_token_ids + g.token_ids for g in gens if g.token_ids]
+            starts = [len(g.prompt_token_ids) for g in gens if g.token_ids]
+            traj = force_positions(forcer, seqs, starts, gold=False, cache=os.path.join(cache, f"{name}-round{r}"),
+                                   desc=f"teacher forcing {name} trajectories")
+            pos[name] = Positions.cat([pos[name], traj]) if traj is not None else pos[name]
+        metrics["timings"][f"round{r}"] = time.time() - tick
+        fit = _fit_positions(pos, scheme, hidden, features, easy_keep, seed + r)
+        metrics["rounds"].append(_round_metrics(r, *fit[1:], tau))
+    router, train_l, val_l, fr = fit
+    if task.has_checker:
+        folder = os.path.join(out, "final")
+        save_router(fr.router, folder)
+        engine.set_router(folder)
+        choice = choose_threshold(engine, task, val_p, max_tokens=max_tokens, slack=slack)
+    else:
+        choice = recall_threshold(router, val_l, target_recall)
+    metrics["default_threshold"] = choice
+    metrics["seconds"] = time.time() - t0
+    metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    save_router(router, out, default_threshold=choice["threshold"], meta=metrics)
+    print(f"router saved to {out}: default τ={choice['threshold']:.4f} ({json.dumps(choice)[:200]}); "
+          f"{metrics['seconds']:.0f} s, peak memory {metrics['peak_rss_gb']:.1f} GB")
+    return metrics
+
+
+def _fit_positions(pos, scheme, hidden, features, easy_keep, seed):
+    sets = {}
+    for name in ("train", "val"):
+        x, s, y, cases = labels_of(pos[name], scheme)
+        ls = LabelSet(easy_keep=easy_keep if name == "train" else 1.0, seed=seed)
+        ls.add(x, s, y)
+        ls.cases.update(cases)
+        sets[name] = ls
+    fit = fit_router(sets["train"], sets["val"], hidden, features, seed=seed)
+    return fit.router, sets["train"], sets["val"], fit
+
+
+def _scores(router, val: LabelSet) -> torch.Tensor:
+    vx, vs, _, _ = val.tensors()
+    with torch.no_grad():
+        return torch.sigmoid(router(vx, vs if router.head_signals else None))
+
+
+def recall_threshold(router, val: LabelSet, target_recall: float) -> dict:
+    """The smallest τ at which the router sends the LLM target_recall of the validation
+    positions labelled 0 (LLM when p < τ), and the share of positions it sends there."""
+    p = _scores(router, val)
+    y = val.tensors()[2]
+    neg = p[y == 0]
+    tau = float(torch.quantile(neg, target_recall)) + 1e-6 if len(neg) else 0.5
+    return {"rule": "recall of validation positions labelled 0", "threshold": tau, "target_recall": target_recall,
+            "recall": float((neg < tau).float().mean()) if len(neg) else None,
+            "llm_share_of_positions": float((p < tau).float().mean()), "positions": len(p)}

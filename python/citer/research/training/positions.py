@@ -1,0 +1,112 @@
+"""Teacher-forced positions, computed once and cached on disk, and the labels read off them.
+
+Router training at real-model cost is dominated by the two models' forward passes over
+the training sequences. `force_positions` runs them once (citer's own models, the
+engine's dtype: training.forcing.Forcer) and keeps, per position that predicts a
+completion token, what every label scheme needs: the SLM's normed hidden state and head
+signals (the router's input, as the engine computes it), the SLM's and the LLM's greedy
+tokens and the gold token (the reference's, -1 on a model's own trajectory). Chunks are
+written to a cache folder as they finish, so an interrupted run resumes where it stopped
+and a second label scheme (CITER-S beside CITER) costs no forward pass.
+
+Label schemes (`labels_of`), per position:
+  llm-agreement  1 where the SLM's greedy token is the LLM's, else 0 (distillation: no
+                 reference or checker needed; on references and on trajectories)
+  short-term     CITER-S: 1 where the SLM's greedy token is the gold one, 0 where only
+                 the LLM's is, and 0 where both are wrong (no rollout)
+"""
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+
+SCHEMES = ("llm-agreement", "short-term")
+
+
+@dataclass
+class Positions:
+    hidden: torch.Tensor  # [N, H] float32: the SLM's normed final hidden state
+    signals: torch.Tensor  # [N, NUM_SIGNALS]
+    slm_pred: torch.Tensor  # [N] int64
+    llm_pred: torch.Tensor  # [N] int64
+    gold: torch.Tensor  # [N] int64: the reference's token, -1 where there is none
+    seq: torch.Tensor  # [N] int64: which sequence (index into the list forced)
+
+    def __len__(self) -> int:
+        return len(self.gold)
+
+    @classmethod
+    def cat(cls, parts: Sequence["Positions"]) -> "Positions":
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
+
+
+def sequences(tokenizer, problems, max_len: int) -> Tuple[List[List[int]], List[int], List[int]]:
+    """(prompt + reference + EOS) token ids and each one's completion start, for the problems
+    that fit max_len tokens; -> (sequences, starts, indices of the problems kept)."""
+    seqs, starts, kept = [], [], []
+    for i, p in enumerate(problems):
+        prompt = tokenizer(p.prompt).input_ids
+        full = tokenizer(p.prompt + p.solution).input_ids + [tokenizer.eos_token_id]
+        if len(full) <= max_len and len(full) > len(prompt):
+            seqs.append(full)
+            starts.append(len(prompt))
+            kept.append(i)
+    return seqs, starts, kept
+
+
+def force_positions(forcer, seqs: List[List[int]], starts: List[int], gold: bool, cache: Optional[str] = None,
+                    chunk: int = 64, desc: str = "teacher forcing") -> Positions:
+    """Both models over each sequence; positions [starts[i] - 1, len - 1) (those predicting
+    tokens starts[i] .. len - 1). gold: the sequence's own tokens are the gold ones (a
+    reference), else gold is -1 (a model's own trajectory). cache: a folder for the chunks."""
+    if cache:
+        os.makedirs(cache, exist_ok=True)
+    parts = []
+    for c in tqdm(range(0, len(seqs), chunk), desc=desc, unit="chunk"):
+        part_seqs, part_starts = seqs[c:c + chunk], starts[c:c + chunk]
+        fn = None
+        if cache:
+            key = hashlib.sha1(json.dumps([part_seqs, part_starts, gold]).encode()).hexdigest()[:16]
+            fn = os.path.join(cache, f"{c // chunk:05d}-{key}.pt")
+            if os.path.isfile(fn):
+                parts.append(Positions(**torch.load(fn)))
+                continue
+        part = _force(forcer, part_seqs, part_starts, gold, c)
+        if fn:
+            torch.save(part.__dict__, fn + ".tmp")
+            os.replace(fn + ".tmp", fn)
+        parts.append(part)
+    return Positions.cat(parts) if parts else None
+
+
+def _force(forcer, seqs, starts, gold: bool, first: int) -> Positions:
+    forced = forcer.run(seqs, starts=starts)
+    h, sig, sp, lp, g, which = [], [], [], [], [], []
+    for i, (s, start, f) in enumerate(zip(seqs, starts, forced)):
+        n = len(s) - start  # rows predicting tokens start .. len - 1 (the Forced's last row predicts nothing)
+        h.append(f.hidden[:n])
+        sig.append(f.signals[:n])
+        sp.append(f.slm_pred[:n])
+        lp.append(f.llm_pred[:n])
+        g.append(torch.tensor(s[start:]) if gold else torch.full((n,), -1, dtype=torch.long))
+        which.append(torch.full((n,), first + i, dtype=torch.long))
+    return Positions(torch.cat(h), torch.cat(sig), torch.cat(sp), torch.cat(lp), torch.cat(g), torch.cat(which))
+
+
+def labels_of(pos: Positions, scheme: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """-> (hidden, signals, labels [N] float, label counts) of one scheme."""
+    if scheme == "llm-agreement":
+        y = (pos.slm_pred == pos.llm_pred).float()
+        return pos.hidden, pos.signals, y, {"agree": int(y.sum()), "disagree": int(len(y) - y.sum())}
+    if scheme == "short-term":
+        keep = pos.gold >= 0
+        slm_ok = (pos.slm_pred == pos.gold)[keep]
+        llm_ok = (pos.llm_pred == pos.gold)[keep] & ~slm_ok
+        y = slm_ok.float()
+        return pos.hidden[keep], pos.signals[keep], y, {"slm_right": int(slm_ok.sum()), "llm_right": int(llm_ok.sum()),
+                                                        "both_wrong": int((~slm_ok & ~llm_ok).sum())}
+    raise ValueError(f"unknown label scheme {scheme!r}; choose one of {SCHEMES}")

@@ -1,0 +1,100 @@
+"""Router training on the user's own JSONL data, end to end on the tiny models: labels from
+references (llm-agreement, CITER-S), from prompts alone (the LLM's own trajectories), the
+teacher-forced positions cached so that a second run reads them instead of forwarding
+again, the default τ by recall of validation disagreements, and the CLI's --data path."""
+import json
+import os
+
+import pytest
+import torch
+
+from citer.engine.models.router import load_router
+from citer.research.tasks.jsonl import JsonlTask
+from citer.research.training import positions as P
+from citer.research.training.forcing import Forcer
+from citer.research.training.router_train import resolve_labels, train_router
+
+
+def _write(path, lines):
+    with open(path, "w") as f:
+        for rec in lines:
+            f.write(json.dumps(rec) + "\n")
+    return str(path)
+
+
+def _data(tmp_path, refs=True, n=24):
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    lines = []
+    for i in range(n):
+        rec = {"prompt": f"def f{i}(x):\n    '''{words[i % 6]} {i}'''\n", "id": str(i)}
+        if refs:
+            rec["reference"] = f"    return x + {i}\n"
+        lines.append(rec)
+    return _write(tmp_path / ("refs.jsonl" if refs else "prompts.jsonl"), lines)
+
+
+def test_labels_follow_what_the_data_has(tmp_path, hf_models):
+    tok = hf_models["qwen2"][0]
+    with_refs = JsonlTask(data=_data(tmp_path), tokenizer=tok, checker="none")
+    prompts_only = JsonlTask(data=_data(tmp_path, refs=False), tokenizer=tok, checker="none",
+                             require_reference=False)
+    assert resolve_labels("auto", False, with_refs) == ("gold", True)  # references, no checker: CITER-S
+    assert resolve_labels("auto", False, prompts_only) == ("llm-agreement", False)
+    with pytest.raises(ValueError, match="no checker"):
+        train_router(tok, hf_models["llama"][0], with_refs, str(tmp_path / "r"), labels="gold")
+
+
+def test_positions_equal_a_direct_teacher_forcing_and_are_cached(tmp_path, hf_models, monkeypatch):
+    slm, llm = hf_models["qwen2"][0], hf_models["llama"][0]
+    forcer = Forcer(slm, llm)
+    seqs = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14]]
+    starts = [3, 2]
+    pos = P.force_positions(forcer, seqs, starts, gold=True, cache=str(tmp_path / "c"), chunk=1)
+    full = forcer.run(seqs)
+    want_h = torch.cat([f.hidden[s - 1:len(q) - 1] for f, q, s in zip(full, seqs, starts)])
+    assert torch.allclose(pos.hidden, want_h, atol=1e-5)
+    assert pos.gold.tolist() == [8, 9, 10, 13, 14]
+    assert pos.llm_pred.tolist() == torch.cat([f.llm_pred[s - 1:len(q) - 1] for f, q, s in
+                                               zip(full, seqs, starts)]).tolist()
+    monkeypatch.setattr(P, "_force", lambda *a, **k: pytest.fail("recomputed a cached chunk"))
+    again = P.force_positions(forcer, seqs, starts, gold=True, cache=str(tmp_path / "c"), chunk=1)
+    assert torch.equal(again.hidden, pos.hidden)
+    x, s, y, cases = P.labels_of(pos, "short-term")
+    assert len(y) == 5 and cases["slm_right"] == int(y.sum())
+
+
+@pytest.mark.parametrize("refs,labels,short", [(True, "llm-agreement", False), (True, "gold", True),
+                                               (False, "llm-agreement", False)])
+def test_training_end_to_end_on_a_toy_jsonl(tmp_path, hf_models, refs, labels, short):
+    slm, llm = hf_models["qwen2"][0], hf_models["llama"][0]
+    task = JsonlTask(data=_data(tmp_path, refs=refs), tokenizer=slm, checker="none", require_reference=refs)
+    out = str(tmp_path / "router")
+    m = train_router(slm, llm, task, out, rounds=2, n_train=12, n_val=4, labels=labels, short_term=short,
+                     max_tokens=8, max_len=64, target_recall=0.8)
+    r = load_router(out, 64)
+    assert r.head_signals and m["default_threshold"]["rule"].startswith("recall")
+    assert 0 <= m["default_threshold"]["llm_share_of_positions"] <= 1
+    assert len(m["rounds"]) == (1 if short else 2)
+    assert m["seconds"] > 0 and m["peak_rss_gb"] > 0
+    # a second run reads every teacher-forced chunk from the cache
+    calls = []
+    real = P._force
+    P._force = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        train_router(slm, llm, task, out, rounds=1, n_train=12, n_val=4, labels=labels, short_term=short,
+                     max_tokens=8, max_len=64)
+    finally:
+        P._force = real
+    assert not calls or not refs  # trajectories of the LLM are cached too; references certainly
+
+
+def test_cli_train_router_with_data(tmp_path, hf_models):
+    from citer.cli import main
+
+    slm, llm = hf_models["qwen2"][0], hf_models["llama"][0]
+    data = _data(tmp_path)
+    out = str(tmp_path / "cli_router")
+    main(["train-router", "--slm", slm, "--llm", llm, "--data", data, "--out", out, "--n-train", "10",
+          "--n-val", "3", "--labels", "llm-agreement", "--rounds", "1", "--max-len", "64", "--max-tokens", "8",
+          "--checker", "none"])
+    assert os.path.isfile(os.path.join(out, "router_config.json"))
