@@ -48,7 +48,7 @@ def train_router_cmd(args) -> None:
                            n_val=args.n_val, short_term=short_term, seed=args.seed, features=args.features,
                            labels=labels, easy_keep=args.easy_keep, slack=args.slack, dtype=args.dtype,
                            max_len=args.max_len, max_tokens=args.max_tokens, target_recall=args.target_recall,
-                           n_onpolicy=args.n_onpolicy, round_share=args.round_share)
+                           n_onpolicy=args.n_onpolicy, round_share=args.round_share, cache=args.cache)
     print(json.dumps(metrics["default_threshold"], indent=1))
 
 
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--n-onpolicy", type=int, help="training prompts whose routed trajectories round 2 adds "
                                                    "(default: all)")
     tr.add_argument("--round-share", type=float, default=0.15, help="round 2's router runs at about this LLM share")
+    tr.add_argument("--cache", help="folder of the teacher-forced positions (default OUT/cache; runs on the same "
+                                    "data may share one)")
     from citer.research.tasks.jsonl import add_arguments as data_arguments
 
     data_arguments(tr, train=True)

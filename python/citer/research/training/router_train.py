@@ -124,13 +124,13 @@ def train_router(slm: str, llm: str, task: Task, out: str, rounds: int = 2, n_tr
                  short_term: bool = False, round_share: float = 0.15, seed: int = 0, max_tokens: int = 128,
                  features: str = "hidden+head", labels: str = "gold", easy_keep: float = 1.0,
                  slack: float = 0.01, dtype: str = "float32", max_len: int = 256, target_recall: float = 0.9,
-                 n_onpolicy: Optional[int] = None) -> dict:
+                 n_onpolicy: Optional[int] = None, cache: Optional[str] = None) -> dict:
     """The whole pipeline; writes a router folder to `out` and returns the metrics."""
     if labels == "llm-agreement" or short_term:
         return train_on_positions(slm, llm, task, out, rounds=rounds, n_train=n_train, n_val=n_val,
                                   short_term=short_term, round_share=round_share, seed=seed, max_tokens=max_tokens,
                                   features=features, easy_keep=easy_keep, slack=slack, dtype=dtype, max_len=max_len,
-                                  target_recall=target_recall, n_onpolicy=n_onpolicy)
+                                  target_recall=target_recall, n_onpolicy=n_onpolicy, cache=cache)
     if not task.has_checker:
         raise ValueError(f"task {task.name!r} has no checker (no tests or answers), so CITER's long-term labels "
                          "cannot be rolled out; train with labels='llm-agreement' or short_term=True (CITER-S)")
@@ -214,10 +214,12 @@ def train_on_positions(slm: str, llm: str, task: Task, out: str, rounds: int = 2
                        n_val: int = 200, short_term: bool = False, round_share: float = 0.15, seed: int = 0,
                        max_tokens: int = 128, features: str = "hidden+head", easy_keep: float = 1.0,
                        slack: float = 0.01, dtype: str = "float32", max_len: int = 256, target_recall: float = 0.9,
-                       n_onpolicy: Optional[int] = None) -> dict:
+                       n_onpolicy: Optional[int] = None, cache: Optional[str] = None) -> dict:
     """llm-agreement (CITER distillation) or short-term (CITER-S) labels on cached teacher-forced
     positions: references first, then (llm-agreement, rounds >= 2) the routed system's own
-    trajectories; see the module doc."""
+    trajectories of n_onpolicy training prompts (and as large a share of the validation
+    prompts); see the module doc. cache: the folder of the teacher-forced chunks (default
+    out/cache; share it between runs on the same data, e.g. CITER and CITER-S)."""
     import resource
 
     t0 = time.time()
@@ -227,7 +229,7 @@ def train_on_positions(slm: str, llm: str, task: Task, out: str, rounds: int = 2
     engine = Engine(slm, llm, dtype=dtype, max_model_len=max_len + max_tokens, max_num_seqs=64)
     forcer = Forcer.from_engine(engine)
     tok, hidden = engine.tokenizer, engine.slm_config.hidden_size
-    cache = os.path.join(out, "cache")
+    cache = cache or os.path.join(out, "cache")
     metrics = {"task": task.name, "slm": slm, "llm": llm, "short_term": short_term, "features": features,
                "labels": scheme, "easy_keep": easy_keep, "n_train": n_train, "n_val": n_val, "seed": seed,
                "dtype": dtype, "rounds": [], "timings": {}}
@@ -268,8 +270,9 @@ def train_on_positions(slm: str, llm: str, task: Task, out: str, rounds: int = 2
         save_router(fit[0], folder)
         engine.set_router(folder)
         tick = time.time()
-        n = n_onpolicy if n_onpolicy is not None else len(train_p)
-        for name, problems in (("train", train_p[:n]), ("val", val_p)):
+        frac = min(1.0, n_onpolicy / max(len(train_p), 1)) if n_onpolicy is not None else 1.0
+        for name, problems in (("train", train_p), ("val", val_p)):
+            problems = problems[:max(1, round(frac * len(problems)))]
             params = SamplingParams(max_tokens=max_tokens, policy="router", threshold=tau)
             gens = engine.generate([p.prompt for p in problems], task.sampling_params(problems, params),
                                    use_tqdm=True)
