@@ -52,8 +52,54 @@ def train_router_cmd(args) -> None:
     print(json.dumps(metrics["default_threshold"], indent=1))
 
 
+def eval_data_cmd(args) -> None:
+    """citer eval --data / --eval-data: the test split of the user's data (research.data_eval)."""
+    from citer import Engine
+    from citer.research.data_eval import data_table, evaluate_data, time_methods, write_data_eval
+    from citer.research.tasks.jsonl import task_from_args
+
+    task = task_from_args(args, tokenizer=args.slm, train=False)
+    problems = task.test_problems(args.n)
+    engine = Engine(args.slm, args.llm, args.router, dtype=args.dtype, max_model_len=args.max_model_len,
+                    max_num_seqs=args.max_num_seqs, max_llm_wait=args.max_llm_wait, llm_batch_min=args.llm_batch_min)
+    routers = {"CITER": args.router} if args.router else {}
+    if args.router_s:
+        routers["CITER-S"] = args.router_s
+    query = os.path.join(args.baselines, "query") if args.baselines else None
+    result = evaluate_data(engine, task, problems, routers, args.out, max_tokens=args.max_tokens, query_router=query,
+                           oracle_ks=() if args.no_oracle else (1, 2, 4, 8))
+    timings = None
+    if args.timing:
+        pick = {}
+        for r in result["rows"]:
+            name = r["method"] if r["knob"] is None else f"{r['method']} {r['knob']}"
+            if r["method"] in ("slm", "llm", "speculative") or name in args.timing:
+                kw = {"slm": dict(policy="slm"), "llm": dict(policy="llm"),
+                      "speculative": dict(policy="speculative", num_draft_tokens=4)}.get(r["method"])
+                if kw is None:
+                    kw = _point_params(r, routers)
+                pick[name] = kw
+        timings = time_methods(engine, task, problems, pick, max_tokens=args.max_tokens)
+    write_data_eval(result, args.out, f"{os.path.basename(args.eval_data or args.data)}: {len(problems)} problems",
+                    timings)
+    print(data_table(result, timings))
+
+
+def _point_params(row: dict, routers: dict) -> dict:
+    """The SamplingParams fields of an evaluated point (method + knob)."""
+    method, knob = row["method"], row["knob"]
+    if method == "confidence":
+        return dict(policy="confidence", confidence_threshold=knob)
+    if method == "random":
+        return dict(policy="random", llm_fraction=knob)
+    base = method.replace(" + verify", "")
+    return dict(policy="router", threshold=knob, verify=method.endswith("+ verify"), router_path=routers[base])
+
+
 def eval_cmd(args) -> None:
     require_extra("eval", "eval")
+    if args.data or args.eval_data:
+        return eval_data_cmd(args)
     from citer import Engine
     from citer.assets import shipped
     from citer.research.evaluate import EVAL_SEED, evaluate, summary_table, table, token_table, write_eval
@@ -86,10 +132,16 @@ def eval_cmd(args) -> None:
 
 
 def train_baselines_cmd(args) -> None:
-    from citer.research.baselines import train_baselines
+    from citer.research.baselines import train_baselines, train_query_on_positions
     from citer.research.tasks import get_task
+    from citer.research.tasks.jsonl import task_from_args
 
-    train_baselines(args.slm, args.llm, get_task(args.task), args.out, n_train=args.n_train)
+    if args.data:
+        task = task_from_args(args, tokenizer=args.slm, train=True)
+        train_query_on_positions(args.slm, args.llm, task, args.out, n_train=args.n_train, seed=args.seed,
+                                 dtype=args.dtype, max_len=args.max_len, cache=args.cache)
+    else:
+        train_baselines(args.slm, args.llm, get_task(args.task), args.out, n_train=args.n_train)
 
 
 def serve_cmd(args) -> None:
@@ -125,6 +177,8 @@ def convert_cmd(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from citer.research.tasks.jsonl import add_arguments as data_arguments
+
     ap = argparse.ArgumentParser(prog="citer", description="token-level routed decoding (CITER)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -161,8 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--round-share", type=float, default=0.15, help="round 2's router runs at about this LLM share")
     tr.add_argument("--cache", help="folder of the teacher-forced positions (default OUT/cache; runs on the same "
                                     "data may share one)")
-    from citer.research.tasks.jsonl import add_arguments as data_arguments
-
     data_arguments(tr, train=True)
 
     ev = sub.add_parser("eval", help="accuracy vs LLM share of CITER and every baseline, with bootstrap CIs")
@@ -178,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=None, help="the problems' seed (default: 20261202)")
     ev.add_argument("--no-oracle", action="store_true")
     ev.add_argument("--out", default="eval")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ev.add_argument("--max-tokens", type=int, default=192, help="--data: new tokens per problem")
+    ev.add_argument("--max-model-len", type=int, default=1024, help="--data: prompt + new tokens")
+    ev.add_argument("--max-num-seqs", type=int, default=64)
+    ev.add_argument("--max-llm-wait", type=int, default=0, help="--data: deferred LLM calls (outputs unchanged)")
+    ev.add_argument("--llm-batch-min", type=int, default=1)
+    ev.add_argument("--timing", nargs="*", help="--data: also time these points ('CITER 0.93', ...) beside slm, llm "
+                                                "and speculative, batch 1 and 16")
+    data_arguments(ev, train=False)
 
     tb = sub.add_parser("train-baselines", help="the query-level router and the Co-LLM-style deferral head")
     tb.set_defaults(run=train_baselines_cmd)
@@ -186,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--task", default="arith")
     tb.add_argument("--out", required=True)
     tb.add_argument("--n-train", type=int, default=3000)
+    tb.add_argument("--seed", type=int, default=0)
+    tb.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    tb.add_argument("--max-len", type=int, default=256)
+    tb.add_argument("--cache", help="--data: the teacher-forced positions train-router cached (same data, seed)")
+    data_arguments(tb, train=True)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (default: the embedded demo pair)")
     sv.set_defaults(run=serve_cmd)

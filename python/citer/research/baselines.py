@@ -9,10 +9,15 @@
     like any router.
 
   citer train-baselines --slm S --llm L --task arith --out DIR   # DIR/query, DIR/colm
+
+On data without a checker (`--data`, references only) the query router's label is instead
+whether the SLM agrees with the LLM on at least the median share of a query's reference
+positions (P(the SLM alone is about as good as the LLM here)), read off the same cached
+teacher-forced positions the router trained on (training.positions); no Co-LLM head.
 """
 import json
 import os
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -131,3 +136,30 @@ def train_baselines(slm: str, llm: str, task: Task, out: str, n_train: int = 300
     info = {"query": query.meta, "colm": colm.meta}
     print(json.dumps(info))
     return info
+
+
+def train_query_on_positions(slm: str, llm: str, task: Task, out: str, n_train: int, seed: int = 0,
+                             dtype: str = "float32", max_len: int = 256, cache: Optional[str] = None) -> dict:
+    """The query-level router of data without a checker (see the module doc), on the training
+    problems train_router drew (same seed stream, same cached positions)."""
+    from citer.research.training.positions import force_positions, sequences
+
+    problems = task.train_problems(n_train, np.random.default_rng(seed + 777))
+    engine = Engine(slm, llm, dtype=dtype, max_model_len=max_len + 8, max_num_seqs=64)
+    forcer = Forcer.from_engine(engine)
+    tok = engine.tokenizer
+    with_ref = [p for p in problems if p.solution]
+    seqs, starts, kept = sequences(tok, with_ref, max_len)
+    pos = force_positions(forcer, seqs, starts, gold=True, desc="teacher forcing train references",
+                          cache=os.path.join(cache, "train-references") if cache else None)
+    agree = torch.zeros(len(seqs))
+    agree.index_add_(0, pos.seq, (pos.slm_pred == pos.llm_pred).float())
+    rate = agree / torch.bincount(pos.seq, minlength=len(seqs)).clamp_min(1).float()
+    y = (rate >= rate.median()).float()
+    x = prompt_features(forcer, tok, [with_ref[i].prompt for i in kept])
+    lin = _fit_logistic(x, y, epochs=60, desc="query router")
+    meta = {"task": task.name, "n_train": len(seqs), "label": "agreement rate >= median",
+            "median_agreement": float(rate.median())}
+    QueryRouter(lin, meta).save(os.path.join(out, "query"))
+    print(json.dumps(meta))
+    return {"query": meta}

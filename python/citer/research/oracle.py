@@ -24,14 +24,14 @@ def oracle_points(engine: Engine, forcer: Forcer, task: Task, problems: List[Pro
     prompts = [tok(p.prompt).input_ids for p in problems]
     n = len(problems)
     forced: List[List[int]] = [[] for _ in range(n)]  # the answer's decided tokens (replacements included)
-    answers = _continue(engine, prompts, forced, range(n), max_tokens)
+    answers = _continue(engine, task, problems, prompts, forced, range(n), max_tokens)
     llm_tokens = np.zeros(n, dtype=np.int64)
     open_ = set(range(n))  # answers that may still differ from the LLM's path
     out, done_k = [], 0
     for k in tqdm(range(1, max(ks) + 1), desc="oracle (first k mismatches)", leave=False):
         todo = sorted(open_)
         if todo:
-            forced_runs = forcer.run([prompts[i] + answers[i] for i in todo])
+            forced_runs = forcer.run([prompts[i] + answers[i] for i in todo], slm=False)
             changed = []
             for i, f in zip(todo, forced_runs):
                 start, ans = len(prompts[i]), answers[i]
@@ -43,7 +43,7 @@ def oracle_points(engine: Engine, forcer: Forcer, task: Task, problems: List[Pro
                 forced[i] = ans[:j] + [llm_next[j]]
                 llm_tokens[i] += 1
                 changed.append(i)
-            for i, a in zip(changed, _continue(engine, prompts, forced, changed, max_tokens)):
+            for i, a in zip(changed, _continue(engine, task, problems, prompts, forced, changed, max_tokens)):
                 answers[i] = a
         done_k = k
         if k in ks:
@@ -53,8 +53,9 @@ def oracle_points(engine: Engine, forcer: Forcer, task: Task, problems: List[Pro
     return out
 
 
-def _continue(engine: Engine, prompts, forced, idx, max_tokens) -> List[List[int]]:
-    """The SLM's greedy continuation of prompt + forced tokens, for the answers in idx."""
+def _continue(engine: Engine, task: Task, problems, prompts, forced, idx, max_tokens) -> List[List[int]]:
+    """The SLM's greedy continuation of prompt + forced tokens, for the answers in idx (with
+    the task's stop strings)."""
     idx = list(idx)
     if not idx:
         return []
@@ -62,7 +63,8 @@ def _continue(engine: Engine, prompts, forced, idx, max_tokens) -> List[List[int
     run = [i for i in idx if i not in set(stopped)]
     got = {i: list(forced[i]) for i in stopped}  # an LLM eos ends the answer
     if run:
-        params = [SamplingParams(max_tokens=max(1, max_tokens - len(forced[i])), policy="slm") for i in run]
+        params = [task.sampling_params([problems[i]], SamplingParams(max_tokens=max(1, max_tokens - len(forced[i])),
+                                                                     policy="slm"))[0] for i in run]
         outs = engine.generate([prompts[i] + forced[i] for i in run], params)
         for i, o in zip(run, outs):
             got[i] = forced[i] + list(o.token_ids) if len(forced[i]) < max_tokens else forced[i]

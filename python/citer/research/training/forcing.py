@@ -62,8 +62,9 @@ class Forcer:
         return f
 
     @torch.inference_mode()
-    def run(self, seqs: List[List[int]], starts: Optional[List[int]] = None) -> List[Forced]:
-        """-> per sequence a Forced over positions [starts[i] - 1, len) (default: all)."""
+    def run(self, seqs: List[List[int]], starts: Optional[List[int]] = None, slm: bool = True) -> List[Forced]:
+        """-> per sequence a Forced over positions [starts[i] - 1, len) (default: all).
+        slm=False: the LLM's forward only (hidden, signals and the SLM's fields are empty)."""
         offsets = [max(s - 1, 0) for s in starts] if starts is not None else [0] * len(seqs)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out: List[Optional[Forced]] = [None] * len(seqs)
@@ -77,18 +78,22 @@ class Forcer:
         if cur:
             chunks.append(cur)
         for chunk in tqdm(chunks, desc="teacher forcing", unit="chunk", disable=not self.progress):
-            for i, f in zip(chunk, self._chunk([seqs[i] for i in chunk], [offsets[i] for i in chunk])):
+            for i, f in zip(chunk, self._chunk([seqs[i] for i in chunk], [offsets[i] for i in chunk], slm)):
                 out[i] = f
         return out
 
-    def _chunk(self, seqs: List[List[int]], offsets: List[int]) -> List[Forced]:
+    def _chunk(self, seqs: List[List[int]], offsets: List[int], with_slm: bool = True) -> List[Forced]:
         ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
         pos = torch.cat([torch.arange(len(s)) for s in seqs])
         rows = torch.cat([torch.arange(o, len(s)) + start for s, o, start in
                           zip(seqs, offsets, _starts(seqs))])  # packed rows that get the head
         nxt = torch.cat([torch.tensor(s[o + 1:] + [0]) for s, o in zip(seqs, offsets)])
-        h = self.slm.final_norm(TORCH_OPS, self._forward(self.slm, ids, pos, seqs)[rows])
-        slm_pred, slm_logp, signals = self._head(self.slm, h, nxt, want_signals=True)
+        if with_slm:
+            h = self.slm.final_norm(TORCH_OPS, self._forward(self.slm, ids, pos, seqs)[rows])
+            slm_pred, slm_logp, signals = self._head(self.slm, h, nxt, want_signals=True)
+        else:
+            h, slm_pred = torch.zeros(len(rows), 0), torch.full((len(rows),), -1, dtype=torch.long)
+            slm_logp, signals = torch.zeros(len(rows)), torch.zeros(len(rows), 0)
         if self.llm is not None:
             llm_h = self.llm.final_norm(TORCH_OPS, self._forward(self.llm, ids, pos, seqs)[rows])
             llm_pred, llm_logp, _ = self._head(self.llm, llm_h, nxt, want_signals=False)
