@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import build_random_qwen2, scratch_dir  # noqa: E402
-from replay import Trace, record, replaying  # noqa: E402
+from citer.research.replay import Trace, record, replaying  # noqa: E402
 
 METHODS = {  # name -> SamplingParams fields
     "SLM": dict(policy="slm"),

@@ -52,7 +52,7 @@ def test_a_replayed_trace_does_the_recorded_work(hf_models, router_path):
     """compare_policies' replay: a method's recorded choices, replayed on another pair of
     models, reproduce its LLM calls, verifications, rollbacks and forward counts."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from replay import record, replaying
+    from citer.research.replay import record, replaying
 
     from citer import Engine, SamplingParams
     from conftest import random_prompts

@@ -10,19 +10,35 @@ verify.verify, as citer.engine.core calls it) and nothing else.
 """
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Dict, List
 
 import citer.engine.core as core_mod
 from citer.engine.policies import RoutingStep
 
 
+@dataclass
 class Trace:
-    def __init__(self):
-        self.calls: List[bool] = []  # per SLM step: was the LLM called
-        self.kept: List[int] = []  # per verifying LLM call: tentative tokens that stood
+    prompt_len: int = 0
+    new_tokens: int = 0
+    calls: List[bool] = field(default_factory=list)  # per SLM step: was the LLM called
+    kept: List[int] = field(default_factory=list)  # per verifying LLM call: tentative tokens that stood
 
     def to_json(self) -> dict:
         return {"calls": self.calls, "kept": self.kept}
+
+
+def record_traces(engine, prompts, params) -> List[Trace]:
+    """Run the prompts (one SamplingParams or one per prompt) and record each request's trace."""
+    got: Dict[str, Trace] = {}
+    with record(engine, got):
+        outs = engine.generate(prompts, params)
+    traces = []
+    for o in outs:
+        t = got.get(o.request_id, Trace())
+        t.prompt_len, t.new_tokens = len(o.prompt_token_ids), len(o.token_ids)
+        traces.append(t)
+    return traces
 
 
 @contextmanager
