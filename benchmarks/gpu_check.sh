@@ -8,10 +8,11 @@
 #       the weight-bandwidth bound at the Qwen2-0.5B / 1.5B shapes, the router's share of the
 #       SLM step, routed vs LLM-only); a summary table last. Each part runs under its own
 #       timeout, so a hang or a failure in one still prints the others.
-#   bash benchmarks/gpu_check.sh [tests] [kernels] [decode] [compare] [compare7b]   the full
-#       sections, for later calls: every GPU test, the kernel benchmarks, the decode benchmark
-#       (default: these three), the policy comparison replayed at the Qwen2-0.5B / 1.5B
-#       shapes (compare) and at 0.5B / 7B (compare7b).
+#   bash benchmarks/gpu_check.sh [tests] [kernels] [decode] [compare] [compare7b] [costmodel]
+#       the full sections, for later calls: every GPU test, the kernel benchmarks, the decode
+#       benchmark (default: these three), the policy comparison replayed at the Qwen2-0.5B /
+#       1.5B shapes (compare) and at 0.5B / 7B (compare7b), the cost model against measured
+#       decode and catch-up steps at the 0.5B and 1.5B shapes (costmodel).
 #
 # Installs citer in editable mode with $PY first if it is not importable. Logs (and the
 # headline's JSON) go to $CITER_GPU_LOG_DIR (default: a new temporary folder), e.g. $OUT.
@@ -78,7 +79,10 @@ for s in $sections; do
                      --out "$LOG/compare" ;;
         compare7b) part compare7b 600 $PY benchmarks/compare_policies.py --shapes gpu7b -n 200 --replay-n 12 \
                        --assisted-n 0 --out "$LOG/compare7b" ;;
-        *) echo "unknown section $s (quick, or any of: tests kernels decode compare compare7b)"; status=1 ;;
+        costmodel) part costmodel 600 bash -c "$PY benchmarks/cost_calibrate.py --shape qwen2-0.5b \
+                       --json $LOG/cost_0.5b.json && $PY benchmarks/cost_calibrate.py --shape qwen2-1.5b \
+                       --json $LOG/cost_1.5b.json" ;;
+        *) echo "unknown section $s (quick, or any of: tests kernels decode compare compare7b costmodel)"; status=1 ;;
     esac
 done
 exit $status

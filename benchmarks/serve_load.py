@@ -9,6 +9,12 @@ Greedy, policy "router" (the demo's default), held-out arithmetic problems as pr
 The server runs as a subprocess on this machine, so at concurrency 32 the client and
 the server share its cores.
 
+  .venv/bin/python benchmarks/serve_load.py --routed [--requests 32] [--json out.json]
+
+The routed policies (issue 20): the LLM alone and the router at its default τ over HTTP at
+concurrency 1, 8 and 32, on a server as before and on servers with deferred LLM calls
+(--max-llm-wait / --llm-batch-min).
+
   .venv/bin/python benchmarks/serve_load.py --stall [--stall-requests 80] [--json out.json]
 
 The stall case instead (issue 23): one client's 4-token completions (max_tokens 4,
@@ -63,12 +69,13 @@ async def drive(one, prompts, conc):
     return time.perf_counter() - t0, reqs
 
 
-def http_one(client, max_tokens):
+def http_one(client, max_tokens, policy=None):
     async def one(prompt):
         t0 = time.perf_counter()
         last, first, gaps, n = None, None, [], 0
         stream = await client.completions.create(model="citer-demo", prompt=prompt, max_tokens=max_tokens,
-                                                 temperature=0, stream=True)
+                                                 temperature=0, stream=True,
+                                                 extra_body={"policy": policy} if policy else None)
         async for chunk in stream:
             k = len(chunk.choices[0].model_extra["citer"]["token_ids"])
             if not k:
@@ -133,6 +140,50 @@ async def http_phase(url, prompts, args):
         rows.append(summary("HTTP", conc, wall, reqs))
     await client.close()
     return http_runs, rows
+
+
+ROUTED_SERVERS = {"as before": (), "deferred w4/b16": ("--max-llm-wait", "4", "--llm-batch-min", "16"),
+                  "deferred w8/b32": ("--max-llm-wait", "8", "--llm-batch-min", "32")}
+
+
+async def routed_phase(url, prompts, args, policies):
+    """HTTP load at concurrency 1, 8, 32 for each policy (LLM alone, the router)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="unused", timeout=300, max_retries=0)
+    rows = []
+    await drive(http_one(client, args.max_tokens, "llm"), prompts[:4], 4)  # warm-up
+    for conc in (1, 8, 32):
+        load = (prompts * (2 * conc // len(prompts) + 1))[:max(len(prompts), 2 * conc)]
+        for policy in policies:
+            wall, reqs = await drive(http_one(client, args.max_tokens, policy), load, conc)
+            rows.append(summary(policy, conc, wall, reqs))
+    await client.close()
+    return rows
+
+
+def routed_servers(prompts, args):
+    """The routed policies over HTTP, servers as before and with deferred LLM calls (issue 20)."""
+    out = {}
+    for name, extra in tqdm(ROUTED_SERVERS.items(), desc="servers"):
+        proc, url = start_server(*extra)
+        try:
+            out[name] = asyncio.run(routed_phase(url, prompts, args, ["llm", "router"] if not extra else ["router"]))
+        finally:
+            proc.terminate()
+            proc.wait(15)
+    llm = {r["concurrency"]: r for r in out["as before"] if r["path"] == "llm"}
+    print(f"\ndemo pair over HTTP, greedy, max_tokens {args.max_tokens}: tokens/s as a ratio to the LLM alone "
+          "(TTFT p50 / ITL p50 in ms)")
+    print(f"{'server':<18} {'policy':<7} " + " ".join(f"{'conc ' + str(c):>26}" for c in (1, 8, 32)))
+    for name, rows in out.items():
+        for policy in dict.fromkeys(r["path"] for r in rows):
+            cells = []
+            for c in (1, 8, 32):
+                r = next(r for r in rows if r["path"] == policy and r["concurrency"] == c)
+                cells.append(f"{r['tok_per_s'] / llm[c]['tok_per_s']:.2f}x ({r['ttft_p50']:.0f}/{r['itl_p50']:.1f})")
+            print(f"{name:<18} {policy:<7} " + " ".join(f"{x:>26}" for x in cells))
+    return out
 
 
 def layer_round(layer, prompts, max_tokens):
@@ -299,6 +350,8 @@ def main():
     ap.add_argument("--stall-requests", type=int, default=80, help="4-token completions per stall row, loaded "
                     "(as many unloaded)")
     ap.add_argument("--stall-blocks", type=int, default=4, help="alternating unloaded / loaded blocks per row")
+    ap.add_argument("--routed", action="store_true", help="the routed policies with and without deferred LLM "
+                                                          "calls against the LLM alone, over HTTP (issue 20)")
     ap.add_argument("--layer", choices=("sync", "async"), help=argparse.SUPPRESS)  # internal: one child round
     args = ap.parse_args()
     from citer.research.tasks import get_task
@@ -306,6 +359,12 @@ def main():
     prompts = [p.prompt for p in get_task("arith").test_problems(max(args.requests, 8))][:args.requests]
     if args.layer:  # a child process: one layer, one measured round after a warm-up round
         print(json.dumps(layer_round(args.layer, prompts, args.max_tokens)))
+        return
+    if args.routed:
+        rows = routed_servers(prompts, args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(routed=rows), f, indent=1)
         return
     if args.stall:
         rows = stall_phase(args)

@@ -94,3 +94,13 @@ def test_serve_load_runs_every_path_and_writes_its_json(tmp_path):
     assert 0 < got["sync_step_ms"] <= got["sync_ms_per_token"]
     assert [r["concurrency"] for r in got["load"]] == [1, 8, 32]
     assert all(r["tokens"] > 0 and r["ttft_p50"] > 0 for r in got["load"])
+
+
+def test_cost_calibration_script_runs(tmp_path):
+    """gpu_check.sh costmodel's script at a tiny shape on the CPU: every step timed, the JSON written."""
+    out = tmp_path / "cost.json"
+    res = _run([sys.executable, "benchmarks/cost_calibrate.py", "--device", "cpu", "--shape", "qwen2-tiny",
+                "--rows", "1", "2", "--contexts", "16", "--repeats", "1", "--json", str(out)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    got = json.loads(out.read_text())
+    assert len(got["rows"]) == 4 and all(r["measured_ms"] > 0 and r["model_ms"] > 0 for r in got["rows"])
