@@ -25,6 +25,14 @@ class EngineArgs:
     llm: Optional[str] = field(default=None, metadata={"help": "the large model: an HF folder (or a .gguf file)"})
     router: Optional[str] = field(default=None, metadata={"help": "a router folder (citer train-router's output)"})
     device: str = field(default="cpu", metadata={"help": "torch device of both models, e.g. cpu, cuda, cuda:1"})
+    slm_device: Optional[str] = field(default=None, metadata={"help": "the SLM's device (default: device)"})
+    llm_device: Optional[str] = field(default=None, metadata={"help": "the LLM's device (default: device); with "
+                                                                     "tensor parallelism cpu or cuda (ranks on "
+                                                                     "cuda:0..N-1)"})
+    llm_tensor_parallel_size: int = field(default=1, metadata={"help": "ranks the LLM is split over "
+                                                                      "(torch.distributed: NCCL on GPUs, gloo on CPU)"})
+    tp_timeout: float = field(default=300.0, metadata={"help": "seconds a tensor-parallel collective may take "
+                                                              "before the step fails"})
     dtype: str = field(default="float32", metadata={"help": f"weights and activations: {', '.join(DTYPES)}"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV block (page)"})
     num_blocks: Optional[int] = field(default=None, metadata={"help": "KV blocks in the shared pool (default: "
@@ -64,7 +72,7 @@ class EngineArgs:
         if self.router is not None and (self.slm is None) != (self.llm is None):
             raise ValueError("a router needs both an SLM and an LLM")
         for name in ("block_size", "num_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                     "max_graph_query_len", "llm_batch_min"):
+                     "max_graph_query_len", "llm_batch_min", "llm_tensor_parallel_size"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -86,8 +94,13 @@ class EngineArgs:
             raise ValueError(f"unknown attention {self.attention!r}; choose one of {ATTENTION_CHOICES} or None")
         if not (isinstance(self.dtype, str) and self.dtype in DTYPES) and self.dtype not in DTYPES.values():
             raise ValueError(f"unsupported dtype {self.dtype!r}; choose one of {list(DTYPES)}")
-        if not isinstance(self.device, str):
-            self.device = str(self.device)
+        for name in ("device", "slm_device", "llm_device"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                setattr(self, name, str(v))
+        if not (isinstance(self.tp_timeout, (int, float)) and not isinstance(self.tp_timeout, bool)
+                and self.tp_timeout > 0):
+            raise ValueError(f"tp_timeout must be a positive number of seconds, got {self.tp_timeout!r}")
 
     @property
     def uses_default_pair(self) -> bool:

@@ -26,7 +26,7 @@ from .policies import RoutingStep
 
 class ModelRunner:
     def __init__(self, name: str, model, ops, block_manager, config: EngineConfig, device: torch.device,
-                 dtype: torch.dtype, timer, graph_pool=None):
+                 dtype: torch.dtype, timer, graph_pool=None, graphs: Optional[bool] = None):
         self.name = name  # "slm" | "llm": which of a sequence's computed counts is this model's
         self.model, self.cfg, self.ops, self.bm = model, model.cfg, ops, block_manager
         self.config, self.device, self.dtype, self.timer = config, device, dtype, timer
@@ -38,7 +38,7 @@ class ModelRunner:
             for _ in range(self.cfg.num_layers)
         ]
         self.graphs: Optional[StepGraphs] = None
-        if config.cuda_graphs:
+        if config.cuda_graphs if graphs is None else graphs:  # graphs: this runner's own say (its device)
             self.build_graphs(CUDAGraph, graph_pool)
 
     @property
@@ -117,8 +117,8 @@ class ModelRunner:
         """Eager: positions [start, end) of each sequence -> pre-norm hidden [rows, H] of each
         sequence's last position (its last head_tokens[i] positions, in order)."""
         ids, pos, meta = eager_inputs(self.bm, self.sink_block, self.block_size, seqs, starts, ends, self.device)
-        hidden = self.model(self.ops, ids, pos, self.kv_cache, meta)
-        return hidden[_head_row_index(meta.query_start_loc.tolist(), head_tokens, hidden.device)]
+        rows = _head_row_index(meta.query_start_loc.tolist(), head_tokens, self.device)
+        return self.model(self.ops, ids, pos, self.kv_cache, meta, rows)
 
     # ---- CUDA graphs ----------------------------------------------------------------------
     def _replay(self, seqs: Seq, starts: List[int], ends: List[int], spec: HeadSpec,

@@ -40,6 +40,13 @@ class ModelConfig:
     eos_token_ids: Tuple[int, ...]
     bos_token_id: Optional[int]
 
+    def weight_bytes(self, dtype: torch.dtype) -> int:
+        """About what the weights take (layers, embedding, an untied lm_head) in this dtype."""
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        layer = h * q * 2 + 2 * h * kv + 3 * h * self.intermediate_size
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return (self.num_layers * layer + emb) * torch.empty((), dtype=dtype).element_size()
+
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """Bytes of K and V for one token across all layers, in a cache of this dtype."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()

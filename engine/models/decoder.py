@@ -18,6 +18,7 @@ from .config import ModelConfig
 from .head import HeadOutput, HeadSpec
 from .rope import RotaryEmbedding, apply_rotary
 from .router import RouterParams
+from .tp import Shard, tp_head, vocab_parallel_embed
 
 
 class RMSNorm(nn.Module):
@@ -31,14 +32,15 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Optional[Shard] = None):
         super().__init__()
+        self.shard = shard
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias and (shard is None or shard.rank == 0))
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -53,28 +55,32 @@ class Attention(nn.Module):
             k = self.k_norm(ops, k.reshape(-1, self.head_dim))[0].view_as(k)
         q, k = apply_rotary(q, k, *rope_cs)
         o = paged_attention(ops, q, k, v.contiguous(), kv, meta, self.scale)
-        return self.o_proj(o.reshape(t, self.q_size))
+        out = self.o_proj(o.reshape(t, self.q_size))
+        return self.shard.all_reduce(out) if self.shard is not None else out
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Optional[Shard] = None):
         super().__init__()
+        self.shard = shard
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size,
+                                   bias=cfg.mlp_bias and (shard is None or shard.rank == 0))
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        out = self.down_proj(F.silu(gate) * up)
+        return self.shard.all_reduce(out) if self.shard is not None else out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Optional[Shard] = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, shard)
 
     def forward(self, ops, x, residual, rope_cs, kv, meta):
         h, residual = self.input_layernorm(ops, x, residual)
@@ -92,29 +98,40 @@ class DecoderLM(nn.Module):
     folded together), so the head (final norm + lm_head + router, fused on GPU) can run
     only on the rows that need a token. `head` is that head: tokens are chosen among the
     first `vocab_limit` ids (the vocabulary an SLM/LLM pair shares).
+
+    With a Shard (tensor parallelism, tp.py) the model is one rank's slice: cfg is the
+    rank's local config (its heads, KV heads, intermediate size), embeddings and lm_head
+    hold its vocabulary rows, and forward and head run the collectives with the other ranks.
     """
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, vocab_limit: Optional[int] = None):
+    def __init__(self, cfg: ModelConfig, max_positions: int, vocab_limit: Optional[int] = None,
+                 shard: Optional[Shard] = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.shard = cfg, shard
         self.vocab_limit = vocab_limit or cfg.vocab_size
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.v0, v1 = shard.vocab(cfg.vocab_size) if shard is not None else (0, cfg.vocab_size)
+        self.embed_tokens = nn.Embedding(v1 - self.v0, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, shard) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, v1 - self.v0, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg, max_positions)
         self.lm_head_t: Optional[torch.Tensor] = None  # see keep_transposed_lm_head
 
     def forward(self, ops, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions [T] -> pre-norm hidden states [T, H]."""
-        x = self.embed_tokens(input_ids)
+                meta: AttentionMetadata, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids, positions [T] -> pre-norm hidden states [T, H] (rows: only those rows)."""
+        if self.shard is not None:
+            x = vocab_parallel_embed(self.embed_tokens, input_ids, self.v0, self.shard)
+        else:
+            x = self.embed_tokens(input_ids)
         rope_cs = self.rotary(positions, x.dtype)
         residual: Optional[torch.Tensor] = None
         for layer, kv in zip(self.layers, kv_cache):
             x, residual = layer(ops, x, residual, rope_cs, kv, meta)
+        if rows is not None:
+            return x[rows] + residual[rows]
         return x + residual
 
     def head(self, ops, hidden: torch.Tensor, spec: HeadSpec, phase=None) -> HeadOutput:
@@ -127,6 +144,8 @@ class DecoderLM(nn.Module):
         phase: a profiler's phase(name) context factory; the unfused head's router is
         timed as "router" (the fused op has it inside its one pass)."""
         temperature, seeds = spec.tensors(hidden.device)
+        if self.shard is not None:
+            return self._tp_head(ops, hidden, spec, temperature, seeds)
         if not ops.fused_head:
             h = self.final_norm(ops, hidden)
             logits = self.logits_from_normed(h)[:, :self.vocab_limit]
@@ -151,6 +170,19 @@ class DecoderLM(nn.Module):
                 tokens = tokens.index_copy(0, rows, chosen)
             probs, logprobs = self._extras(logits, rows, spec, temperature, len(hidden))
         return HeadOutput(tokens, top_prob, score if spec.router is not None else None, probs, logprobs)  # op: NaN
+
+    def _tp_head(self, ops, hidden: torch.Tensor, spec: HeadSpec, temperature, seeds) -> HeadOutput:
+        """One rank's part of the head (tp.tp_head): its vocabulary slice's logits, the token
+        and top probability agreed by all ranks, full logits only for the rows that need them."""
+        if spec.router is not None:
+            raise ValueError("a router scores the SLM's rows; a tensor-parallel model has none")
+        logits = self.logits(ops, hidden)
+        rows = torch.tensor([i for i in range(len(hidden)) if spec.needs_logits(i)], dtype=torch.long,
+                            device=hidden.device)
+        tokens, top_prob, full = tp_head(logits, self.v0, self.cfg.vocab_size, self.vocab_limit, temperature, seeds,
+                                         self.shard, rows, _take(spec.filters, rows) if spec.filters else None)
+        probs, logprobs = self._extras(full, rows, spec, temperature, len(hidden)) if len(rows) else (None, None)
+        return HeadOutput(tokens, top_prob, None, probs, logprobs)
 
     @staticmethod
     def _extras(logits: torch.Tensor, rows: torch.Tensor, spec: HeadSpec, temperature: torch.Tensor, batch: int):

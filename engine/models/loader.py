@@ -1,7 +1,7 @@
 """Load a Hugging Face checkpoint folder (single or sharded safetensors) or a GGUF file into DecoderLM."""
 import json
 import os
-from typing import Dict, Iterable, Iterator, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -10,6 +10,7 @@ from .config import ModelConfig, load_model_config
 from .decoder import DecoderLM
 from .gguf import gguf_file, read_gguf
 from .rope import RotaryEmbedding
+from .tp import Shard, check_shardable, local_config, shard_slices
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,7 +38,9 @@ def safetensors_files(path: str) -> list:
     return [os.path.join(path, f) for f in files]
 
 
-def _iter_tensors(files) -> Iterator[Tuple[str, torch.Tensor]]:
+def _iter_tensors(files, slicer=None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight; slicer(name) -> (dim, start, stop) reads only that slice
+    (dim -1: skip the tensor; None: all of it)."""
     for fn in files:
         try:
             f = safe_open(fn, framework="pt")
@@ -45,7 +48,22 @@ def _iter_tensors(files) -> Iterator[Tuple[str, torch.Tensor]]:
             raise ValueError(f"cannot read weights file {fn!r} (not a valid safetensors file?): {e}") from e
         with f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                sl = slicer(name) if slicer is not None else None
+                if sl is None:
+                    yield name, f.get_tensor(name)
+                elif sl[0] >= 0:
+                    part = f.get_slice(name)
+                    yield name, part[sl[1]:sl[2]] if sl[0] == 0 else part[:, sl[1]:sl[2]]
+
+
+def _sliced(tensors, slicer) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Slices of (name, tensor) pairs read whole (GGUF)."""
+    for name, t in tensors:
+        sl = slicer(name)
+        if sl is None:
+            yield name, t
+        elif sl[0] >= 0:
+            yield name, t[sl[1]:sl[2]] if sl[0] == 0 else t[:, sl[1]:sl[2]]
 
 
 # HF name suffix -> (our parameter suffix, shard index within a fused parameter)
@@ -114,25 +132,32 @@ def load_state(model: DecoderLM, tensors: Iterable[Tuple[str, torch.Tensor]]) ->
 
 
 def load_model(path: str, device="cpu", dtype="float32", max_positions: int = 4096, vocab_limit=None,
-               checkpoint=None):
+               checkpoint=None, shard: Optional[Shard] = None):
     """-> (DecoderLM in eval mode on device/dtype, ModelConfig). vocab_limit: the head
     chooses among the first vocab_limit token ids (None: all of the model's). path: an HF
-    folder or a GGUF checkpoint (dequantized to dtype; checkpoint: the file already read)."""
-    if checkpoint is not None or gguf_file(path) is not None:
-        dtype = resolve_dtype(dtype)
-        ckpt = checkpoint or read_gguf(path)
-        cfg, tensors = ckpt.config, ckpt.hf_tensors()
+    folder or a GGUF checkpoint (dequantized to dtype; checkpoint: the file already read).
+    shard: load one tensor-parallel rank's slice (tp.py), reading only its slices of the
+    safetensors files; the model's config is then the rank's local one."""
+    dtype = resolve_dtype(dtype)
+    gguf = checkpoint is not None or gguf_file(path) is not None
+    cfg = (checkpoint or read_gguf(path)).config if gguf else load_model_config(path)
+    slicer = None
+    if shard is not None:
+        check_shardable(cfg, shard.world)
+        slicer = lambda name: shard_slices(name, cfg, shard)  # noqa: E731
+    if gguf:
+        tensors = (checkpoint or read_gguf(path)).hf_tensors()
+        tensors = _sliced(tensors, slicer) if slicer else tensors
     else:
-        cfg = load_model_config(path)
-        tensors = _iter_tensors(safetensors_files(path))
-        dtype = resolve_dtype(dtype)
+        tensors = _iter_tensors(safetensors_files(path), slicer)
+    model_cfg = local_config(cfg, shard) if shard is not None else cfg
     device = torch.device(device)
     with torch.device("meta"):
-        model = DecoderLM(cfg, 1, vocab_limit)
+        model = DecoderLM(model_cfg, 1, vocab_limit, shard)
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rotary = RotaryEmbedding(cfg, max_positions).to(device)
+    model.rotary = RotaryEmbedding(model_cfg, max_positions).to(device)
     load_state(model, tensors)
     if device.type == "cpu":
         model.keep_transposed_lm_head()

@@ -105,9 +105,15 @@ class Engine:
         """Load (or, with None, drop) the router; requests already running keep their policy."""
         if router is not None and (self.core.slm is None or self.core.llm is None):
             raise ValueError("a router needs both an SLM and an LLM")
-        folded = load_router(router, self.core.slm.cfg.hidden_size).to(self.config.device) if router else None
+        folded = load_router(router, self.core.slm.cfg.hidden_size).to(self.core.slm.device) if router else None
         self.core.set_router(folded)  # refuses to drop a router that live requests route with
         self.paths["router"] = router
+
+    def close(self) -> None:
+        """Stop the tensor-parallel LLM's worker processes (if any); the engine is unusable after."""
+        group = getattr(getattr(self.core.llm, "model", None), "group", None) if self.core.llm is not None else None
+        if group is not None:
+            group.close()
 
     def capture_cuda_graphs(self, speculative: bool = False) -> int:
         """Capture every CUDA-graph bucket now, largest first, instead of at each bucket's

@@ -16,7 +16,9 @@ from citer.engine.args import EngineArgs
 from citer.engine.config import EngineConfig
 from citer.engine.core import EngineCore
 from citer.engine.model_runner import ModelRunner
+from citer.engine.models.tp import check_shardable
 from citer.engine.profiler import PhaseTimer
+from citer.engine.tp_group import TPGroup, TPSpec
 from citer.kernels.flash_attention import check_flash_attn
 from citer.kernels.ops import get_ops, resolve_backend
 
@@ -50,36 +52,54 @@ def build_core(args: EngineArgs) -> EngineCore:
         max_model_len = min(model_max, DEFAULT_MAX_MODEL_LEN)
     elif max_model_len > model_max:
         raise ValueError(f"max_model_len {max_model_len} exceeds the models' max_position_embeddings {model_max}")
-    torch_device, torch_dtype = torch.device(args.device), resolve_dtype(args.dtype)
-    ops = get_ops(resolve_backend(torch_device, args.backend), args.attention)
+    torch_dtype = resolve_dtype(args.dtype)
+    devices = {"slm": torch.device(args.slm_device or args.device), "llm": torch.device(args.llm_device or args.device)}
+    ops = {name: get_ops(resolve_backend(devices[name], args.backend), args.attention) for name in cfgs}
     if args.attention == "flash-attn":
-        check_flash_attn(torch_device, torch_dtype, block_size)
+        for name in cfgs:
+            check_flash_attn(devices[name], torch_dtype, block_size)
+    tp = args.llm_tensor_parallel_size if "llm" in cfgs else 1
+    if tp > 1:
+        check_shardable(cfgs["llm"], tp)
 
-    models = {name: load_model(paths[name], torch_device, torch_dtype, max_positions=max_model_len,
-                               vocab_limit=limit, checkpoint=ggufs.pop(name, None))[0] for name in cfgs}
-    folded = load_router(router, cfgs["slm"].hidden_size).to(torch_device) if router is not None else None
+    models = {name: load_model(paths[name], devices[name], torch_dtype, max_positions=max_model_len,
+                               vocab_limit=limit, checkpoint=ggufs.pop(name, None))[0]
+              for name in cfgs if not (name == "llm" and tp > 1)}
+    folded = load_router(router, cfgs["slm"].hidden_size).to(devices["slm"]) if router is not None else None
     num_blocks = args.num_blocks
     if num_blocks is None:
         per_block = sum(c.kv_bytes_per_token(torch_dtype) for c in cfgs.values()) * block_size
-        budget = int(args.kv_cache_memory) if args.kv_cache_memory is not None else default_kv_memory(torch_device)
+        if args.kv_cache_memory is not None:
+            budget = int(args.kv_cache_memory)
+        else:
+            budget = min(default_kv_memory(devices[n]) for n in cfgs)
+            if tp > 1 and devices["llm"].type == "cuda":  # rank 0's slice is not loaded yet
+                budget -= cfgs["llm"].weight_bytes(torch_dtype) // tp
         if budget < per_block:
             raise ValueError(f"kv_cache_memory of {budget} bytes holds no KV block: one block of {block_size} "
                              f"tokens takes {per_block} bytes for both models")
         num_blocks = min(budget // per_block, max_num_seqs * -(-max_model_len // block_size))
+    if tp > 1:
+        group = TPGroup(TPSpec(paths["llm"], tp, args.dtype, "cpu" if devices["llm"].type == "cpu" else "cuda",
+                               max_model_len, limit, num_blocks, block_size, ops["llm"].name, args.tp_timeout))
+        models["llm"] = group.model
+    graphs_on = {name: devices[name].type == "cuda" and ops[name].graph_safe and not args.enforce_eager
+                 and not (name == "llm" and tp > 1) for name in cfgs}
     config = EngineConfig(
-        device=str(torch_device), block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        cuda_graphs=torch_device.type == "cuda" and ops.graph_safe and not args.enforce_eager,
-        max_graph_query_len=args.max_graph_query_len, profile=args.profile, seed=args.seed,
-        max_llm_wait=args.max_llm_wait, llm_batch_min=args.llm_batch_min, llm_prefill=args.llm_prefill,
+        device=str(devices["slm" if "slm" in cfgs else "llm"]), block_size=block_size, num_blocks=num_blocks,
+        max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        cuda_graphs=any(graphs_on.values()), max_graph_query_len=args.max_graph_query_len, profile=args.profile,
+        seed=args.seed, max_llm_wait=args.max_llm_wait, llm_batch_min=args.llm_batch_min,
+        llm_prefill=args.llm_prefill,
     )
     from citer._C import BlockManager
 
     block_manager = BlockManager(num_blocks, block_size)
-    timer = PhaseTimer(args.profile, torch.cuda.synchronize if torch_device.type == "cuda" else None)
-    pool = torch.cuda.graph_pool_handle() if config.cuda_graphs else None  # one pool for both models' graphs
-    runners = {name: ModelRunner(name, model, ops, block_manager, config, torch_device, torch_dtype, timer, pool)
-               for name, model in models.items()}
+    cuda = [d for n, d in devices.items() if n in cfgs and d.type == "cuda"]
+    timer = PhaseTimer(args.profile, (lambda: [torch.cuda.synchronize(d) for d in cuda]) if cuda else None)
+    pools = {d: torch.cuda.graph_pool_handle() for d in {devices[n] for n in cfgs if graphs_on[n]}}  # one per device
+    runners = {name: ModelRunner(name, model, ops[name], block_manager, config, devices[name], torch_dtype, timer,
+                                 pools.get(devices[name]), graphs=graphs_on[name]) for name, model in models.items()}
     eos = eos_token_ids(cfgs, paths, tokenizer)
     return EngineCore(config, block_manager, runners.get("slm"), runners.get("llm"), folded, tokenizer, eos,
                       limit, timer)
