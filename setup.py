@@ -1,4 +1,5 @@
-"""Build citer: the C++ page manager (citer._C) plus three package roots.
+"""Build citer: the C++ page manager (citer._C), the CPU linear kernels (citer._cpu_linear,
+when torch is importable at build time) plus three package roots.
 
 The public API lives in python/citer; the runtime (engine/) and the Triton kernels
 (kernels/) sit at the top level of the repository and are mapped into the package
@@ -21,6 +22,20 @@ ext_modules = [
         extra_compile_args=["-O2"],
     )
 ]
+cmdclass = {"build_ext": build_ext}
+
+# citer._cpu_linear: few-row linear layers at the CPU's memory bandwidth (AVX-512; used only
+# where the CPU has it). It builds against torch, so only when torch is importable at build
+# time (make / pip install --no-build-isolation); without it citer runs torch's own kernels.
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:
+    pass
+else:
+    isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+    ext_modules.append(CppExtension("citer._cpu_linear", sources=["csrc/cpu_linear.cpp"],
+                                    extra_compile_args=["-O3", "-fopenmp", *isa], extra_link_args=["-fopenmp"]))
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}
 
 setup(
     packages=packages,
@@ -28,5 +43,5 @@ setup(
     package_data={"citer": ["assets/**/*"]},
     include_package_data=True,
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
+    cmdclass=cmdclass,
 )

@@ -154,7 +154,6 @@ def _logits(path, prompts, round_to=None):
             for p in model.parameters():
                 if p.ndim == 2:
                     p.copy_(round_to(p))
-        model.keep_transposed_lm_head()
     return paged_forward(model, cfg, prompts, [0, 3, len(prompts[2]) - 1])
 
 
@@ -198,7 +197,6 @@ def test_block_quant_types_dequantize_like_gguf(tmp_path, hf_models):
     assert all(torch.equal(got[n], want[n]) for n in want)
     ref, cfg = load_model(path, max_positions=512)  # the source model holding those values
     load_state(ref, ((n, want.get(n, t)) for n, t in hf.state_dict().items()))
-    ref.keep_transposed_lm_head()
     prompts = random_prompts(3, 5, 30, seed=3)
     assert torch.equal(_logits(g, prompts), paged_forward(ref, cfg, prompts, [0, 3, len(prompts[2]) - 1]))
 

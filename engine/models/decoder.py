@@ -21,6 +21,14 @@ from .router import RouterParams
 from .tp import Shard, tp_head, vocab_parallel_embed
 
 
+def linear(ops, mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """mod's y = x @ W.T + b through the ops (int8 weights when quantized: qweight, qscale)."""
+    q = getattr(mod, "qweight", None)
+    if q is not None:
+        return ops.linear(x, q, mod.qscale, mod.bias)
+    return ops.linear(x, mod.weight, None, mod.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -46,7 +54,7 @@ class Attention(nn.Module):
 
     def forward(self, ops, x, rope_cs, kv, meta: AttentionMetadata):
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = linear(ops, self.qkv_proj, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -55,7 +63,7 @@ class Attention(nn.Module):
             k = self.k_norm(ops, k.reshape(-1, self.head_dim))[0].view_as(k)
         q, k = apply_rotary(q, k, *rope_cs)
         o = paged_attention(ops, q, k, v.contiguous(), kv, meta, self.scale)
-        out = self.o_proj(o.reshape(t, self.q_size))
+        out = linear(ops, self.o_proj, o.reshape(t, self.q_size))
         return self.shard.all_reduce(out) if self.shard is not None else out
 
 
@@ -68,9 +76,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size,
                                    bias=cfg.mlp_bias and (shard is None or shard.rank == 0))
 
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        out = self.down_proj(F.silu(gate) * up)
+    def forward(self, ops, x):
+        gate, up = linear(ops, self.gate_up_proj, x).split(self.intermediate_size, dim=-1)
+        out = linear(ops, self.down_proj, F.silu(gate) * up)
         return self.shard.all_reduce(out) if self.shard is not None else out
 
 
@@ -88,7 +96,7 @@ class DecoderLayer(nn.Module):
             residual = x
         h = self.self_attn(ops, h, rope_cs, kv, meta)
         h, residual = self.post_attention_layernorm(ops, h, residual)
-        return self.mlp(h), residual
+        return self.mlp(ops, h), residual
 
 
 class DecoderLM(nn.Module):
@@ -117,7 +125,6 @@ class DecoderLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg, max_positions)
-        self.lm_head_t: Optional[torch.Tensor] = None  # see keep_transposed_lm_head
 
     def forward(self, ops, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -148,7 +155,7 @@ class DecoderLM(nn.Module):
             return self._tp_head(ops, hidden, spec, temperature, seeds)
         if not ops.fused_head:
             h = self.final_norm(ops, hidden)
-            logits = self.logits_from_normed(h)[:, :self.vocab_limit]
+            logits = self.logits_from_normed(ops, h)[:, :self.vocab_limit]
             tokens, top_prob = choose_tokens(logits, temperature, seeds, spec.filters)
             score = None
             if spec.router is not None:
@@ -207,18 +214,12 @@ class DecoderLM(nn.Module):
 
     def logits(self, ops, hidden: torch.Tensor) -> torch.Tensor:
         """Pre-norm hidden [B, H] -> float32 logits [B, V]."""
-        return self.logits_from_normed(self.final_norm(ops, hidden))
+        return self.logits_from_normed(ops, self.final_norm(ops, hidden))
 
-    def logits_from_normed(self, h: torch.Tensor) -> torch.Tensor:
-        if self.lm_head_t is not None:
-            return (h @ self.lm_head_t).float()
-        return self.lm_head(h).float()
-
-    def keep_transposed_lm_head(self) -> None:
-        """CPU: keep a [H, V] copy of the lm_head. A GEMV against it streams the weight about
-        twice as fast as F.linear on the [V, H] layout (measured on the project's CPUs), and
-        the lm_head read dominates a small model's decode step. Costs one more V x H copy."""
-        self.lm_head_t = self.lm_head.weight.detach().t().contiguous()
+    def logits_from_normed(self, ops, h: torch.Tensor) -> torch.Tensor:
+        """Normed [B, H] -> float32 logits [B, V] (the ops' linear: few rows stream the
+        lm_head once, at the memory bandwidth, on CPUs with the AVX-512 kernel)."""
+        return linear(ops, self.lm_head, h).float()
 
 
 def _take(filters, rows: torch.Tensor):

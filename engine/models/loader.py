@@ -159,6 +159,4 @@ def load_model(path: str, device="cpu", dtype="float32", max_positions: int = 40
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding(model_cfg, max_positions).to(device)
     load_state(model, tensors)
-    if device.type == "cpu":
-        model.keep_transposed_lm_head()
     return model.eval().requires_grad_(False), cfg

@@ -137,7 +137,7 @@ class Forcer:
         """Normed rows [R, H] -> greedy token [R], log-probability of nxt [R], signals [R, S]."""
         preds, logps, sigs = [], [], []
         for a in range(0, len(h), HEAD_ROWS):
-            logits = model.logits_from_normed(h[a:a + HEAD_ROWS])[:, :self.vocab_limit]
+            logits = model.logits_from_normed(TORCH_OPS, h[a:a + HEAD_ROWS])[:, :self.vocab_limit]
             preds.append(logits.argmax(-1))
             lse = torch.logsumexp(logits, -1)
             idx = nxt[a:a + HEAD_ROWS].clamp(max=self.vocab_limit - 1)

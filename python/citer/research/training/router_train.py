@@ -51,7 +51,8 @@ def fit_router(train: LabelSet, val: LabelSet, hidden_size: int, features: str =
     """Weighted BCE; returns the weights of the epoch with the best routing objective on
     val (ties: the lower validation loss)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny MLP: more threads only add synchronisation
+    if hidden_size <= 256:
+        torch.set_num_threads(1)  # a tiny MLP: more threads only add synchronisation
     try:
         return _fit(train, val, hidden_size, features, epochs, lr, batch_size, patience, seed, progress)
     finally:
@@ -237,7 +238,7 @@ def train_on_positions(slm: str, llm: str, task: Task, out: str, rounds: int = 2
     def refs(problems, name):
         """References where the data has them; else the LLM's own greedy trajectories."""
         parts, with_ref = [], [p for p in problems if p.solution]
-        without = [p for p in problems if not p.solution]
+        without = [p for p in problems if not p.solution and len(tok(p.prompt).input_ids) < max_len]
         if with_ref:
             seqs, starts, _ = sequences(tok, with_ref, max_len)
             metrics[f"{name}_references"] = len(seqs)
@@ -272,6 +273,7 @@ def train_on_positions(slm: str, llm: str, task: Task, out: str, rounds: int = 2
         tick = time.time()
         frac = min(1.0, n_onpolicy / max(len(train_p), 1)) if n_onpolicy is not None else 1.0
         for name, problems in (("train", train_p), ("val", val_p)):
+            problems = [p for p in problems if len(tok(p.prompt).input_ids) < max_len]  # what fits
             problems = problems[:max(1, round(frac * len(problems)))]
             params = SamplingParams(max_tokens=max_tokens, policy="router", threshold=tau)
             gens = engine.generate([p.prompt for p in problems], task.sampling_params(problems, params),

@@ -1,0 +1,48 @@
+"""The linear op: y = x @ w.T (+ bias), with weights in float32, bfloat16 or int8.
+
+int8 weights are per-output-channel (row) symmetric: w = q * scale[:, None], q int8 in
+[-127, 127], scale [N] float32 (`quantize_int8`). `linear_ref` is the reference (torch's
+F.linear; int8 weights dequantized to x's dtype first). `linear_cpu` takes the few-row
+calls of decode steps and short catch-ups (x of at most 16 rows) to citer's AVX-512
+kernel (csrc/cpu_linear.cpp), which streams each weight once at the memory bandwidth in
+every dtype (torch's GEMV on these rows reads float32 below it and bfloat16 slower than
+float32); larger calls, and CPUs without AVX-512 BF16, go to the reference. Accumulation
+is in float32 everywhere; both round the output to x's dtype.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+try:  # built with the package where torch was importable at build time (setup.py)
+    import citer._cpu_linear as _fast
+    FAST_ROWS = _fast.MAX_ROWS if _fast.supported() else 0
+except ImportError:  # pragma: no cover - a build without the extension
+    _fast, FAST_ROWS = None, 0
+
+
+def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (q [N, K] int8, scale [N] float32), per-row symmetric, rounded to nearest."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def linear_ref(
+    x: torch.Tensor,  # [M, K] float32 | bfloat16
+    w: torch.Tensor,  # [N, K] float32 | bfloat16 | int8
+    scale: Optional[torch.Tensor] = None,  # [N] float32 with int8 w
+    bias: Optional[torch.Tensor] = None,  # [N]
+) -> torch.Tensor:  # [M, N] in x's dtype
+    if w.dtype == torch.int8:
+        w = (w.to(torch.float32) * scale[:, None]).to(x.dtype)
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def linear_cpu(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """linear_ref's contract; at most FAST_ROWS rows on the CPU kernel, the rest on torch."""
+    if 0 < x.shape[0] <= FAST_ROWS and x.device.type == "cpu" and w.is_contiguous():
+        return _fast.linear(x.contiguous(), w, scale, bias)
+    return linear_ref(x, w, scale, bias)
