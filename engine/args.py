@@ -17,6 +17,7 @@ from citer.kernels.ops import BACKENDS
 
 from .config import LLM_PREFILL
 from .models.loader import DTYPES
+from .models.quantize import QUANTIZATIONS
 
 
 @dataclass
@@ -51,6 +52,8 @@ class EngineArgs:
     enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs"})
     max_graph_query_len: int = field(default=32, metadata={"help": "LLM catch-ups up to this many tokens replay "
                                                                   "a CUDA graph"})
+    quantization: Optional[str] = field(default=None, metadata={"help": "int8: weight-only int8 layer projections "
+                                                                       "(per-channel scales)"})
     profile: bool = field(default=False, metadata={"help": "per-request time in SLM steps, router, LLM catch-up "
                                                           "and the rest (stats *_time)"})
     seed: int = field(default=0, metadata={"help": "seeds the requests that bring no seed of their own"})
@@ -78,6 +81,8 @@ class EngineArgs:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if not isinstance(self.max_llm_wait, int) or isinstance(self.max_llm_wait, bool) or self.max_llm_wait < 0:
             raise ValueError(f"max_llm_wait must be an int >= 0 (steps), got {self.max_llm_wait!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r}; choose one of {QUANTIZATIONS} or None")
         if self.llm_prefill not in LLM_PREFILL:
             raise ValueError(f"llm_prefill must be one of {LLM_PREFILL}, got {self.llm_prefill!r}")
         m = self.kv_cache_memory

@@ -27,6 +27,7 @@ import torch
 from .models.attention import AttentionMetadata
 from .models.head import HeadSpec
 from .models.loader import load_model
+from .models.quantize import quantize_int8_
 from .models.tp import Shard
 
 
@@ -48,6 +49,7 @@ class TPSpec:
     block_size: int
     backend: str  # the ops: "torch" | "triton"
     timeout: float
+    quantization: Optional[str] = None
 
     def rank_device(self, rank: int) -> torch.device:
         """CPU, or the rank's GPU on its node (LOCAL_RANK under torchrun, else the rank)."""
@@ -68,7 +70,7 @@ def _init(spec: TPSpec, rank: int, init_method: str) -> None:
 def _load(spec: TPSpec, rank: int):
     model, _ = load_model(spec.path, spec.rank_device(rank), spec.dtype, max_positions=spec.max_positions,
                           vocab_limit=spec.vocab_limit, shard=Shard(rank, spec.world))
-    return model
+    return quantize_int8_(model) if spec.quantization == "int8" else model
 
 
 def _kv_pool(model, spec: TPSpec, device) -> list:

@@ -16,6 +16,7 @@ from citer.engine.args import EngineArgs
 from citer.engine.config import EngineConfig
 from citer.engine.core import EngineCore
 from citer.engine.model_runner import ModelRunner
+from citer.engine.models.quantize import quantize_int8_
 from citer.engine.models.tp import check_shardable
 from citer.engine.profiler import PhaseTimer
 from citer.engine.tp_group import TPGroup, TPSpec
@@ -65,6 +66,8 @@ def build_core(args: EngineArgs) -> EngineCore:
     models = {name: load_model(paths[name], devices[name], torch_dtype, max_positions=max_model_len,
                                vocab_limit=limit, checkpoint=ggufs.pop(name, None))[0]
               for name in cfgs if not (name == "llm" and tp > 1)}
+    if args.quantization == "int8":
+        models = {name: quantize_int8_(m) for name, m in models.items()}
     folded = load_router(router, cfgs["slm"].hidden_size).to(devices["slm"]) if router is not None else None
     num_blocks = args.num_blocks
     if num_blocks is None:
@@ -81,7 +84,8 @@ def build_core(args: EngineArgs) -> EngineCore:
         num_blocks = min(budget // per_block, max_num_seqs * -(-max_model_len // block_size))
     if tp > 1:
         group = TPGroup(TPSpec(paths["llm"], tp, args.dtype, "cpu" if devices["llm"].type == "cpu" else "cuda",
-                               max_model_len, limit, num_blocks, block_size, ops["llm"].name, args.tp_timeout))
+                               max_model_len, limit, num_blocks, block_size, ops["llm"].name, args.tp_timeout,
+                               args.quantization))
         models["llm"] = group.model
     graphs_on = {name: devices[name].type == "cuda" and ops[name].graph_safe and not args.enforce_eager
                  and not (name == "llm" and tp > 1) for name in cfgs}
