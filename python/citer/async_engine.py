@@ -31,8 +31,7 @@ loop), runs `step()` while requests are running and sleeps on a condition when n
 """
 import asyncio
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence
 
 from citer.engine.args import EngineArgs
@@ -58,7 +57,6 @@ class RequestDelta:
     logprobs: Optional[List[TokenLogprob]] = None
     finish_reason: Optional[str] = None
     output: Optional[RequestOutput] = None  # on the last delta: the whole output, with stats
-    arrival: float = field(default_factory=time.perf_counter)  # when the loop received it
 
 
 class AsyncEngine:
