@@ -48,7 +48,8 @@ def train_router_cmd(args) -> None:
                            n_val=args.n_val, short_term=short_term, seed=args.seed, features=args.features,
                            labels=labels, easy_keep=args.easy_keep, slack=args.slack, dtype=args.dtype,
                            max_len=args.max_len, max_tokens=args.max_tokens, target_recall=args.target_recall,
-                           n_onpolicy=args.n_onpolicy, round_share=args.round_share, cache=args.cache)
+                           n_onpolicy=args.n_onpolicy, round_share=args.round_share, cache=args.cache,
+                           target_share=args.target_share)
     print(json.dumps(metrics["default_threshold"], indent=1))
 
 
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-tokens", type=int, default=128, help="new tokens per rollout / trajectory")
     tr.add_argument("--target-recall", type=float, default=0.9,
                     help="without a checker: default τ sends the LLM this share of validation disagreements")
+    tr.add_argument("--target-share", type=float, help="without a checker: default τ sends the LLM this share of "
+                                                        "validation positions (instead of --target-recall)")
     tr.add_argument("--n-onpolicy", type=int, help="training prompts whose routed trajectories round 2 adds "
                                                    "(default: all)")
     tr.add_argument("--round-share", type=float, default=0.15, help="round 2's router runs at about this LLM share")

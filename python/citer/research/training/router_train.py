@@ -14,7 +14,8 @@ real pairs, where the forward passes are the cost. Round 2 of llm-agreement adds
 routed system's own trajectories (the router of round 1 in the loop), teacher-forced the
 same way. Without a checker (data with references only) the default τ is chosen on the
 validation positions: the smallest τ whose router sends the LLM at least target_recall of
-the positions where the SLM's greedy token is not the LLM's.
+the positions where the SLM's greedy token is not the LLM's, or (target_share) the τ that
+sends that share of them: a budget, since without a checker nothing measures accuracy.
 """
 import copy
 import json
@@ -125,13 +126,15 @@ def train_router(slm: str, llm: str, task: Task, out: str, rounds: int = 2, n_tr
                  short_term: bool = False, round_share: float = 0.15, seed: int = 0, max_tokens: int = 128,
                  features: str = "hidden+head", labels: str = "gold", easy_keep: float = 1.0,
                  slack: float = 0.01, dtype: str = "float32", max_len: int = 256, target_recall: float = 0.9,
-                 n_onpolicy: Optional[int] = None, cache: Optional[str] = None) -> dict:
+                 n_onpolicy: Optional[int] = None, cache: Optional[str] = None,
+                 target_share: Optional[float] = None) -> dict:
     """The whole pipeline; writes a router folder to `out` and returns the metrics."""
     if labels == "llm-agreement" or short_term:
         return train_on_positions(slm, llm, task, out, rounds=rounds, n_train=n_train, n_val=n_val,
                                   short_term=short_term, round_share=round_share, seed=seed, max_tokens=max_tokens,
                                   features=features, easy_keep=easy_keep, slack=slack, dtype=dtype, max_len=max_len,
-                                  target_recall=target_recall, n_onpolicy=n_onpolicy, cache=cache)
+                                  target_recall=target_recall, n_onpolicy=n_onpolicy, cache=cache,
+                                  target_share=target_share)
     if not task.has_checker:
         raise ValueError(f"task {task.name!r} has no checker (no tests or answers), so CITER's long-term labels "
                          "cannot be rolled out; train with labels='llm-agreement' or short_term=True (CITER-S)")
@@ -215,7 +218,8 @@ def train_on_positions(slm: str, llm: str, task: Task, out: str, rounds: int = 2
                        n_val: int = 200, short_term: bool = False, round_share: float = 0.15, seed: int = 0,
                        max_tokens: int = 128, features: str = "hidden+head", easy_keep: float = 1.0,
                        slack: float = 0.01, dtype: str = "float32", max_len: int = 256, target_recall: float = 0.9,
-                       n_onpolicy: Optional[int] = None, cache: Optional[str] = None) -> dict:
+                       n_onpolicy: Optional[int] = None, cache: Optional[str] = None,
+                       target_share: Optional[float] = None) -> dict:
     """llm-agreement (CITER distillation) or short-term (CITER-S) labels on cached teacher-forced
     positions: references first, then (llm-agreement, rounds >= 2) the routed system's own
     trajectories of n_onpolicy training prompts (and as large a share of the validation
@@ -292,6 +296,8 @@ def train_on_positions(slm: str, llm: str, task: Task, out: str, rounds: int = 2
         save_router(fr.router, folder)
         engine.set_router(folder)
         choice = choose_threshold(engine, task, val_p, max_tokens=max_tokens, slack=slack)
+    elif target_share is not None:
+        choice = share_threshold(router, val_l, target_share)
     else:
         choice = recall_threshold(router, val_l, target_recall)
     metrics["default_threshold"] = choice
@@ -319,6 +325,18 @@ def _scores(router, val: LabelSet) -> torch.Tensor:
     vx, vs, _, _ = val.tensors()
     with torch.no_grad():
         return torch.sigmoid(router(vx, vs if router.head_signals else None))
+
+
+def share_threshold(router, val: LabelSet, target_share: float) -> dict:
+    """The τ at which the router sends the LLM target_share of the validation positions (a
+    budget: without a checker nothing says which share keeps the LLM's accuracy)."""
+    p = _scores(router, val)
+    y = val.tensors()[2]
+    tau = float(torch.quantile(p, target_share))
+    neg = p[y == 0]
+    return {"rule": "share of validation positions", "threshold": tau, "target_share": target_share,
+            "llm_share_of_positions": float((p < tau).float().mean()), "positions": len(p),
+            "recall": float((neg < tau).float().mean()) if len(neg) else None}
 
 
 def recall_threshold(router, val: LabelSet, target_recall: float) -> dict:

@@ -1,0 +1,176 @@
+"""citer against the CPU engines users know, on the same weights: llama.cpp (llama-cpp-python)
+and transformers, batch 1, greedy, a 64-token prompt, 64 new tokens, medians of interleaved
+runs, ms per generated token (prefill included, as each engine's generate pays it).
+
+Precisions compared like with like: citer float32 / llama.cpp F32 / transformers float32;
+citer bfloat16 / llama.cpp F16 and BF16 / transformers bfloat16; citer int8 (weight-only,
+per-channel) / llama.cpp Q8_0. Models: the small-Llama shape (hidden 576, 30 layers, 9
+heads, 3 KV heads, MLP 1536, vocab 49152, tied; random weights) and, with --real, the
+Qwen2.5-Coder-0.5B and 1.5B checkpoints (benchmarks/fetch_real_pair.py, then citer convert
+to float32 HF folders). Every model is written as an HF folder and as GGUF files
+(citer.research.gguf_export); llama.cpp's greedy tokens on the F32 file are checked equal
+to citer's before anything is timed. (llama-cpp-python exposes no two-model speculative
+decoding, only prompt lookup, so the routed pair is compared with llama.cpp's LLM alone in
+docs/real-pair.md.)
+
+llama-cpp-python is optional: `pip install llama-cpp-python` builds llama.cpp from source
+(about 15 minutes on 2 cores; the registry's sdist, e.g. CMAKE_ARGS="-DGGML_NATIVE=ON");
+without it the llama.cpp columns are skipped and say so.
+
+    .venv/bin/python benchmarks/cpu_vs_llamacpp.py [--real] [--threads 2] [--json out.json]
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+SMALL_LLAMA = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                   num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048,
+                   rms_norm_eps=1e-5, rope_theta=10000.0)
+REAL = "~/.cache/citer/real-pair/hf/qwen2.5-coder-{}-instruct"
+
+
+def small_llama(root: str) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = os.path.join(root, "small-llama-f32")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(bos_token_id=1, eos_token_id=2, initializer_range=0.05, **SMALL_LLAMA))
+        model.save_pretrained(path)
+    return path
+
+
+def ggufs(path: str, root: str, kinds) -> dict:
+    """The HF folder as GGUF files of these types (cached) -> kind -> file."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from citer.research.gguf_export import write_gguf
+
+    out, model, tok = {}, None, None
+    name = os.path.basename(os.path.normpath(path))
+    for kind in kinds:
+        fn = os.path.join(root, f"{name}-{kind}.gguf")
+        if not os.path.isfile(fn):
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+                tok = AutoTokenizer.from_pretrained(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) \
+                    else None
+            arch = model.config.model_type
+            write_gguf(fn + ".tmp", model, arch, getattr(gguf.GGMLQuantizationType, kind), tok)
+            os.replace(fn + ".tmp", fn)
+        out[kind] = fn
+    return out
+
+
+def llama_cpp(fn: str, threads: int):
+    from llama_cpp import Llama
+
+    return Llama(model_path=fn, n_ctx=512, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False,
+                 logits_all=False)
+
+
+def llama_generate(llm, prompt, n: int):
+    llm.reset()
+    out = []
+    for tok in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(tok)
+        if len(out) == n:
+            break
+    return out
+
+
+def time_runs(fns: dict, repeats: int) -> dict:
+    for fn in fns.values():  # warm-up
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench(path: str, root: str, args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from citer import Engine, SamplingParams
+
+    n, g = args.new_tokens, torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 30000, (args.prompt_len,), generator=g).tolist()
+    params = SamplingParams(max_tokens=n, ignore_eos=True)
+    engines = {"citer float32": Engine(llm=path, dtype="float32", max_model_len=256, num_blocks=64),
+               "citer bfloat16": Engine(llm=path, dtype="bfloat16", max_model_len=256, num_blocks=64),
+               "citer int8": Engine(llm=path, dtype="float32", quantization="int8", max_model_len=256, num_blocks=64)}
+    fns = {k: (lambda e=e: e.generate([prompt], params)) for k, e in engines.items()}
+    hf = {dt: AutoModelForCausalLM.from_pretrained(path, dtype=dt).eval() for dt in (torch.float32, torch.bfloat16)}
+
+    def run_hf(m):
+        with torch.inference_mode():
+            m.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    fns.update({f"transformers {str(dt).removeprefix('torch.')}": (lambda m=m: run_hf(m)) for dt, m in hf.items()})
+    row = {"model": os.path.basename(path.rstrip("/")), "llama_cpp": None}
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        row["llama_cpp"] = "not installed (pip install llama-cpp-python; ~15 min build)"
+    else:
+        files = ggufs(path, root, ("F32", "F16", "BF16", "Q8_0"))
+        lls = {k: llama_cpp(f, args.threads) for k, f in files.items()}
+        ref = engines["citer float32"].generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True))[0].token_ids
+        got = llama_generate(lls["F32"], prompt, 16)
+        row["llama_cpp_f32_tokens_equal"] = got == ref
+        if got != ref:
+            print(f"llama.cpp F32 tokens differ from citer's: {got} vs {ref}")
+        fns.update({f"llama.cpp {k}": (lambda m=m: llama_generate(m, prompt, n)) for k, m in lls.items()})
+    t = time_runs(fns, args.repeats)
+    row["ms_per_token"] = {k: v / n * 1e3 for k, v in t.items()}
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--real", action="store_true", help="also the Qwen2.5-Coder 0.5B and 1.5B checkpoints")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    root = os.environ.get("CITER_BENCH_DIR") or os.path.join(tempfile.gettempdir(), "citer-bench-models")
+    os.makedirs(root, exist_ok=True)
+    paths = [small_llama(root)]
+    if args.real:
+        paths += [os.path.expanduser(REAL.format(s)) for s in ("0.5b", "1.5b")]
+    rows = [bench(p, root, args) for p in paths]
+    pairs = [("citer float32", "llama.cpp F32"), ("citer bfloat16", "llama.cpp F16"),
+             ("citer bfloat16", "llama.cpp BF16"), ("citer int8", "llama.cpp Q8_0"),
+             ("citer float32", "transformers float32"), ("citer bfloat16", "transformers bfloat16")]
+    print(f"\nbatch 1, greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} threads, "
+          f"median of {args.repeats} interleaved runs; ms per generated token")
+    for r in rows:
+        print(f"\n{r['model']}" + (f" (llama.cpp: {r['llama_cpp']})" if r["llama_cpp"] else
+                                   f" (llama.cpp F32 tokens equal citer's: {r.get('llama_cpp_f32_tokens_equal')})"))
+        for k, v in r["ms_per_token"].items():
+            print(f"  {k:<24} {v:8.2f}")
+        for a, b in pairs:
+            if a in r["ms_per_token"] and b in r["ms_per_token"]:
+                print(f"  {a} / {b}: {r['ms_per_token'][a] / r['ms_per_token'][b]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
