@@ -1,4 +1,4 @@
-"""Build citer: the C++ page manager (citer._C), the CPU linear kernels (citer._cpu_linear,
+"""Build citer: the C++ page manager (citer._C), the CPU kernels (citer._cpu_kernels,
 when torch is importable at build time) plus three package roots.
 
 The public API lives in python/citer; the runtime (engine/) and the Triton kernels
@@ -24,8 +24,8 @@ ext_modules = [
 ]
 cmdclass = {"build_ext": build_ext}
 
-# citer._cpu_linear: few-row linear layers at the CPU's memory bandwidth (AVX-512; used only
-# where the CPU has it). It builds against torch, so only when torch is importable at build
+# citer._cpu_kernels: the CPU decode path's kernels, few-row linear layers at the memory
+# bandwidth and paged attention from the block table (AVX-512; used only where the CPU has it). It builds against torch, so only when torch is importable at build
 # time (make / pip install --no-build-isolation); without it citer runs torch's own kernels.
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -33,7 +33,7 @@ except ImportError:
     pass
 else:
     isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
-    ext_modules.append(CppExtension("citer._cpu_linear", sources=["csrc/cpu_linear.cpp"],
+    ext_modules.append(CppExtension("citer._cpu_kernels", sources=["csrc/cpu_kernels.cpp"], include_dirs=["csrc"],
                                     extra_compile_args=["-O3", "-fopenmp", *isa], extra_link_args=["-fopenmp"]))
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}
 

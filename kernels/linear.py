@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 try:  # built with the package where torch was importable at build time (setup.py)
-    import citer._cpu_linear as _fast
+    import citer._cpu_kernels as _fast
     FAST_ROWS = _fast.MAX_ROWS if _fast.supported() else 0
 except ImportError:  # pragma: no cover - a build without the extension
     _fast, FAST_ROWS = None, 0

@@ -346,3 +346,28 @@ def test_linear_cpu_kernel_equals_reference(wdtype):
         assert torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol), (m, k, n)
     q, s = quantize_int8(torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]]))
     assert q.dtype == torch.int8 and q[0].tolist() == [64, -127, 32] and torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_cpu_kernel_equals_reference(dtype):
+    """The CPU decode / short catch-up kernel (csrc/cpu_attention.inc) against the torch
+    reference: permuted block tables, ragged lengths, GQA, a non-power-of-two head size."""
+    from citer.kernels.paged_attention import FAST_ATTENTION_ROWS, paged_attention_cpu
+
+    if not FAST_ATTENTION_ROWS:
+        pytest.skip("this CPU has no AVX-512 BF16")
+    g = torch.Generator().manual_seed(11)
+    for hq, hkv, d, q_lens, ctx in ((6, 2, 40, [1, 1, 1], [5, 33, 17]), (4, 4, 64, [3, 1, 7], [9, 30, 7]),
+                                    (8, 1, 24, [2, 5], [40, 5])):
+        bs, nb = 4, 40
+        kc = torch.randn(nb, bs, hkv, d, generator=g).to(dtype)
+        vc = torch.randn(nb, bs, hkv, d, generator=g).to(dtype)
+        perm = torch.randperm(nb, generator=g)
+        tables = torch.stack([perm[i * 12:(i + 1) * 12] for i in range(len(q_lens))]).to(torch.int32)
+        q = torch.randn(sum(q_lens), hq, d, generator=g).to(dtype)
+        lens = torch.tensor(ctx, dtype=torch.int32)
+        qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+        got = paged_attention_cpu(q, kc, vc, tables, lens, qsl, d ** -0.5, max(q_lens), max(ctx))
+        ref = paged_attention_ref(q, kc, vc, tables, lens, qsl, d ** -0.5, max(q_lens), max(ctx))
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol), (hq, hkv, d)

@@ -19,7 +19,7 @@ MAX_LINES = 350
 
 # folder -> (its import path, the citer modules it may import; None: any)
 LAYERS = {
-    "kernels": ("citer.kernels", ("citer.kernels", "citer._cpu_linear")),
+    "kernels": ("citer.kernels", ("citer.kernels", "citer._cpu_kernels")),
     "engine/models": ("citer.engine.models", ("citer.kernels", "citer.engine.models")),
     "engine": ("citer.engine", ("citer.kernels", "citer.engine", "citer._C")),
 }
@@ -108,7 +108,7 @@ def test_runtime_files_are_small():
 
 def test_importing_the_kernels_loads_nothing_above_them():
     code = ("import sys, citer.kernels.ops; print(sorted(m for m in sys.modules if m.startswith('citer') and not "
-            "m.startswith('citer.kernels') and m not in ('citer._C', 'citer._cpu_linear')))")  # compiled kernels
+            "m.startswith('citer.kernels') and m not in ('citer._C', 'citer._cpu_kernels')))")  # compiled kernels
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "['citer']", out.stdout
 

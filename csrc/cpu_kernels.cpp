@@ -1,0 +1,19 @@
+// citer._cpu_kernels: the CPU decode path's kernels (AVX-512) and their Python bindings. One
+// translation unit (cpu_linear.inc, cpu_attention.inc are its parts): parsing torch's headers
+// is most of the build time, so they are parsed once.
+#include "cpu_kernels.h"
+
+#include "cpu_linear.inc"
+#include "cpu_attention.inc"
+
+PYBIND11_MODULE(_cpu_kernels, m) {
+  m.doc() = "The CPU decode path's kernels: few-row linear layers, paged attention (AVX-512)";
+  m.def("supported", &supported, "Does this CPU have AVX-512 F/BW/VL/BF16?");
+  m.def("linear", &linear, "y = x @ w.T (* scale) (+ bias) for x of at most MAX_ROWS rows", py::arg("x"),
+        py::arg("w"), py::arg("scale") = py::none(), py::arg("bias") = py::none());
+  m.def("paged_attention", &paged_attention, "decode / short catch-up attention from the block table",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
+        py::arg("query_start_loc"), py::arg("scale"));
+  m.attr("MAX_ROWS") = linear_max_rows();
+  m.attr("ATTENTION_MAX_ROWS") = attention_max_rows();
+}

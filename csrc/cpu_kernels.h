@@ -1,0 +1,12 @@
+// citer._cpu_kernels: the CPU decode path's kernels (AVX-512), bound in cpu_bindings.cpp.
+#pragma once
+#include <torch/extension.h>
+
+bool supported();
+int64_t linear_max_rows();
+int64_t attention_max_rows();
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& scale,
+                     const c10::optional<torch::Tensor>& bias);
+torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                              const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                              const torch::Tensor& query_start_loc, double scale);
