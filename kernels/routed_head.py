@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
+from .linear import linear_cpu
 from .rmsnorm import _num_warps, _rms_norm_kernel, rms_norm_ref
 from .sampling import MIN_TEMPERATURE, choose_tokens
 from .routed_head_kernels import _head_partial_kernel, _head_reduce_kernel
@@ -69,7 +70,7 @@ def router_mlp_ref(
     signals: Optional[torch.Tensor] = None,  # [B, NUM_SIGNALS] with a head-signal router
 ) -> torch.Tensor:  # [B] float32 in (0, 1)
     w1, b1, w2, b2, w_sig, c_sig = _unpack(router)
-    z = torch.addmm(b1, h.float(), w1.t())  # params are float32 (FoldedRouter.to)
+    z = linear_cpu(h.float(), w1, None, b1)  # params are float32 (FoldedRouter.to); few rows: one pass over W1
     if w_sig is not None:
         if signals is None:
             raise ValueError("a head-signal router needs the head's signals (the lm_head must run first)")

@@ -77,11 +77,8 @@ class FoldedRouter:
         return "hidden+head" if self.head_signals else "hidden"
 
     def to(self, device, dtype=torch.float32) -> "FoldedRouter":
-        moved = RouterParams(*(t.to(device=device, dtype=dtype) if t is not None else None for t in self.params))
-        if torch.device(device).type == "cpu":
-            # W1 as a view of a contiguous [H, R] copy: the GEMV inside router_mlp_ref then
-            # streams W1 row-major, about twice as fast on CPU as the [R, H] layout
-            moved = moved._replace(w1=moved.w1.t().contiguous().t())
+        moved = RouterParams(*(t.to(device=device, dtype=dtype).contiguous() if t is not None else None
+                               for t in self.params))  # W1 [R, H] row-major: the ops' linear streams it once
         return FoldedRouter(moved, self.hidden_size, self.default_threshold, self.meta)
 
     def score(self, h_normed: torch.Tensor, signals: Optional[torch.Tensor] = None) -> torch.Tensor:
