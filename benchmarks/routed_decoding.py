@@ -5,10 +5,13 @@ prompt 32, 48 new tokens, median of several interleaved runs:
   transformers generate (LLM) | citer policy=llm | citer policy=slm | citer policy=random @ 0.15
 Efficiency of the routed run = ideal / measured, ideal = SLM time + 0.15 x LLM time
 (the cost if switching were free). Router overhead: the folded router MLP as a share of
-one SLM decode step. Run: .venv/bin/python benchmarks/routed_decoding.py
+one SLM decode step. --neighbour runs everything beside one CPU-bound process (a busy
+neighbour on a shared machine), started before the timing and stopped after it.
+Run: .venv/bin/python benchmarks/routed_decoding.py [--neighbour]
 """
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -24,6 +27,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     add_pair_args(ap)
     ap.add_argument("--fraction", type=float, default=0.15)
+    ap.add_argument("--neighbour", action="store_true", help="time beside one CPU-bound process")
     add_run_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,8 +64,14 @@ def main():
     }
     for fn in fns.values():
         fn()
-    with tqdm(total=len(fns) * args.repeats, desc="routed decoding") as bar:
-        res = interleaved_medians(fns, args.repeats, bar)
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.neighbour else None
+    try:
+        with tqdm(total=len(fns) * args.repeats, desc="routed decoding") as bar:
+            res = interleaved_medians(fns, args.repeats, bar)
+    finally:
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
     t = {k: median(v) for k, v in res.items()}
     out = routed()
     share = out.llm_share
