@@ -86,7 +86,7 @@ def main():
     routed_t = t[f"citer random {args.fraction}"]
     print(f"\nLLM {args.llm} ({num_params(llm_path) / 1e6:.0f}M), SLM {args.slm} ({num_params(slm_path) / 1e6:.0f}M); "
           f"batch 1, prompt {args.prompt_len}, {n} new tokens, greedy fp32, {args.threads} threads, "
-          f"median of {args.repeats} interleaved runs")
+          f"median of {args.repeats} interleaved runs" + (", beside one CPU-bound process" if args.neighbour else ""))
     print(f"{'run':<22} {'ms/token':>9} {'vs transformers':>16}")
     for k, v in t.items():
         print(f"{k:<22} {v / n * 1e3:>9.2f} {t['transformers LLM'] / v:>15.2f}x")
