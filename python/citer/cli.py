@@ -60,15 +60,18 @@ def eval_data_cmd(args) -> None:
     from citer.research.tasks.jsonl import task_from_args
 
     task = task_from_args(args, tokenizer=args.slm, train=False)
-    problems = task.test_problems(args.n)
+    tok = task_tokenizer(args.slm)
+    problems = [p for p in task.test_problems(args.n)  # the prompts that fit with max_tokens new ones
+                if len(tok(p.prompt).input_ids) + args.max_tokens <= args.max_model_len]
     engine = Engine(args.slm, args.llm, args.router, dtype=args.dtype, max_model_len=args.max_model_len,
                     max_num_seqs=args.max_num_seqs, max_llm_wait=args.max_llm_wait, llm_batch_min=args.llm_batch_min)
     routers = {"CITER": args.router} if args.router else {}
     if args.router_s:
         routers["CITER-S"] = args.router_s
     query = os.path.join(args.baselines, "query") if args.baselines else None
+    extras = {} if not args.curves_only else dict(verify_shares=(), speculative=False, random_shares=())
     result = evaluate_data(engine, task, problems, routers, args.out, max_tokens=args.max_tokens, query_router=query,
-                           oracle_ks=() if args.no_oracle else (1, 2, 4, 8))
+                           oracle_ks=() if args.no_oracle else (1, 2, 4, 8), shares=tuple(args.shares), **extras)
     timings = None
     if args.timing:
         pick = {}
@@ -84,6 +87,12 @@ def eval_data_cmd(args) -> None:
     write_data_eval(result, args.out, f"{os.path.basename(args.eval_data or args.data)}: {len(problems)} problems",
                     timings)
     print(data_table(result, timings))
+
+
+def task_tokenizer(path: str):
+    from citer.pair_tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
 
 
 def _point_params(row: dict, routers: dict) -> dict:
@@ -239,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-num-seqs", type=int, default=64)
     ev.add_argument("--max-llm-wait", type=int, default=0, help="--data: deferred LLM calls (outputs unchanged)")
     ev.add_argument("--llm-batch-min", type=int, default=1)
+    ev.add_argument("--shares", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.15, 0.2, 0.3],
+                    help="--data: the LLM shares each router's and the confidence rule's knobs aim at")
+    ev.add_argument("--curves-only", action="store_true", help="--data: only the SLM, the LLM, the routers and "
+                                                               "the confidence rule (no random, verify, speculative)")
     ev.add_argument("--timing", nargs="*", help="--data: also time these points ('CITER 0.93', ...) beside slm, llm "
                                                 "and speculative, batch 1 and 16")
     data_arguments(ev, train=False)

@@ -86,7 +86,8 @@ def knobs_for_shares(engine: Engine, slm_outputs, routers: Dict[str, str], share
 def evaluate_data(engine: Engine, task, problems: List, routers: Dict[str, str], out: str, max_tokens: int = 192,
                   shares: Sequence[float] = TARGET_SHARES, query_router: Optional[str] = None,
                   oracle_ks: Sequence[int] = ORACLE_KS, verify_shares: Sequence[float] = (0.1, 0.2),
-                  speculative: bool = True, n_boot: int = 1000, gap: float = 0.02, max_share: float = 0.3) -> dict:
+                  speculative: bool = True, n_boot: int = 1000, gap: float = 0.02, max_share: float = 0.3,
+                  random_shares: Sequence[float] = RANDOM_SHARES) -> dict:
     """Every method on `problems`, points logged to out/points.jsonl; -> the result dict
     (rows with per-problem results, summary with paired bootstrap intervals)."""
     os.makedirs(out, exist_ok=True)
@@ -120,7 +121,7 @@ def evaluate_data(engine: Engine, task, problems: List, routers: Dict[str, str],
     todo = [("confidence", k, dict(policy="confidence", confidence_threshold=k)) for k in knobs["confidence"]]
     for name, path in routers.items():
         todo += [(name, t, dict(policy="router", threshold=t, router_path=path)) for t in knobs[name]]
-    todo += [("random", f, dict(policy="random", llm_fraction=f)) for f in RANDOM_SHARES]
+    todo += [("random", f, dict(policy="random", llm_fraction=f)) for f in random_shares]
     first = next(iter(routers), None)
     if first is not None:
         for s in verify_shares:
