@@ -52,6 +52,9 @@ class EngineArgs:
     enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs"})
     max_graph_query_len: int = field(default=32, metadata={"help": "LLM catch-ups up to this many tokens replay "
                                                                   "a CUDA graph"})
+    cpu_threads: Optional[int] = field(default=None, metadata={"help": "CPU threads per op (default: all cores or "
+                                                                      "one, whichever decode steps run faster now: "
+                                                                      "engine/threads.py)"})
     quantization: Optional[str] = field(default=None, metadata={"help": "int8: weight-only int8 layer projections "
                                                                        "(per-channel scales)"})
     profile: bool = field(default=False, metadata={"help": "per-request time in SLM steps, router, LLM catch-up "
@@ -75,7 +78,7 @@ class EngineArgs:
         if self.router is not None and (self.slm is None) != (self.llm is None):
             raise ValueError("a router needs both an SLM and an LLM")
         for name in ("block_size", "num_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                     "max_graph_query_len", "llm_batch_min", "llm_tensor_parallel_size"):
+                     "max_graph_query_len", "llm_batch_min", "llm_tensor_parallel_size", "cpu_threads"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")

@@ -54,7 +54,7 @@ def _without(seqs: List[Sequence], drop: List[Sequence]) -> List[Sequence]:
 
 class EngineCore:
     def __init__(self, config, block_manager, slm: Optional[ModelRunner], llm: Optional[ModelRunner],
-                 router: Optional[Router], tokenizer, eos_token_ids, vocab_limit: int, timer):
+                 router: Optional[Router], tokenizer, eos_token_ids, vocab_limit: int, timer, tuner=None):
         self.config = config
         self.bm = block_manager
         self.slm, self.llm = slm, llm
@@ -67,6 +67,7 @@ class EngineCore:
         self.vocab_limit = vocab_limit
         self.timer = timer
         self.steps = 0  # steps run so far: the clock deferred LLM calls wait by
+        self.tuner = tuner  # threads.ThreadTuner on the CPU (None: a fixed thread count)
 
     # ---- requests in and out (intake.Requests) ------------------------------------------
     def make_sequences(self, prompt: Prompt, params, index: int = 0,
@@ -114,6 +115,11 @@ class EngineCore:
         t0, now = time.perf_counter(), self.steps
         self.steps += 1
         self.timer.reset()
+        if self.tuner is not None:
+            decode_only = all(len(s) - min(s.num_computed["slm"] if s.policy.uses_slm else len(s),
+                                           s.num_computed["llm"] if s.policy.uses_llm else len(s)) <= 16
+                              for s in running)
+            self.tuner.before_step()
         llm_seqs: List[Sequence] = []
         try:
             self._prepare(running)
@@ -133,6 +139,8 @@ class EngineCore:
                 if seq.finish_reason is None:
                     self._fail(seq, exc)
             raise
+        if self.tuner is not None:
+            self.tuner.after_step(len(running), decode_only)
         if self.config.profile:
             attribute_time(self.timer.last, running, slm_seqs, llm_seqs, time.perf_counter() - t0)
         for seq in running:

@@ -19,6 +19,7 @@ from citer.engine.model_runner import ModelRunner
 from citer.engine.models.quantize import quantize_int8_
 from citer.engine.models.tp import check_shardable
 from citer.engine.profiler import PhaseTimer
+from citer.engine.threads import ThreadTuner
 from citer.engine.tp_group import TPGroup, TPSpec
 from citer.kernels.flash_attention import check_flash_attn
 from citer.kernels.ops import get_ops, resolve_backend
@@ -105,8 +106,14 @@ def build_core(args: EngineArgs) -> EngineCore:
     runners = {name: ModelRunner(name, model, ops[name], block_manager, config, devices[name], torch_dtype, timer,
                                  pools.get(devices[name]), graphs=graphs_on[name]) for name, model in models.items()}
     eos = eos_token_ids(cfgs, paths, tokenizer)
+    tuner = None
+    if all(devices[n].type == "cpu" for n in cfgs):
+        if args.cpu_threads is not None:
+            torch.set_num_threads(args.cpu_threads)
+        else:
+            tuner = ThreadTuner(torch.get_num_threads())
     return EngineCore(config, block_manager, runners.get("slm"), runners.get("llm"), folded, tokenizer, eos,
-                      limit, timer)
+                      limit, timer, tuner)
 
 
 def default_kv_memory(device: torch.device) -> int:
