@@ -132,3 +132,73 @@ def test_head_signal_router_routes_exactly(hf_models, signal_router_path, backen
     assert 0 < sum(sum(o.from_llm) for o in outs) < sum(len(o.token_ids) for o in outs)
     _check_routed(hf_models, signal_router_path, prompts, outs, tau)
     assert_all_free(engine)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_folded_format_round_trip(tmp_path, dtype, atol):
+    """save_folded writes the inference form itself (how shipped routers are stored);
+    reading it back scores like the training network, exactly in float32."""
+    from citer.engine.models.router import save_folded
+
+    net = _perturbed("hidden+head", seed=3)
+    original = load_router_folded(net)
+    save_folded(original, str(tmp_path / "f"), dtype)
+    folded = load_router(str(tmp_path / "f"), 32)
+    assert folded.features == "hidden+head" and folded.default_threshold == original.default_threshold
+    h, s = torch.randn(50, 32), torch.randn(50, 3) * 3
+    assert (folded.score(h, s) - original.score(h, s)).abs().max() <= atol
+    with open(tmp_path / "f" / "router_config.json") as fh:
+        assert json.load(fh)["architecture"] == "citer-router-folded"
+
+
+def test_router_records_its_slm_shape(tmp_path):
+    from citer.engine.models.router import save_folded
+    import dataclasses
+
+    original = load_router_folded(_perturbed("hidden"))
+    shape = {"hidden_size": 32, "num_layers": 2, "vocab_size": 100}
+    save_folded(dataclasses.replace(original, meta={"slm": "tiny", "slm_shape": shape}), str(tmp_path))
+    assert load_router(str(tmp_path), 32, shape).hidden_size == 32
+    with pytest.raises(ValueError, match="num_layers 2 .router. vs 3 .SLM."):
+        load_router(str(tmp_path), 32, {**shape, "num_layers": 3})
+
+
+def test_shipped_routers_load_by_name():
+    """Routers shipped for public pairs: found by name, folded, with the SLM shape they need."""
+    from citer.assets import router_path, shipped_routers
+
+    routers = shipped_routers()
+    assert "qwen2.5-coder-0.5b-1.5b" in routers
+    for name, path in routers.items():
+        assert router_path(name) == path
+        r = load_router(path)
+        assert r.meta["slm_shape"]["hidden_size"] == r.hidden_size and 0 < r.default_threshold < 1
+        assert sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) < 8e6
+        with pytest.raises(ValueError, match="does not fit this SLM"):
+            load_router(path, r.hidden_size, {**r.meta["slm_shape"], "vocab_size": 7})
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a shipped router"):
+        router_path("no-such-router")
+
+
+def test_engine_routes_the_same_with_a_router_saved_folded(hf_models, signal_router_path, tmp_path):
+    """The same tokens and provenance from a router saved folded (float32) as from its training form."""
+    from citer.engine.models.router import save_folded
+
+    save_folded(load_router(signal_router_path), str(tmp_path))
+    prompts = random_prompts(3, 4, 12, seed=5)
+    params = SamplingParams(max_tokens=6, ignore_eos=True, policy="router", threshold=0.0)
+    engines = [Engine(hf_models["qwen2"][0], hf_models["llama"][0], r, device=DEVICE, block_size=16,
+                      num_blocks=16, max_model_len=64) for r in (signal_router_path, str(tmp_path))]
+    scores = sorted(s for o in engines[0].generate(prompts, params) for s in o.router_scores)
+    params = SamplingParams(max_tokens=6, ignore_eos=True, policy="router", threshold=scores[len(scores) // 2])
+    outs = [[(o.token_ids, o.from_llm, o.router_scores) for o in e.generate(prompts, params)] for e in engines]
+    for a, b in zip(*outs):
+        assert a[:2] == b[:2] and torch.allclose(torch.tensor(a[2]), torch.tensor(b[2]), atol=1e-6)
+    assert 0 < sum(sum(f) for _, f, _ in outs[0])
+    for e in engines:
+        assert_all_free(e)
+
+
+def test_engine_names_an_unknown_router(hf_models):
+    with pytest.raises(FileNotFoundError, match="shipped: .*qwen2.5-coder"):
+        Engine(hf_models["qwen2"][0], hf_models["llama"][0], "qwen2.5-coder", device=DEVICE, num_blocks=8)

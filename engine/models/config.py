@@ -47,6 +47,10 @@ class ModelConfig:
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return (self.num_layers * layer + emb) * torch.empty((), dtype=dtype).element_size()
 
+    def router_shape(self) -> dict:
+        """What a shipped router records of its SLM (checked by load_router)."""
+        return {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "vocab_size": self.vocab_size}
+
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """Bytes of K and V for one token across all layers, in a cache of this dtype."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()

@@ -31,6 +31,8 @@ CONFIG_NAME = "router_config.json"
 WEIGHTS_NAME = "router.safetensors"
 ARCHITECTURE = "citer-router-mlp"
 LINEAR_ARCHITECTURE = "citer-router-linear"  # p = sigmoid(w . h + b): the Co-LLM-style deferral head
+FOLDED_ARCHITECTURE = "citer-router-folded"  # the inference form itself (RouterParams' tensors): shipped routers
+ARCHITECTURES = (ARCHITECTURE, LINEAR_ARCHITECTURE, FOLDED_ARCHITECTURE)
 FEATURES = ("hidden", "hidden+head")
 BATCH_NORM_EPS = 1e-5  # torch.nn.BatchNorm1d's default, what the training network uses
 
@@ -91,6 +93,8 @@ def fold_state(state: Dict[str, torch.Tensor], architecture: str, hidden_size: i
     """A router network's state dict -> its RouterParams (W1 [2H, H], b1 [2H], w2 [2H], b2 [],
     and for a hidden+head router W_sig [2H, NUM_SIGNALS], c [NUM_SIGNALS])."""
     f = lambda t: t.float().contiguous()  # noqa: E731
+    if architecture == FOLDED_ARCHITECTURE:
+        return RouterParams(*(f(state[k]) if k in state else None for k in RouterParams._fields))
     if architecture == LINEAR_ARCHITECTURE:
         w, b = state["linear.weight"][0].float(), state["linear.bias"].float()
         # relu(z) - relu(-z) = z: W1 = [w; -w], b1 = [b; -b], w2 = [1, -1], b2 = 0 (exact)
@@ -122,9 +126,9 @@ def read_router_folder(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tenso
             config = json.load(fh)
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
-    if config.get("architecture") not in (ARCHITECTURE, LINEAR_ARCHITECTURE):
+    if config.get("architecture") not in ARCHITECTURES:
         raise ValueError(f"unsupported router architecture {config.get('architecture')!r} in {path!r}; "
-                         f"citer supports {ARCHITECTURE!r} and {LINEAR_ARCHITECTURE!r}")
+                         f"citer supports {', '.join(map(repr, ARCHITECTURES))}")
     if not isinstance(config.get("hidden_size"), int) or config["hidden_size"] < 1:
         raise ValueError(f"{cfg_path} has no positive int 'hidden_size'")
     features = config.setdefault("features", "hidden")
@@ -147,6 +151,11 @@ def expected_shapes(architecture: str, hidden_size: int, features: str) -> Dict[
     h = hidden_size
     if architecture == LINEAR_ARCHITECTURE:
         return {"linear.weight": (1, h), "linear.bias": (1,)}
+    if architecture == FOLDED_ARCHITECTURE:
+        out = {"w1": (2 * h, h), "b1": (2 * h,), "w2": (2 * h,), "b2": ()}
+        if features == "hidden+head":
+            out.update({"w_sig": (2 * h, NUM_SIGNALS), "c_sig": (NUM_SIGNALS,)})
+        return out
     n_in = h + (NUM_SIGNALS if features == "hidden+head" else 0)
     out = {"net.0.weight": (2 * h, n_in), "net.0.bias": (2 * h,)}
     out.update({f"net.1.{k}": (2 * h,) for k in ("weight", "bias", "running_mean", "running_var")})
@@ -156,14 +165,37 @@ def expected_shapes(architecture: str, hidden_size: int, features: str) -> Dict[
     return out
 
 
-def load_router(path: str, slm_hidden_size: Optional[int] = None) -> FoldedRouter:
-    """A router folder -> the FoldedRouter the engine runs (on the CPU; .to(device) it)."""
+def save_folded(router: "FoldedRouter", path: str, dtype: torch.dtype = torch.float32) -> None:
+    """A router folder in the folded (inference-only) form, e.g. float16 to ship it small."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    tensors = {k: t.to(dtype).contiguous() for k, t in router.params._asdict().items() if t is not None}
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME))
+    config = {"architecture": FOLDED_ARCHITECTURE, "hidden_size": router.hidden_size, "features": router.features,
+              "default_threshold": router.default_threshold, "stored_dtype": str(dtype).removeprefix("torch."),
+              "meta": router.meta}
+    with open(os.path.join(path, CONFIG_NAME), "w") as fh:
+        json.dump(config, fh, indent=1)
+
+
+def load_router(path: str, slm_hidden_size: Optional[int] = None,
+                slm_shape: Optional[Dict[str, int]] = None) -> FoldedRouter:
+    """A router folder -> the FoldedRouter the engine runs (on the CPU; .to(device) it).
+    slm_shape ({"num_layers", "vocab_size"} of the SLM) is checked against the one a shipped
+    router records in meta["slm_shape"]: a router only means something over its own SLM."""
     config, state = read_router_folder(path)
     if slm_hidden_size is not None and config["hidden_size"] != slm_hidden_size:
         raise ValueError(
             f"router in {path!r} expects hidden size {config['hidden_size']}, "
             f"but the SLM's hidden size is {slm_hidden_size}"
         )
+    recorded = (config.get("meta") or {}).get("slm_shape") or {}
+    wrong = {k: (v, slm_shape[k]) for k, v in recorded.items() if slm_shape and k in slm_shape and slm_shape[k] != v}
+    if wrong:
+        pair = config["meta"].get("slm", "another SLM")
+        raise ValueError(f"router in {path!r} was trained over {pair} and does not fit this SLM: "
+                         + ", ".join(f"{k} {a} (router) vs {b} (SLM)" for k, (a, b) in wrong.items()))
     params = fold_state(state, config["architecture"], config["hidden_size"])
     return FoldedRouter(params, config["hidden_size"], float(config.get("default_threshold", 0.5)),
                         config.get("meta", {}))

@@ -59,6 +59,10 @@ class Engine:
 
             slm, llm, router = default_paths()
             args = replace(args, slm=slm, llm=llm, router=router)
+        elif args.router is not None:
+            from .assets import router_path
+
+            args = replace(args, router=router_path(args.router))  # a shipped router's name -> its folder
         self.args = args
         self.core = build_core(args)
         self.paths = {"slm": args.slm, "llm": args.llm, "router": args.router}
@@ -105,7 +109,12 @@ class Engine:
         """Load (or, with None, drop) the router; requests already running keep their policy."""
         if router is not None and (self.core.slm is None or self.core.llm is None):
             raise ValueError("a router needs both an SLM and an LLM")
-        folded = load_router(router, self.core.slm.cfg.hidden_size).to(self.core.slm.device) if router else None
+        if router is not None:
+            from .assets import router_path
+
+            router = router_path(router)
+        cfg = self.core.slm.cfg if self.core.slm is not None else None
+        folded = load_router(router, cfg.hidden_size, cfg.router_shape()).to(self.core.slm.device) if router else None
         self.core.set_router(folded)  # refuses to drop a router that live requests route with
         self.paths["router"] = router
 

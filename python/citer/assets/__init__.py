@@ -2,10 +2,14 @@
 
 The folders live beside this file (demo/slm, demo/llm, demo/router) once trained and
 shipped; `default_paths()` is what Engine() with no model arguments loads.
+
+Routers trained by citer for public pretrained pairs live in routers/<name> (folded,
+float16): `Engine(slm, llm, router="<name>")` loads one by name (`router_path`).
 """
 import os
 
 DEMO_DIR = os.path.join(os.path.dirname(__file__), "demo")
+ROUTERS_DIR = os.path.join(os.path.dirname(__file__), "routers")
 PAIRS = {"arith": DEMO_DIR, "arith-free": os.path.join(os.path.dirname(__file__), "demo_free")}  # task -> pair
 
 
@@ -36,3 +40,23 @@ def default_paths():
             "pass slm=/llm= folders to Engine"
         )
     return slm, llm, (router if os.path.isfile(os.path.join(router, "router_config.json")) else None)
+
+
+def shipped_routers() -> dict:
+    """name -> folder of each router shipped for a public pretrained pair."""
+    if not os.path.isdir(ROUTERS_DIR):
+        return {}
+    return {n: os.path.join(ROUTERS_DIR, n) for n in sorted(os.listdir(ROUTERS_DIR))
+            if os.path.isfile(os.path.join(ROUTERS_DIR, n, "router_config.json"))}
+
+
+def router_path(router: str) -> str:
+    """A router argument -> its folder: a shipped router's name (see shipped_routers) or a path,
+    returned as given."""
+    if os.path.exists(router):
+        return router
+    routers = shipped_routers()
+    if router not in routers:
+        raise FileNotFoundError(f"router {router!r} is neither a folder nor a shipped router's name; "
+                                f"shipped: {sorted(routers) or 'none'}")
+    return routers[router]
