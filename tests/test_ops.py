@@ -16,8 +16,8 @@ from citer.kernels import ops as ops_mod  # noqa: E402
 from citer.kernels.flash_attention import paged_attention_flash  # noqa: E402
 from citer.kernels.kv_store import store_kvcache_triton  # noqa: E402
 from citer.kernels.ops import get_ops, resolve_backend  # noqa: E402
-from citer.kernels.paged_attention import (SPLIT_KV_MAX_Q, paged_attention_ref, paged_attention_splits,  # noqa: E402
-                                           paged_attention_triton, split_kv_num_splits)
+from citer.kernels.paged_attention import (SPLIT_KV_MAX_Q, paged_attention_cpu,  # noqa: E402
+                                           paged_attention_splits, paged_attention_triton, split_kv_num_splits)
 from citer.kernels.rmsnorm import rms_norm_triton  # noqa: E402
 from citer.kernels.routed_head import routed_head_triton  # noqa: E402
 
@@ -39,7 +39,9 @@ def test_resolve_backend(monkeypatch):
     assert resolve_backend(cpu, "torch") == "torch"
     with pytest.raises(ValueError, match="unknown backend"):
         get_ops("cuda-magic")
-    assert get_ops("torch").paged_attention is paged_attention_ref
+    # the torch backend's attention is the CPU kernel wrapper (the reference where the
+    # kernel is not built or the batch is not one it takes)
+    assert get_ops("torch").paged_attention is paged_attention_cpu
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
