@@ -69,7 +69,9 @@ def eval_data_cmd(args) -> None:
     if args.router_s:
         routers["CITER-S"] = args.router_s
     query = os.path.join(args.baselines, "query") if args.baselines else None
-    extras = {} if not args.curves_only else dict(verify_shares=(), speculative=False, random_shares=())
+    extras = dict(verify_shares=tuple(args.verify_shares), random_shares=tuple(args.random_shares))
+    if args.curves_only:
+        extras = dict(verify_shares=(), speculative=False, random_shares=())
     result = evaluate_data(engine, task, problems, routers, args.out, max_tokens=args.max_tokens, query_router=query,
                            oracle_ks=() if args.no_oracle else (1, 2, 4, 8), shares=tuple(args.shares), **extras)
     timings = None
@@ -250,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--llm-batch-min", type=int, default=1)
     ev.add_argument("--shares", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.15, 0.2, 0.3],
                     help="--data: the LLM shares each router's and the confidence rule's knobs aim at")
+    ev.add_argument("--random-shares", type=float, nargs="*", default=[0.05, 0.15, 0.3],
+                    help="--data: LLM fractions of the random baseline")
+    ev.add_argument("--verify-shares", type=float, nargs="*", default=[0.1, 0.2],
+                    help="--data: the CITER router's shares (of --shares) also run with verify=True")
     ev.add_argument("--curves-only", action="store_true", help="--data: only the SLM, the LLM, the routers and "
                                                                "the confidence rule (no random, verify, speculative)")
     ev.add_argument("--timing", nargs="*", help="--data: also time these points ('CITER 0.93', ...) beside slm, llm "
