@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.citer-installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: test demo install bench assets assets-free clean
+.PHONY: test demo install bench assets assets-free clean wheel-check
 
 $(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ assets-free: $(STAMP)
 	$(PY) -m citer.cli train-router --slm $(FREE)/slm --llm $(FREE)/llm --task arith-free --out $(FREE)/router_s --short-term $(ROUTER_ARGS)
 	$(PY) -m citer.cli train-baselines --slm $(FREE)/slm --llm $(FREE)/llm --task arith-free --out $(FREE)/baselines --n-train 2000
 	$(PY) -m citer.research.training.ship $(FREE) --task arith-free
+
+# the built wheel in a clean venv: `citer serve` names its extra without it, answers /health with it
+wheel-check:
+	.ci/wheel_check
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine_vs_transformers.py
