@@ -40,11 +40,15 @@ REAL = "~/.cache/citer/real-pair/hf/qwen2.5-coder-{}-instruct"
 def small_llama(root: str) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from citer.research.tasks.bpe_tokenizer import train_tokenizer
+
     path = os.path.join(root, "small-llama-f32")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(bos_token_id=1, eos_token_id=2, initializer_range=0.05, **SMALL_LLAMA))
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):  # llama.cpp loads no GGUF without a tokenizer
+        torch.manual_seed(0)  # a small BPE (ids past it are unused tokens in the GGUF); eos 0 as in its tokenizer
+        model = LlamaForCausalLM(LlamaConfig(bos_token_id=0, eos_token_id=0, initializer_range=0.05, **SMALL_LLAMA))
         model.save_pretrained(path)
+        with open(__file__) as f:
+            train_tokenizer(f.read().splitlines(), vocab_size=400).save_pretrained(path)
     return path
 
 
@@ -71,7 +75,7 @@ def ggufs(path: str, root: str, kinds) -> dict:
     return out
 
 
-def llama_cpp(fn: str, threads: int):
+def load_llama_cpp(fn: str, threads: int):
     from llama_cpp import Llama
 
     return Llama(model_path=fn, n_ctx=512, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False,
@@ -100,7 +104,16 @@ def time_runs(fns: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+GROUPS = (  # one precision at a time (loaded, timed interleaved, freed): a 1.5B in float32 three times over
+    ("float32", dict(dtype="float32"), torch.float32, ("F32",)),  # would not fit this machine's 24 GB
+    ("bfloat16", dict(dtype="bfloat16"), torch.bfloat16, ("F16", "BF16")),
+    ("int8", dict(dtype="float32", quantization="int8"), None, ("Q8_0",)),
+)
+
+
 def bench(path: str, root: str, args) -> dict:
+    import gc
+
     from transformers import AutoModelForCausalLM
 
     from citer import Engine, SamplingParams
@@ -108,33 +121,40 @@ def bench(path: str, root: str, args) -> dict:
     n, g = args.new_tokens, torch.Generator().manual_seed(0)
     prompt = torch.randint(3, 30000, (args.prompt_len,), generator=g).tolist()
     params = SamplingParams(max_tokens=n, ignore_eos=True)
-    engines = {"citer float32": Engine(llm=path, dtype="float32", max_model_len=256, num_blocks=64),
-               "citer bfloat16": Engine(llm=path, dtype="bfloat16", max_model_len=256, num_blocks=64),
-               "citer int8": Engine(llm=path, dtype="float32", quantization="int8", max_model_len=256, num_blocks=64)}
-    fns = {k: (lambda e=e: e.generate([prompt], params)) for k, e in engines.items()}
-    hf = {dt: AutoModelForCausalLM.from_pretrained(path, dtype=dt).eval() for dt in (torch.float32, torch.bfloat16)}
+    row = {"model": os.path.basename(path.rstrip("/")), "llama_cpp": None, "ms_per_token": {}}
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        row["llama_cpp"] = f"not importable ({e}; pip install llama-cpp-python: ~15 min build)"
+    files = ggufs(path, root, [k for *_, ks in GROUPS for k in ks]) if row["llama_cpp"] is None else {}
 
     def run_hf(m):
         with torch.inference_mode():
             m.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-    fns.update({f"transformers {str(dt).removeprefix('torch.')}": (lambda m=m: run_hf(m)) for dt, m in hf.items()})
-    row = {"model": os.path.basename(path.rstrip("/")), "llama_cpp": None}
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        row["llama_cpp"] = "not installed (pip install llama-cpp-python; ~15 min build)"
-    else:
-        files = ggufs(path, root, ("F32", "F16", "BF16", "Q8_0"))
-        lls = {k: llama_cpp(f, args.threads) for k, f in files.items()}
-        ref = engines["citer float32"].generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True))[0].token_ids
-        got = llama_generate(lls["F32"], prompt, 16)
-        row["llama_cpp_f32_tokens_equal"] = got == ref
-        if got != ref:
-            print(f"llama.cpp F32 tokens differ from citer's: {got} vs {ref}")
+    for name, options, hf_dtype, kinds in GROUPS:
+        engine = Engine(llm=path, max_model_len=256, num_blocks=64, **options)
+        fns = {f"citer {name}": (lambda e=engine: e.generate([prompt], params))}
+        if hf_dtype is not None:
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=hf_dtype).eval()
+            fns[f"transformers {name}"] = lambda m=hf: run_hf(m)
+        lls = {k: load_llama_cpp(files[k], args.threads) for k in kinds if k in files}
+        if "F32" in lls:  # same weights, same greedy tokens, before anything is timed
+            ref = engine.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True))[0].token_ids
+            got = llama_generate(lls["F32"], prompt, 16)
+            row["llama_cpp_f32_tokens_equal"] = got == ref
+            if got != ref:
+                print(f"llama.cpp F32 tokens differ from citer's: {got} vs {ref}")
         fns.update({f"llama.cpp {k}": (lambda m=m: llama_generate(m, prompt, n)) for k, m in lls.items()})
-    t = time_runs(fns, args.repeats)
-    row["ms_per_token"] = {k: v / n * 1e3 for k, v in t.items()}
+        t = time_runs(fns, args.repeats)
+        row["ms_per_token"].update({k: v / n * 1e3 for k, v in t.items()})
+        print(row["model"], {k: round(v / n * 1e3, 2) for k, v in t.items()}, flush=True)
+        engine.close()
+        for m in lls.values():
+            m.close()
+        del engine, fns, lls
+        hf = None
+        gc.collect()
     return row
 
 
