@@ -161,6 +161,7 @@ def bench(path: str, root: str, args) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--real", action="store_true", help="also the Qwen2.5-Coder 0.5B and 1.5B checkpoints")
+    ap.add_argument("--real-sizes", nargs="+", default=["0.5b", "1.5b"], help="with --real: which of them")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
@@ -172,7 +173,7 @@ def main():
     os.makedirs(root, exist_ok=True)
     paths = [small_llama(root)]
     if args.real:
-        paths += [os.path.expanduser(REAL.format(s)) for s in ("0.5b", "1.5b")]
+        paths += [os.path.expanduser(REAL.format(s)) for s in args.real_sizes]
     rows = [bench(p, root, args) for p in paths]
     pairs = [("citer float32", "llama.cpp F32"), ("citer bfloat16", "llama.cpp F16"),
              ("citer bfloat16", "llama.cpp BF16"), ("citer int8", "llama.cpp Q8_0"),

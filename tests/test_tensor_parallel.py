@@ -67,6 +67,9 @@ def test_routed_decoding_with_a_split_llm(hf_models, router_path):
             params = SamplingParams(max_tokens=12, ignore_eos=True, **p)
             a, b = one.generate(prompts, params), two.generate(prompts, params)
             assert [(o.token_ids, o.from_llm) for o in b] == [(o.token_ids, o.from_llm) for o in a], p
+        from citer.research.training.forcing import Forcer
+        with pytest.raises(ValueError, match="LLM on one device"):  # teacher forcing drives one process's model
+            Forcer.from_engine(two)
     finally:
         two.close()
 

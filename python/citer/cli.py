@@ -65,9 +65,11 @@ def eval_data_cmd(args) -> None:
                 if len(tok(p.prompt).input_ids) + args.max_tokens <= args.max_model_len]
     engine = Engine(args.slm, args.llm, args.router, dtype=args.dtype, max_model_len=args.max_model_len,
                     max_num_seqs=args.max_num_seqs, max_llm_wait=args.max_llm_wait, llm_batch_min=args.llm_batch_min)
-    routers = {"CITER": args.router} if args.router else {}
+    from citer.assets import router_path
+
+    routers = {"CITER": router_path(args.router)} if args.router else {}  # shipped names -> folders
     if args.router_s:
-        routers["CITER-S"] = args.router_s
+        routers["CITER-S"] = router_path(args.router_s)
     query = os.path.join(args.baselines, "query") if args.baselines else None
     extras = dict(verify_shares=tuple(args.verify_shares), random_shares=tuple(args.random_shares))
     if args.curves_only:

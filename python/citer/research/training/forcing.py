@@ -54,6 +54,10 @@ class Forcer:
     def from_engine(cls, engine, max_chunk_tokens: int = 4096, progress: bool = False) -> "Forcer":
         """A Forcer over an Engine's own models (no second copy of the weights); sequences must
         fit the engine's max_model_len."""
+        if engine.args.llm_tensor_parallel_size > 1:  # its forward would run on rank 0 alone
+            raise ValueError("teacher forcing (router training, the token-match oracle) needs an LLM on one "
+                             f"device; this engine splits it over {engine.args.llm_tensor_parallel_size} ranks: "
+                             "build one with llm_tensor_parallel_size=1")
         f = cls.__new__(cls)
         f.slm, f.llm = engine.core.slm.model, engine.core.llm.model if engine.core.llm is not None else None
         f.vocab_limit = engine.core.vocab_limit
