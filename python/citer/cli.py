@@ -71,7 +71,8 @@ def eval_data_cmd(args) -> None:
     if args.router_s:
         routers["CITER-S"] = router_path(args.router_s)
     query = os.path.join(args.baselines, "query") if args.baselines else None
-    extras = dict(verify_shares=tuple(args.verify_shares), random_shares=tuple(args.random_shares))
+    extras = dict(verify_shares=tuple(args.verify_shares), random_shares=tuple(args.random_shares),
+                  speculative=not args.no_speculative)
     if args.curves_only:
         extras = dict(verify_shares=(), speculative=False, random_shares=())
     result = evaluate_data(engine, task, problems, routers, args.out, max_tokens=args.max_tokens, query_router=query,
@@ -87,6 +88,7 @@ def eval_data_cmd(args) -> None:
                 if kw is None:
                     kw = _point_params(r, routers)
                 pick[name] = kw
+        pick.setdefault("speculative", dict(policy="speculative", num_draft_tokens=4))  # timed without its point too
         timings = time_methods(engine, task, problems, pick, max_tokens=args.max_tokens)
     write_data_eval(result, args.out, f"{os.path.basename(args.eval_data or args.data)}: {len(problems)} problems",
                     timings)
@@ -258,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--data: LLM fractions of the random baseline")
     ev.add_argument("--verify-shares", type=float, nargs="*", default=[0.1, 0.2],
                     help="--data: the CITER router's shares (of --shares) also run with verify=True")
+    ev.add_argument("--no-speculative", action="store_true", help="--data: no speculative decoding point (its "
+                                                                    "greedy outputs are the LLM's; --timing still "
+                                                                    "times it)")
     ev.add_argument("--curves-only", action="store_true", help="--data: only the SLM, the LLM, the routers and "
                                                                "the confidence rule (no random, verify, speculative)")
     ev.add_argument("--timing", nargs="*", help="--data: also time these points ('CITER 0.93', ...) beside slm, llm "
