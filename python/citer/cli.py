@@ -60,11 +60,10 @@ def eval_data_cmd(args) -> None:
     from citer.research.tasks.jsonl import task_from_args
 
     task = task_from_args(args, tokenizer=args.slm, train=False)
-    tok = task_tokenizer(args.slm)
-    problems = [p for p in task.test_problems(args.n)  # the prompts that fit with max_tokens new ones
-                if len(tok(p.prompt).input_ids) + args.max_tokens <= args.max_model_len]
     engine = Engine(args.slm, args.llm, args.router, dtype=args.dtype, max_model_len=args.max_model_len,
                     max_num_seqs=args.max_num_seqs, max_llm_wait=args.max_llm_wait, llm_batch_min=args.llm_batch_min)
+    problems = [p for p in task.test_problems(args.n)  # the prompts that fit with max_tokens new ones
+                if len(engine.tokenizer(p.prompt).input_ids) + args.max_tokens <= args.max_model_len]
     from citer.assets import router_path
 
     routers = {"CITER": router_path(args.router)} if args.router else {}  # shipped names -> folders
@@ -93,12 +92,6 @@ def eval_data_cmd(args) -> None:
     write_data_eval(result, args.out, f"{os.path.basename(args.eval_data or args.data)}: {len(problems)} problems",
                     timings)
     print(data_table(result, timings))
-
-
-def task_tokenizer(path: str):
-    from citer.pair_tokenizer import load_tokenizer
-
-    return load_tokenizer(path)
 
 
 def _point_params(row: dict, routers: dict) -> dict:
