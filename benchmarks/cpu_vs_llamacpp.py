@@ -11,7 +11,8 @@ to float32 HF folders). Every model is written as an HF folder and as GGUF files
 (citer.research.gguf_export); llama.cpp's greedy tokens on the F32 file are checked equal
 to citer's before anything is timed. (llama-cpp-python exposes no two-model speculative
 decoding, only prompt lookup, so the routed pair is compared with llama.cpp's LLM alone in
-docs/real-pair.md.)
+docs/real-pair.md.) llama.cpp's Q8_0 runs without its AMX kernel, which dies with an illegal
+instruction on this machine (load_llama_cpp).
 
 llama-cpp-python is optional: `pip install llama-cpp-python` builds llama.cpp from source
 (about 15 minutes on 2 cores; the registry's sdist, e.g. CMAKE_ARGS="-DGGML_NATIVE=ON");
@@ -75,11 +76,26 @@ def ggufs(path: str, root: str, kinds) -> dict:
     return out
 
 
-def load_llama_cpp(fn: str, threads: int):
-    from llama_cpp import Llama
+def load_llama_cpp(fn: str, threads: int, extra_buffers: bool = True):
+    """llama.cpp's Llama for this GGUF file. extra_buffers=False loads the weights without
+    llama.cpp's extra CPU buffer types (its AMX and repacked layouts): on this machine its AMX
+    Q8_0 kernel dies with an illegal instruction (a tile load, in a process without torch too),
+    so Q8_0 runs on its AVX-512 dot products, as on any CPU without AMX."""
+    import llama_cpp.llama as api
 
-    return Llama(model_path=fn, n_ctx=512, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False,
-                 logits_all=False)
+    defaults = api.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = extra_buffers
+        return p
+
+    api.llama_cpp.llama_model_default_params = params  # llama-cpp-python has no argument for it
+    try:
+        return api.Llama(model_path=fn, n_ctx=512, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                         verbose=False, logits_all=False)
+    finally:
+        api.llama_cpp.llama_model_default_params = defaults
 
 
 def llama_generate(llm, prompt, n: int):
@@ -138,7 +154,7 @@ def bench(path: str, root: str, args) -> dict:
         if hf_dtype is not None:
             hf = AutoModelForCausalLM.from_pretrained(path, dtype=hf_dtype).eval()
             fns[f"transformers {name}"] = lambda m=hf: run_hf(m)
-        lls = {k: load_llama_cpp(files[k], args.threads) for k in kinds if k in files}
+        lls = {k: load_llama_cpp(files[k], args.threads, extra_buffers=k != "Q8_0") for k in kinds if k in files}
         if "F32" in lls:  # same weights, same greedy tokens, before anything is timed
             ref = engine.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True))[0].token_ids
             got = llama_generate(lls["F32"], prompt, 16)

@@ -73,22 +73,31 @@ def main():
         for fn in fns.values():  # warm-up
             fn()
         res = {k: median(v) for k, v in interleaved_medians(fns, args.repeats).items()}
+        differ = {}  # requests whose greedy tokens with deferral differ from those without
         for f in args.fractions:
             ref = [o.token_ids for o in outs[f"random {f:g} now"]]
             for name in DEFERRED:
-                assert [o.token_ids for o in outs[f"random {f:g} {name}"]] == ref, "deferral changed the outputs"
+                got = [o.token_ids for o in outs[f"random {f:g} {name}"]]
+                differ[f"random {f:g} {name}"] = sum(a != r for a, r in zip(got, ref))
+        if args.dtype == "float32":  # exact there: deferral changes when the LLM runs, never what it makes
+            assert not any(differ.values()), f"deferral changed the outputs: {differ}"
         share = {f: sum(sum(o.from_llm) for o in outs[f"random {f:g} now"]) /
                  sum(len(o.token_ids) for o in outs[f"random {f:g} now"]) for f in args.fractions}
-        rows.append({"batch": b, "tok_per_s": res, "llm_share": share})
+        rows.append({"batch": b, "tok_per_s": res, "llm_share": share, "requests_differing": differ})
     cols = [k for k in rows[0]["tok_per_s"] if k != "llm"]
     print(f"\n{args.slm}/{args.llm}, {args.dtype}, {args.threads} thread(s), prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, greedy, medians of {args.repeats}: throughput / citer LLM alone "
-          "(outputs with deferral identical to without: checked)")
+          + ("(outputs with deferral identical to without: checked)" if args.dtype == "float32" else
+             "(bfloat16 rounds each op's output, and a catch-up's rounding depends on which rows share its "
+             "matmuls, so greedy outputs with deferral may differ; requests differing per batch below)"))
     print("| batch | LLM alone tok/s | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for r in rows:
         t = r["tok_per_s"]
         print(f"| {r['batch']} | {t['llm']:.1f} | " + " | ".join(f"{t[c] / t['llm']:.2f}x" for c in cols) + " |")
+    if args.dtype != "float32":
+        for r in rows:
+            print(f"batch {r['batch']}: requests whose greedy outputs with deferral differ: {r['requests_differing']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)

@@ -1,9 +1,11 @@
 // citer._cpu_kernels: the CPU decode path's kernels (AVX-512) and their Python bindings. One
-// translation unit (cpu_linear.inc, cpu_attention.inc are its parts): parsing torch's headers
+// translation unit (cpu_linear.inc, cpu_router.inc, cpu_norm.inc, cpu_attention.inc are its parts): parsing torch's headers
 // is most of the build time, so they are parsed once.
 #include "cpu_kernels.h"
 
 #include "cpu_linear.inc"
+#include "cpu_router.inc"
+#include "cpu_norm.inc"
 #include "cpu_attention.inc"
 
 PYBIND11_MODULE(_cpu_kernels, m) {
@@ -11,6 +13,10 @@ PYBIND11_MODULE(_cpu_kernels, m) {
   m.def("supported", &supported, "Does this CPU have AVX-512 F/BW/VL/BF16?");
   m.def("linear", &linear, "y = x @ w.T (* scale) (+ bias) for x of at most MAX_ROWS rows", py::arg("x"),
         py::arg("w"), py::arg("scale") = py::none(), py::arg("bias") = py::none());
+  m.def("router_mlp", &router_mlp, "a hidden-only router's scores sigmoid(relu(h @ w1.T + b1) @ w2 + b2)",
+        py::arg("h"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"));
+  m.def("rms_norm", &rms_norm, "RMSNorm of x (+ residual, fused) -> [out] or [out, residual_out]", py::arg("x"),
+        py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());
   m.def("paged_attention", &paged_attention, "decode / short catch-up attention from the block table",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
         py::arg("query_start_loc"), py::arg("scale"));

@@ -7,6 +7,10 @@ int64_t linear_max_rows();
 int64_t attention_max_rows();
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& scale,
                      const c10::optional<torch::Tensor>& bias);
+torch::Tensor router_mlp(const torch::Tensor& h, const torch::Tensor& w1, const torch::Tensor& b1,
+                         const torch::Tensor& w2, const torch::Tensor& b2);
+std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
+                                    const c10::optional<torch::Tensor>& residual);
 torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                               const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
                               const torch::Tensor& query_start_loc, double scale);

@@ -22,7 +22,7 @@ from .flash_attention import ATTENTION_CHOICES, paged_attention_flash
 from .kv_store import store_kvcache_ref, store_kvcache_triton
 from .linear import linear_cpu, linear_ref
 from .paged_attention import paged_attention_cpu, paged_attention_ref, paged_attention_splits, paged_attention_triton
-from .rmsnorm import rms_norm_ref, rms_norm_triton
+from .rmsnorm import rms_norm_cpu, rms_norm_triton
 from .routed_head import routed_head_ref, routed_head_triton
 
 BACKENDS = ("torch", "triton")
@@ -51,7 +51,7 @@ class Ops:
     graph_safe: bool
 
 
-TORCH_OPS = Ops("torch", store_kvcache_ref, paged_attention_cpu, rms_norm_ref, routed_head_ref, linear_cpu,
+TORCH_OPS = Ops("torch", store_kvcache_ref, paged_attention_cpu, rms_norm_cpu, routed_head_ref, linear_cpu,
                 no_splits, fused_head=False, graph_safe=False)
 TRITON_OPS = Ops("triton", store_kvcache_triton, paged_attention_triton, rms_norm_triton, routed_head_triton,
                  linear_ref, paged_attention_splits, fused_head=True, graph_safe=True)

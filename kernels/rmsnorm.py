@@ -3,13 +3,20 @@
 With a residual: residual_out = x + residual; out = rmsnorm(residual_out) * weight.
 The add happens in the input dtype and the normalisation in float32, exactly as
 transformers' LlamaRMSNorm / Qwen2RMSNorm do, so results match them bit for bit on CPU.
-The Triton kernel does one row per program.
+The Triton kernel does one row per program; `rms_norm_cpu` runs CPU rows in one call of
+citer's AVX-512 kernel (csrc/cpu_norm.inc) where it applies, the reference elsewhere.
 """
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # built with the package where torch was importable at build time (setup.py)
+    import citer._cpu_kernels as _fast
+    FAST_NORM = _fast.supported()
+except ImportError:  # pragma: no cover - a build without the extension
+    _fast, FAST_NORM = None, False
 
 
 def rms_norm_ref(
@@ -25,6 +32,21 @@ def rms_norm_ref(
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype), residual
+
+
+def rms_norm_cpu(
+    x: torch.Tensor,  # [T, H] float32 | bfloat16, unit stride along H
+    weight: torch.Tensor,  # [H] in x's dtype
+    eps: float,
+    residual: Optional[torch.Tensor] = None,  # [T, H] in x's dtype
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """rms_norm_ref's contract, in one kernel call on CPUs with AVX-512 BF16."""
+    if (FAST_NORM and x.device.type == "cpu" and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16)
+            and weight.dtype == x.dtype and x.stride(-1) == 1 and x.shape[0] > 0
+            and (residual is None or (residual.dtype == x.dtype and residual.stride(-1) == 1))):
+        out = _fast.rms_norm(x, weight, float(eps), residual)
+        return out[0], (out[1] if residual is not None else None)
+    return rms_norm_ref(x, weight, eps, residual)
 
 
 @triton.jit

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from .linear import linear_cpu
+from .linear import FAST_ROWS, _fast, linear_cpu
 from .rmsnorm import _num_warps, _rms_norm_kernel, rms_norm_ref
 from .sampling import MIN_TEMPERATURE, choose_tokens
 from .routed_head_kernels import _head_partial_kernel, _head_reduce_kernel
@@ -38,7 +38,8 @@ NUM_SIGNALS = 3  # (logit of top probability, top-1 minus top-2 logit, entropy)
 MIN_REST = 1e-6  # 1 - top probability is floored here: logit(top prob) <= -log(MIN_REST) = 13.8
 
 
-# A folded router, as these ops take it: a tuple of float32 tensors
+# A folded router, as these ops take it: a tuple of float32 tensors (w1 may be float16: a hidden-only
+# router shipped in float16 keeps it on CPU, see FoldedRouter.to)
 #   (w1 [R, H], b1 [R], w2 [R], b2 [], w_sig [R, NUM_SIGNALS] or None, c_sig [NUM_SIGNALS] or None)
 # (citer.engine.models.router.RouterParams is such a tuple); w_sig is None for a hidden-only router.
 RouterWeights = Tuple[Optional[torch.Tensor], ...]
@@ -70,7 +71,8 @@ def router_mlp_ref(
     signals: Optional[torch.Tensor] = None,  # [B, NUM_SIGNALS] with a head-signal router
 ) -> torch.Tensor:  # [B] float32 in (0, 1)
     w1, b1, w2, b2, w_sig, c_sig = _unpack(router)
-    z = linear_cpu(h.float(), w1, None, b1)  # params are float32 (FoldedRouter.to); few rows: one pass over W1
+    w1 = w1.float() if w1.dtype == torch.float16 else w1  # float32, or float16 as shipped (FoldedRouter.to)
+    z = linear_cpu(h.float(), w1, None, b1)  # few rows: one pass over W1
     if w_sig is not None:
         if signals is None:
             raise ValueError("a head-signal router needs the head's signals (the lm_head must run first)")
@@ -79,6 +81,19 @@ def router_mlp_ref(
     if w_sig is not None:
         out = out.add_(signals @ c_sig)
     return torch.sigmoid(out)
+
+
+def router_mlp_cpu(
+    h: torch.Tensor,  # [B, H] normed hidden state
+    router: RouterWeights,
+    signals: Optional[torch.Tensor] = None,  # [B, NUM_SIGNALS] with a head-signal router
+) -> torch.Tensor:  # [B] float32 in (0, 1)
+    """router_mlp_ref's contract; a hidden-only router over the few rows of a CPU decode step
+    in one call of the AVX-512 kernel (csrc/cpu_router.inc), the rest on the reference."""
+    w1, b1, w2, b2, w_sig, _ = _unpack(router)
+    if w_sig is None and 0 < h.shape[0] <= FAST_ROWS and h.device.type == "cpu":
+        return _fast.router_mlp(h, w1, b1, w2, b2)
+    return router_mlp_ref(h, router, signals)
 
 
 def routed_head_ref(
@@ -103,7 +118,7 @@ def router_scores_ref(h: torch.Tensor, router: Optional[RouterWeights], like: to
     if router is None:
         return torch.full_like(like, float("nan"))
     signals = head_signals_ref(logits) if _unpack(router)[4] is not None else None
-    return router_mlp_ref(h, router, signals)
+    return router_mlp_cpu(h, router, signals)
 
 
 def _default_v_splits(device: torch.device) -> int:

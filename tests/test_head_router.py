@@ -202,3 +202,22 @@ def test_engine_routes_the_same_with_a_router_saved_folded(hf_models, signal_rou
 def test_engine_names_an_unknown_router(hf_models):
     with pytest.raises(FileNotFoundError, match="shipped: .*qwen2.5-coder"):
         Engine(hf_models["qwen2"][0], hf_models["llama"][0], "qwen2.5-coder", device=DEVICE, num_blocks=8)
+
+
+def test_a_router_shipped_in_float16_keeps_its_w1_in_float16_on_cpu(tmp_path):
+    """A hidden-only router whose weights are all float16 values (saved folded in float16, as
+    shipped routers are) keeps W1 in float16 for the CPU ops (half the bytes to stream) and
+    scores as its float32 copy does; a float32 router and a head-signal router stay float32."""
+    from citer.engine.models.router import save_folded
+
+    save_folded(load_router_folded(_perturbed("hidden", seed=4)), str(tmp_path / "h"), torch.float16)
+    shipped = load_router(str(tmp_path / "h"), 32)
+    half, full = shipped.to("cpu", exact_half_w1=True), shipped.to("cpu")
+    assert half.params.w1.dtype == torch.float16 and full.params.w1.dtype == torch.float32
+    for rows in (1, 5, 40):  # the CPU kernel's rows and past them (the reference)
+        h = torch.randn(rows, 32)
+        assert torch.allclose(half.score(h), full.score(h), rtol=1e-6, atol=1e-7)
+    assert load_router_folded(_perturbed("hidden", seed=4)).to("cpu", exact_half_w1=True).params.w1.dtype == \
+        torch.float32
+    save_folded(load_router_folded(_perturbed("hidden+head", seed=4)), str(tmp_path / "s"), torch.float16)
+    assert load_router(str(tmp_path / "s"), 32).to("cpu", exact_half_w1=True).params.w1.dtype == torch.float32

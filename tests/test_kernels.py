@@ -371,3 +371,57 @@ def test_paged_attention_cpu_kernel_equals_reference(dtype):
         ref = paged_attention_ref(q, kc, vc, tables, lens, qsl, d ** -0.5, max(q_lens), max(ctx))
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
         assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol), (hq, hkv, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_cpu_kernel_equals_reference(dtype):
+    """The CPU RMSNorm (csrc/cpu_norm.inc) against rms_norm_ref: odd widths, strided rows,
+    with and without the fused residual; bfloat16 bit for bit but for rare one-ulp steps
+    (the order of the sum of squares), float32 within rounding."""
+    from citer.kernels.rmsnorm import FAST_NORM, rms_norm_cpu
+
+    if not FAST_NORM:
+        pytest.skip("this CPU has no AVX-512 BF16")
+    g = torch.Generator().manual_seed(5)
+    for t, h in ((1, 256), (3, 77), (40, 16), (5, 1000)):
+        x = torch.randn(t, h + 3, generator=g).to(dtype)[:, 1:h + 1]  # rows strided, columns unit stride
+        w = (1 + 0.1 * torch.randn(h, generator=g)).to(dtype)
+        r = torch.randn(t, h, generator=g).to(dtype)
+        for res in (None, r):
+            got, got_res = rms_norm_cpu(x, w, 1e-6, res)
+            ref, ref_res = rms_norm_ref(x, w, 1e-6, res)
+            assert got.dtype == dtype and got.shape == (t, h) and got.is_contiguous()
+            if res is None:
+                assert got_res is None
+            else:
+                assert torch.equal(got_res, ref_res)  # the add rounds exactly as torch's
+            if dtype == torch.float32:
+                assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6), (t, h)
+            else:
+                ulp = (got.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-30)
+                assert (got != ref).float().mean() < 0.02 and ulp.max() <= 2 ** -7, (t, h)
+
+
+@pytest.mark.parametrize("w1_dtype", [torch.float32, torch.float16])
+def test_router_mlp_cpu_kernel_equals_reference(w1_dtype):
+    """The one-call CPU router (csrc/cpu_router.inc) against router_mlp_ref on the same
+    weights (float16 W1 as a shipped router stores it, widened exactly); a head-signal
+    router and rows past the kernel's take the reference."""
+    from citer.kernels.linear import FAST_ROWS
+    from citer.kernels.routed_head import router_mlp_cpu
+
+    if not FAST_ROWS:
+        pytest.skip("this CPU has no AVX-512 BF16")
+    g = torch.Generator().manual_seed(9)
+    for b, h, r in ((1, 256, 512), (3, 77, 154), (FAST_ROWS, 40, 13), (FAST_ROWS + 2, 24, 48)):
+        w1 = (0.1 * torch.randn(r, h, generator=g)).to(w1_dtype)
+        router = (w1, torch.randn(r, generator=g), 0.2 * torch.randn(r, generator=g), torch.tensor(0.1))
+        x = torch.randn(b, h, generator=g)
+        got = router_mlp_cpu(x, router)
+        ref = router_mlp_ref(x, (w1.float(), *router[1:]))
+        assert got.shape == (b,) and got.dtype == torch.float32
+        assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6), (b, h, r)
+    sig = (torch.randn(8, 16, generator=g), torch.randn(8, generator=g), torch.randn(8, generator=g),
+           torch.tensor(0.0), torch.randn(8, 3, generator=g), torch.randn(3, generator=g))
+    x, s = torch.randn(2, 16, generator=g), torch.randn(2, 3, generator=g)
+    assert torch.equal(router_mlp_cpu(x, sig, s), router_mlp_ref(x, sig, s))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from citer.kernels.routed_head import router_mlp_ref, router_scores_ref
+from citer.kernels.routed_head import router_mlp_cpu, router_scores_ref
 from citer.kernels.sampling import choose_tokens, sampling_probs
 
 from .attention import AttentionMetadata, KVCache, paged_attention
@@ -207,7 +207,7 @@ class DecoderLM(nn.Module):
     def router_score(self, ops, hidden: torch.Tensor, router: RouterParams) -> torch.Tensor:
         """Pre-norm hidden [B, H] -> a hidden-only router's score per row [B], without the
         lm_head (a head-signal router needs the head: see `head`)."""
-        return router_mlp_ref(self.final_norm(ops, hidden), router)
+        return router_mlp_cpu(self.final_norm(ops, hidden), router)
 
     def final_norm(self, ops, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm(ops, hidden)[0]

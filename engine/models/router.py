@@ -78,9 +78,15 @@ class FoldedRouter:
     def features(self) -> str:
         return "hidden+head" if self.head_signals else "hidden"
 
-    def to(self, device, dtype=torch.float32) -> "FoldedRouter":
+    def to(self, device, dtype=torch.float32, exact_half_w1: bool = False) -> "FoldedRouter":
+        """On device in dtype. exact_half_w1 (the CPU ops' router kernel takes it): a hidden-only
+        router's W1 stays float16 where every weight is a float16 value (a router shipped in
+        float16): the same scores from half the bytes, the stream that dominates its time."""
         moved = RouterParams(*(t.to(device=device, dtype=dtype).contiguous() if t is not None else None
                                for t in self.params))  # W1 [R, H] row-major: the ops' linear streams it once
+        w1 = moved.w1
+        if exact_half_w1 and not self.head_signals and torch.equal(w1.half().to(w1.dtype), w1):
+            moved = moved._replace(w1=w1.half())
         return FoldedRouter(moved, self.hidden_size, self.default_threshold, self.meta)
 
     def score(self, h_normed: torch.Tensor, signals: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -114,7 +114,8 @@ class Engine:
 
             router = router_path(router)
         cfg = self.core.slm.cfg if self.core.slm is not None else None
-        folded = load_router(router, cfg.hidden_size, cfg.router_shape()).to(self.core.slm.device) if router else None
+        folded = load_router(router, cfg.hidden_size, cfg.router_shape()).to(
+            self.core.slm.device, exact_half_w1=self.backend == "torch") if router else None
         self.core.set_router(folded)  # refuses to drop a router that live requests route with
         self.paths["router"] = router
 

@@ -69,8 +69,8 @@ def build_core(args: EngineArgs) -> EngineCore:
               for name in cfgs if not (name == "llm" and tp > 1)}
     if args.quantization == "int8":
         models = {name: quantize_int8_(m) for name, m in models.items()}
-    folded = (load_router(router, cfgs["slm"].hidden_size, cfgs["slm"].router_shape()).to(devices["slm"])
-              if router is not None else None)
+    folded = (load_router(router, cfgs["slm"].hidden_size, cfgs["slm"].router_shape())
+              .to(devices["slm"], exact_half_w1=ops["slm"].name == "torch") if router is not None else None)
     num_blocks = args.num_blocks
     if num_blocks is None:
         per_block = sum(c.kv_bytes_per_token(torch_dtype) for c in cfgs.values()) * block_size
