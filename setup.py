@@ -33,8 +33,9 @@ except ImportError:
     pass
 else:
     isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off", *isa]  # no contraction: products round as torch's do
     ext_modules.append(CppExtension("citer._cpu_kernels", sources=["csrc/cpu_kernels.cpp"], include_dirs=["csrc"],
-                                    extra_compile_args=["-O3", "-fopenmp", *isa], extra_link_args=["-fopenmp"]))
+                                    extra_compile_args=flags, extra_link_args=["-fopenmp"]))
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}
 
 setup(

@@ -1,11 +1,14 @@
 // citer._cpu_kernels: the CPU decode path's kernels (AVX-512) and their Python bindings. One
-// translation unit (cpu_linear.inc, cpu_router.inc, cpu_norm.inc, cpu_attention.inc are its parts): parsing torch's headers
-// is most of the build time, so they are parsed once.
+// translation unit (cpu_linear.inc, cpu_router.inc, cpu_norm.inc, cpu_rotary.inc, cpu_kv_store.inc,
+// cpu_attention.inc are its parts): parsing torch's headers is most of the build time, so they
+// are parsed once.
 #include "cpu_kernels.h"
 
 #include "cpu_linear.inc"
 #include "cpu_router.inc"
 #include "cpu_norm.inc"
+#include "cpu_rotary.inc"
+#include "cpu_kv_store.inc"
 #include "cpu_attention.inc"
 
 PYBIND11_MODULE(_cpu_kernels, m) {
@@ -17,6 +20,10 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         py::arg("h"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"));
   m.def("rms_norm", &rms_norm, "RMSNorm of x (+ residual, fused) -> [out] or [out, residual_out]", py::arg("x"),
         py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());
+  m.def("rotary", &rotary, "rotary embeddings of q and k -> [q_rot, k_rot]", py::arg("q"), py::arg("k"),
+        py::arg("cos"), py::arg("sin"));
+  m.def("store_kvcache", &store_kvcache, "the new tokens' keys and values into their cache slots", py::arg("key"),
+        py::arg("value"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"));
   m.def("paged_attention", &paged_attention, "decode / short catch-up attention from the block table",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
         py::arg("query_start_loc"), py::arg("scale"));

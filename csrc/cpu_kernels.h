@@ -11,6 +11,10 @@ torch::Tensor router_mlp(const torch::Tensor& h, const torch::Tensor& w1, const 
                          const torch::Tensor& w2, const torch::Tensor& b2);
 std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
                                     const c10::optional<torch::Tensor>& residual);
+std::vector<torch::Tensor> rotary(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& cos,
+                                  const torch::Tensor& sin);
+void store_kvcache(const torch::Tensor& key, const torch::Tensor& value, const torch::Tensor& k_cache,
+                   const torch::Tensor& v_cache, const torch::Tensor& slot_mapping);
 torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                               const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
                               const torch::Tensor& query_start_loc, double scale);

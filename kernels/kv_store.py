@@ -1,11 +1,18 @@
 """KV store: write the new tokens' keys and values into the paged caches.
 
 Token t goes to flat slot slot_mapping[t] = block * block_size + offset; negative slots
-(padded lanes) are skipped. One Triton program per token copies its Hkv * D values.
+(padded lanes) are skipped. One Triton program per token copies its Hkv * D values;
+`store_kvcache_cpu` does the copies in one call of citer's CPU kernel (csrc/cpu_kv_store.inc).
 """
 import torch
 import triton
 import triton.language as tl
+
+try:  # built with the package where torch was importable at build time (setup.py)
+    import citer._cpu_kernels as _fast
+    FAST_STORE = _fast.supported()  # the extension is compiled for AVX-512 throughout
+except ImportError:  # pragma: no cover - a build without the extension
+    _fast, FAST_STORE = None, False
 
 
 def store_kvcache_ref(
@@ -24,6 +31,16 @@ def store_kvcache_ref(
         slots, key, value = slots[valid], key[valid], value[valid]
     k_flat.index_copy_(0, slots, key.to(k_cache.dtype))
     v_flat.index_copy_(0, slots, value.to(v_cache.dtype))
+
+
+def store_kvcache_cpu(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """store_kvcache_ref's contract in one kernel call where the layouts allow it."""
+    if (FAST_STORE and key.device.type == "cpu" and key.dtype == value.dtype == k_cache.dtype == v_cache.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and all(x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (key, value))):
+        _fast.store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        store_kvcache_ref(key, value, k_cache, v_cache, slot_mapping)
 
 
 @triton.jit

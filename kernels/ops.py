@@ -19,10 +19,11 @@ from typing import Callable, Optional
 import torch
 
 from .flash_attention import ATTENTION_CHOICES, paged_attention_flash
-from .kv_store import store_kvcache_ref, store_kvcache_triton
+from .kv_store import store_kvcache_cpu, store_kvcache_triton
 from .linear import linear_cpu, linear_ref
 from .paged_attention import paged_attention_cpu, paged_attention_ref, paged_attention_splits, paged_attention_triton
 from .rmsnorm import rms_norm_cpu, rms_norm_triton
+from .rotary import rotary_cpu, rotary_ref
 from .routed_head import routed_head_ref, routed_head_triton
 
 BACKENDS = ("torch", "triton")
@@ -41,6 +42,7 @@ class Ops:
     rms_norm: Callable
     routed_head: Callable
     linear: Callable  # (x [M, K], w [N, K] (float or int8), scale [N] | None, bias [N] | None) -> [M, N]
+    rotary: Callable  # (q [T, Hq, D], k [T, Hkv, D], cos, sin [T, 1, D]) -> rotated (q, k)
     # (num_seqs, max_query_len, num_heads, num_kv_heads, device) -> the split count the
     # attention op picks for such a batch, or None (no such knob)
     attention_splits: Callable
@@ -51,10 +53,10 @@ class Ops:
     graph_safe: bool
 
 
-TORCH_OPS = Ops("torch", store_kvcache_ref, paged_attention_cpu, rms_norm_cpu, routed_head_ref, linear_cpu,
-                no_splits, fused_head=False, graph_safe=False)
+TORCH_OPS = Ops("torch", store_kvcache_cpu, paged_attention_cpu, rms_norm_cpu, routed_head_ref, linear_cpu,
+                rotary_cpu, no_splits, fused_head=False, graph_safe=False)
 TRITON_OPS = Ops("triton", store_kvcache_triton, paged_attention_triton, rms_norm_triton, routed_head_triton,
-                 linear_ref, paged_attention_splits, fused_head=True, graph_safe=True)
+                 linear_ref, rotary_ref, paged_attention_splits, fused_head=True, graph_safe=True)
 
 
 def resolve_backend(device: torch.device, requested: Optional[str] = None) -> str:

@@ -425,3 +425,44 @@ def test_router_mlp_cpu_kernel_equals_reference(w1_dtype):
            torch.tensor(0.0), torch.randn(8, 3, generator=g), torch.randn(3, generator=g))
     x, s = torch.randn(2, 16, generator=g), torch.randn(2, 3, generator=g)
     assert torch.equal(router_mlp_cpu(x, sig, s), router_mlp_ref(x, sig, s))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_cpu_kernel_equals_reference(dtype):
+    """The CPU rotary (csrc/cpu_rotary.inc) against rotary_ref, bit for bit: q and k as strided
+    views of a fused projection, GQA, head sizes with a half under and over one vector."""
+    from citer.kernels.rotary import FAST_ROTARY, rotary_cpu, rotary_ref
+
+    if not FAST_ROTARY:
+        pytest.skip("this CPU has no AVX-512 BF16")
+    g = torch.Generator().manual_seed(13)
+    for t, hq, hkv, d in ((1, 9, 3, 64), (5, 4, 2, 40), (3, 2, 1, 98), (33, 6, 6, 16)):
+        qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype)
+        q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        q, k = q.view(t, hq, d), k.view(t, hkv, d)
+        ang = torch.rand(t, 1, d // 2, generator=g) * 100
+        cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+        got, ref = rotary_cpu(q, k, cos, sin), rotary_ref(q, k, cos, sin)
+        for a, b in zip(got, ref):
+            assert a.is_contiguous() and torch.equal(a, b), (t, hq, hkv, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kvcache_cpu_kernel_equals_reference(dtype):
+    """The CPU KV store (csrc/cpu_kv_store.inc) writes what store_kvcache_ref writes: strided
+    rows, permuted slots, skipped (-1) lanes, int32 and int64 slot maps; a slot past the
+    cache is refused."""
+    from citer.kernels.kv_store import store_kvcache_cpu
+
+    g = torch.Generator().manual_seed(17)
+    for t, hkv, d, slot_dtype in ((1, 3, 64, torch.int64), (6, 2, 40, torch.int32)):
+        kv = torch.randn(t, 3 * hkv * d, generator=g).to(dtype)
+        k, v = kv[:, hkv * d:2 * hkv * d].view(t, hkv, d), kv[:, 2 * hkv * d:].view(t, hkv, d)
+        slots = torch.randperm(40, generator=g)[:t].to(slot_dtype)
+        slots[t // 2] = -1
+        caches = [[torch.zeros(10, 4, hkv, d, dtype=dtype) for _ in range(2)] for _ in range(2)]
+        store_kvcache_cpu(k, v, *caches[0], slots)
+        store_kvcache_ref(k, v, *caches[1], slots)
+        assert all(torch.equal(a, b) for a, b in zip(*caches))
+    with pytest.raises(RuntimeError, match="past the cache"):
+        store_kvcache_cpu(k, v, *caches[0], torch.full((t,), 40, dtype=torch.int64))

@@ -14,11 +14,12 @@ import pytest  # noqa: E402
 
 from citer.kernels import ops as ops_mod  # noqa: E402
 from citer.kernels.flash_attention import paged_attention_flash  # noqa: E402
-from citer.kernels.kv_store import store_kvcache_triton  # noqa: E402
+from citer.kernels.kv_store import store_kvcache_cpu, store_kvcache_triton  # noqa: E402
 from citer.kernels.ops import get_ops, resolve_backend  # noqa: E402
 from citer.kernels.paged_attention import (SPLIT_KV_MAX_Q, paged_attention_cpu,  # noqa: E402
                                            paged_attention_splits, paged_attention_triton, split_kv_num_splits)
-from citer.kernels.rmsnorm import rms_norm_triton  # noqa: E402
+from citer.kernels.rmsnorm import rms_norm_cpu, rms_norm_triton  # noqa: E402
+from citer.kernels.rotary import rotary_cpu, rotary_ref  # noqa: E402
 from citer.kernels.routed_head import routed_head_triton  # noqa: E402
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernel_bench.py")
@@ -42,6 +43,8 @@ def test_resolve_backend(monkeypatch):
     # the torch backend's attention is the CPU kernel wrapper (the reference where the
     # kernel is not built or the batch is not one it takes)
     assert get_ops("torch").paged_attention is paged_attention_cpu
+    assert (get_ops("torch").rms_norm, get_ops("torch").rotary, get_ops("torch").store_kvcache) == (
+        rms_norm_cpu, rotary_cpu, store_kvcache_cpu)
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
@@ -50,8 +53,8 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     assert resolve_backend(cpu, "triton") == "triton"
     ops = get_ops("triton")
     assert ops.name == "triton"
-    assert (ops.store_kvcache, ops.paged_attention, ops.rms_norm, ops.routed_head) == (
-        store_kvcache_triton, paged_attention_triton, rms_norm_triton, routed_head_triton)
+    assert (ops.store_kvcache, ops.paged_attention, ops.rms_norm, ops.routed_head, ops.rotary) == (
+        store_kvcache_triton, paged_attention_triton, rms_norm_triton, routed_head_triton, rotary_ref)
     monkeypatch.delenv("TRITON_INTERPRET")  # the check reads the environment at call time
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         resolve_backend(cpu, "triton")

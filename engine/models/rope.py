@@ -1,7 +1,8 @@
 """Rotary position embeddings: default, linear and Llama-3 frequency scaling.
 
 Frequencies follow transformers' rope init functions; cos/sin are tabulated once per
-position in float32 and cast to the activation dtype at use, as transformers does.
+position in float32 and cast to the activation dtype at use, as transformers does. The
+rotation itself is an op (citer.kernels.rotary: ops.rotary).
 """
 import math
 
@@ -40,13 +41,3 @@ class RotaryEmbedding(torch.nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
         """positions [T] -> (cos, sin) [T, 1, head_dim] in dtype, shared by every layer."""
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
-
-
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q [T, Hq, D], k [T, Hkv, D] -> rotated (q, k)."""
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
