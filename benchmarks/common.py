@@ -100,22 +100,36 @@ def scratch_dir() -> str:
 
 
 def add_pair_args(ap) -> None:
-    """--slm / --llm: the random-weight Qwen2 shapes of the CPU routed-decoding benchmarks."""
-    ap.add_argument("--llm", default="qwen2-100m")
-    ap.add_argument("--slm", default="qwen2-10m")
+    """--slm / --llm: the random-weight Qwen2 shapes of the CPU routed-decoding benchmarks,
+    or checkpoint folders (e.g. the real pair's, benchmarks/fetch_real_pair.py)."""
+    ap.add_argument("--llm", default="qwen2-100m", help="a random-weight shape's name or a checkpoint folder")
+    ap.add_argument("--slm", default="qwen2-10m", help="a random-weight shape's name or a checkpoint folder")
 
 
-def make_router(hidden: int, path: str, features: str = "hidden") -> str:
-    """An untrained (seeded) CITER router for an SLM of this hidden size, saved to path."""
+def make_router(hidden: int, path: str, features: str = "hidden", dtype: str = "float32") -> str:
+    """An untrained (seeded) CITER router for an SLM of this hidden size, saved to path (as
+    its training network, or with dtype="float16" folded in float16 as shipped routers are)."""
+    from citer.engine.models.router import load_router, save_folded
     from citer.research.router_nets import RouterMLP, save_router
 
     torch.manual_seed(0)
     save_router(RouterMLP(hidden, features=features).eval(), path)
+    if dtype != "float32":
+        folded = load_router(path)
+        for name in os.listdir(path):
+            os.remove(os.path.join(path, name))
+        save_folded(folded, path, getattr(torch, dtype))
     return path
 
 
 def build_pair(args):
-    """-> (slm_path, llm_path): the random-weight pair named by add_pair_args, cached in scratch_dir()."""
+    """-> (slm_path, llm_path): the pair named by add_pair_args; random-weight shapes are
+    built once and cached in scratch_dir(), folders are used as they are."""
     root = scratch_dir()
-    llm_path = build_random_qwen2(args.llm, root, seed=1)
-    return build_random_qwen2(args.slm, root, seed=2), llm_path
+
+    def path(name: str, seed: int) -> str:
+        folder = os.path.expanduser(name)
+        return folder if os.path.isdir(folder) else build_random_qwen2(name, root, seed=seed)
+
+    llm_path = path(args.llm, 1)
+    return path(args.slm, 2), llm_path

@@ -4,10 +4,16 @@ Random-weight Qwen2-shaped models (LLM ~100M parameters, SLM ~10M), batch 1, gre
 prompt 32, 48 new tokens, median of several interleaved runs:
   transformers generate (LLM) | citer policy=llm | citer policy=slm | citer policy=random @ 0.15
 Efficiency of the routed run = ideal / measured, ideal = SLM time + 0.15 x LLM time
-(the cost if switching were free). Router overhead: the folded router MLP as a share of
-one SLM decode step. --neighbour runs everything beside one CPU-bound process (a busy
-neighbour on a shared machine), started before the timing and stopped after it.
-Run: .venv/bin/python benchmarks/routed_decoding.py [--neighbour]
+(the cost if switching were free). Router overhead, measured in place by the profiler
+(profile=True, policy "router"): the router's time (final norm, MLP, scores to the host)
+as a share of the SLM's decode step where the SLM keeps every token (threshold 1: the step
+includes the lm_head) and where every token goes to the LLM (threshold 0: the lm_head is
+skipped, so the step is the SLM's forward alone). --router takes a router folder or a
+shipped router's name instead of the untrained seeded one (--router-dtype float16 saves
+that one folded in float16, as shipped routers are stored). --neighbour runs everything
+beside one CPU-bound process (a busy neighbour on a shared machine), started before the
+timing and stopped after it.
+Run: .venv/bin/python benchmarks/routed_decoding.py [--neighbour] [--slm DIR --llm DIR --router NAME]
 """
 import argparse
 import os
@@ -28,6 +34,9 @@ def main():
     add_pair_args(ap)
     ap.add_argument("--fraction", type=float, default=0.15)
     ap.add_argument("--neighbour", action="store_true", help="time beside one CPU-bound process")
+    ap.add_argument("--router", help="a router folder or shipped name (default: an untrained seeded router)")
+    ap.add_argument("--router-dtype", default="float32", choices=["float32", "float16"],
+                    help="the untrained router's stored precision (shipped routers: float16)")
     add_run_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -37,8 +46,8 @@ def main():
     from citer import Engine, SamplingParams
 
     slm_path, llm_path = build_pair(args)
-    router_path = make_router(AutoModelForCausalLM.from_pretrained(slm_path).config.hidden_size,
-                              tempfile.mkdtemp(prefix="citer-router-"))
+    router_path = args.router or make_router(AutoModelForCausalLM.from_pretrained(slm_path).config.hidden_size,
+                                             tempfile.mkdtemp(prefix="citer-router-"), dtype=args.router_dtype)
     hf = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32).eval()
     engine = Engine(slm_path, llm_path, router_path, max_model_len=512, num_blocks=64)
     prompt = torch.randint(3, 30000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -76,11 +85,14 @@ def main():
     out = routed()
     share = out.llm_share
 
-    # router overhead: folded router MLP at batch 1 vs one SLM decode step (measured by the profiler)
+    # router overhead: the router's phase at batch 1 vs the SLM's decode step (measured by the profiler)
+    engine = None
     prof = Engine(slm_path, llm_path, router_path, max_model_len=512, num_blocks=64, profile=True)
-    stats = [prof.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True, policy="router", threshold=0.0))[0]
-             .stats for _ in range(args.repeats)]
-    router_share = median([s["router_time"] / s["slm_time"] for s in stats])
+    router_share = {}
+    for tau, step in ((1.0, "SLM step (keeps every token)"), (0.0, "SLM forward (every token to the LLM)")):
+        stats = [prof.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True, policy="router",
+                                                        threshold=tau))[0].stats for _ in range(args.repeats)]
+        router_share[step] = median([s["router_time"] / s["slm_time"] for s in stats])
 
     ideal = t["citer slm"] + share * t["citer llm"]
     routed_t = t[f"citer random {args.fraction}"]
@@ -92,7 +104,8 @@ def main():
         print(f"{k:<22} {v / n * 1e3:>9.2f} {t['transformers LLM'] / v:>15.2f}x")
     print(f"routed run: LLM made {share:.1%} of tokens; ideal (SLM + share x LLM) {ideal / n * 1e3:.2f} ms/token; "
           f"efficiency {ideal / routed_t:.2f}; speed-up over transformers LLM {t['transformers LLM'] / routed_t:.2f}x")
-    print(f"router MLP time / SLM step time: {router_share:.2%}")
+    for step, share in router_share.items():
+        print(f"router time / {step}: {share:.2%}")
 
 
 if __name__ == "__main__":
