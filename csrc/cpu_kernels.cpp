@@ -1,7 +1,7 @@
 // citer._cpu_kernels: the CPU decode path's kernels (AVX-512) and their Python bindings. One
 // translation unit (cpu_linear.inc, cpu_router.inc, cpu_norm.inc, cpu_rotary.inc, cpu_kv_store.inc,
-// cpu_attention.inc are its parts): parsing torch's headers is most of the build time, so they
-// are parsed once.
+// cpu_head_stats.inc, cpu_attention.inc are its parts): parsing torch's headers is most of the build
+// time, so they are parsed once.
 #include "cpu_kernels.h"
 
 #include "cpu_linear.inc"
@@ -9,6 +9,7 @@
 #include "cpu_norm.inc"
 #include "cpu_rotary.inc"
 #include "cpu_kv_store.inc"
+#include "cpu_head_stats.inc"
 #include "cpu_attention.inc"
 
 PYBIND11_MODULE(_cpu_kernels, m) {
@@ -24,6 +25,8 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         py::arg("cos"), py::arg("sin"));
   m.def("store_kvcache", &store_kvcache, "the new tokens' keys and values into their cache slots", py::arg("key"),
         py::arg("value"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"));
+  m.def("head_stats", &head_stats, "per row of float32 logits: [argmax, (top1, top2, sum e, sum e z)]",
+        py::arg("logits"));
   m.def("paged_attention", &paged_attention, "decode / short catch-up attention from the block table",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
         py::arg("query_start_loc"), py::arg("scale"));

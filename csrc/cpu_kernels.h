@@ -15,6 +15,7 @@ std::vector<torch::Tensor> rotary(const torch::Tensor& q, const torch::Tensor& k
                                   const torch::Tensor& sin);
 void store_kvcache(const torch::Tensor& key, const torch::Tensor& value, const torch::Tensor& k_cache,
                    const torch::Tensor& v_cache, const torch::Tensor& slot_mapping);
+std::vector<torch::Tensor> head_stats(const torch::Tensor& logits);
 torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                               const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
                               const torch::Tensor& query_start_loc, double scale);

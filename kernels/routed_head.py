@@ -25,7 +25,7 @@ import triton
 
 from .linear import FAST_ROWS, _fast, linear_cpu
 from .rmsnorm import _num_warps, _rms_norm_kernel, rms_norm_ref
-from .sampling import MIN_TEMPERATURE, choose_tokens
+from .sampling import MIN_TEMPERATURE, choose_tokens, head_stats
 from .routed_head_kernels import _head_partial_kernel, _head_reduce_kernel
 from .triton_utils import dot_fp32, sm_count
 
@@ -63,6 +63,17 @@ def head_signals_ref(logits: torch.Tensor) -> torch.Tensor:  # [B, V] raw logits
     rest = (total - 1.0).clamp_min(MIN_REST)  # the sum over every token but the top one, / its exp
     entropy = torch.log(total) - (e * z.clamp_min(-1e30)).sum(-1) / total
     return torch.stack([-torch.log(rest), top2[:, 0] - top2[:, 1], entropy], dim=-1)
+
+
+def head_signals_cpu(logits: torch.Tensor) -> torch.Tensor:  # [B, V] raw logits -> [B, NUM_SIGNALS] float32
+    """head_signals_ref's values from one pass of the CPU kernel's statistics (head_stats),
+    the reference where the kernel does not apply."""
+    stats = head_stats(logits)
+    if stats is None:
+        return head_signals_ref(logits)
+    top1, top2, total, ez = stats[1].unbind(-1)
+    rest = (total - 1.0).clamp_min(MIN_REST)
+    return torch.stack([-torch.log(rest), top1 - top2, torch.log(total) - ez / total], dim=-1)
 
 
 def router_mlp_ref(
@@ -117,7 +128,7 @@ def router_scores_ref(h: torch.Tensor, router: Optional[RouterWeights], like: to
     logits [B, V]), or NaN per row without a router."""
     if router is None:
         return torch.full_like(like, float("nan"))
-    signals = head_signals_ref(logits) if _unpack(router)[4] is not None else None
+    signals = head_signals_cpu(logits) if _unpack(router)[4] is not None else None
     return router_mlp_cpu(h, router, signals)
 
 

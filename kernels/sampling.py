@@ -7,10 +7,19 @@ the Gumbel-max trick (token = argmax(logits / T + G), G ~ Gumbel(0, 1) drawn fro
 torch.Generator seeded with the row's seed for this step), and top-k / top-p filtering,
 which needs the whole logits row (the fused Triton head has no filters). The top
 probability is the softmax maximum of the raw logits (the "confidence" rule's signal).
+`head_stats` gives each row's argmax and softmax statistics in one call of citer's CPU
+kernel (csrc/cpu_head_stats.inc) where it applies: the greedy tokens and top probabilities
+here, and the head signals (routed_head.head_signals_cpu).
 """
 from typing import List, Optional, Tuple
 
 import torch
+
+try:  # built with the package where torch was importable at build time (setup.py)
+    import citer._cpu_kernels as _fast
+    FAST_STATS = _fast.supported()
+except ImportError:  # pragma: no cover - a build without the extension
+    _fast, FAST_STATS = None, False
 
 MIN_TEMPERATURE = 1e-5  # a row whose temperature is under this is greedy (logits / T would overflow)
 Filter = Tuple[int, float, Tuple[int, ...]]  # (top_k, top_p, banned token ids) of one row
@@ -29,16 +38,32 @@ def choose_tokens(
     seeds: torch.Tensor,  # [B] int64, per-row sampling seed for this step
     filters: Optional[List[Filter]] = None,  # per row (top_k, top_p, banned ids); NO_FILTER = none
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # tokens [B] int64, top_prob [B] float32
-    top_prob = torch.softmax(logits, dim=-1).amax(dim=-1)
+    stats = head_stats(logits)
+    if stats is not None:  # top probability = 1 / sum_i exp(x_i - max)
+        tokens, top_prob = stats[0], stats[1][:, 2].reciprocal()
+    else:
+        tokens, top_prob = None, torch.softmax(logits, dim=-1).amax(dim=-1)
     if filters is not None:
         temps, seed_list = temperature.tolist(), seeds.tolist()
         tokens = [sample_row(logits[b], temps[b], *f, seed=seed_list[b]) for b, f in enumerate(filters)]
         return torch.tensor(tokens, dtype=torch.int64, device=logits.device), top_prob
-    tokens = logits.argmax(dim=-1)
+    if tokens is None:
+        tokens = logits.argmax(dim=-1)
     for b in torch.nonzero(temperature >= MIN_TEMPERATURE).flatten().tolist():
         noisy = logits[b] / temperature[b] + gumbel_noise(int(seeds[b]), logits.shape[1]).to(logits.device)
         tokens[b] = noisy.argmax()
     return tokens, top_prob
+
+
+def head_stats(logits: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """logits [B, V] -> (argmax [B] int64, [B, 4] float32: top1, top2 (a repeated maximum
+    counts twice), sum_i e_i, sum_i e_i z_i with z_i = x_i - top1, e_i = exp(z_i)) from the
+    CPU kernel, or None where it does not apply (then use torch)."""
+    if (FAST_STATS and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+            and logits.shape[0] > 0 and logits.shape[1] > 0 and logits.stride(1) == 1):
+        tokens, stats = _fast.head_stats(logits)
+        return tokens, stats
+    return None
 
 
 def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, banned: Tuple[int, ...] = (),

@@ -466,3 +466,28 @@ def test_store_kvcache_cpu_kernel_equals_reference(dtype):
         assert all(torch.equal(a, b) for a, b in zip(*caches))
     with pytest.raises(RuntimeError, match="past the cache"):
         store_kvcache_cpu(k, v, *caches[0], torch.full((t,), 40, dtype=torch.int64))
+
+
+def test_head_stats_cpu_kernel_equals_torch():
+    """The CPU head statistics (csrc/cpu_head_stats.inc): greedy tokens equal torch.argmax
+    (ties to the lowest index, across and within vector lanes), top probabilities and head
+    signals equal the torch references within float32 rounding; odd vocabularies, rows
+    strided as a vocab_limit slice leaves them, a repeated maximum."""
+    from citer.kernels.routed_head import head_signals_cpu
+    from citer.kernels.sampling import FAST_STATS, choose_tokens
+
+    if not FAST_STATS:
+        pytest.skip("this CPU has no AVX-512 BF16")
+    g = torch.Generator().manual_seed(19)
+    for b, v in ((1, 151), (3, 1000), (2, 16), (4, 17), (1, 32003)):
+        logits = (torch.randn(b, v + 5, generator=g) * 4)[:, :v]
+        logits[0, v // 3] = logits[0, v - 1] = logits[0].max() + 1.0  # a tie at the top: lowest index wins
+        if b > 1 and v > 21:
+            logits[1, 5] = logits[1, 21] = logits[1].max() + 2.0  # the same lane of two vectors
+        greedy = torch.zeros(b), torch.zeros(b, dtype=torch.int64)
+        tokens, top_prob = choose_tokens(logits, *greedy)
+        assert torch.equal(tokens, logits.argmax(-1)), (b, v)
+        assert torch.allclose(top_prob, torch.softmax(logits, -1).amax(-1), rtol=1e-5, atol=0)
+        got, ref = head_signals_cpu(logits), head_signals_ref(logits)
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), (b, v, (got - ref).abs().max())
+        assert got[0, 1] == 0  # the repeated maximum: top-1 minus top-2 is 0
