@@ -4,7 +4,8 @@ runs, ms per generated token (prefill included, as each engine's generate pays i
 
 Precisions compared like with like: citer float32 / llama.cpp F32 / transformers float32;
 citer bfloat16 / llama.cpp F16 and BF16 / transformers bfloat16; citer int8 (weight-only,
-per-channel) / llama.cpp Q8_0. Models: the small-Llama shape (hidden 576, 30 layers, 9
+per-channel, on the layers' projections; bfloat16 activations, embedding and lm_head) /
+llama.cpp Q8_0 (8.5 bits per weight everywhere, the output matrix included). Models: the small-Llama shape (hidden 576, 30 layers, 9
 heads, 3 KV heads, MLP 1536, vocab 49152, tied; random weights) and, with --real, the
 Qwen2.5-Coder-0.5B and 1.5B checkpoints (benchmarks/fetch_real_pair.py, then citer convert
 to float32 HF folders). Every model is written as an HF folder and as GGUF files
@@ -123,7 +124,7 @@ def time_runs(fns: dict, repeats: int) -> dict:
 GROUPS = (  # one precision at a time (loaded, timed interleaved, freed): a 1.5B in float32 three times over
     ("float32", dict(dtype="float32"), torch.float32, ("F32",)),  # would not fit this machine's 24 GB
     ("bfloat16", dict(dtype="bfloat16"), torch.bfloat16, ("F16", "BF16")),
-    ("int8", dict(dtype="float32", quantization="int8"), None, ("Q8_0",)),
+    ("int8", dict(dtype="bfloat16", quantization="int8"), None, ("Q8_0",)),  # int8 layers, bf16 embedding/lm_head
 )
 
 
@@ -148,7 +149,7 @@ def bench(path: str, root: str, args) -> dict:
         with torch.inference_mode():
             m.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-    for name, options, hf_dtype, kinds in GROUPS:
+    for name, options, hf_dtype, kinds in (g for g in GROUPS if g[0] in args.precisions):
         engine = Engine(llm=path, max_model_len=256, num_blocks=64, **options)
         fns = {f"citer {name}": (lambda e=engine: e.generate([prompt], params))}
         if hf_dtype is not None:
@@ -182,6 +183,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precisions", nargs="+", default=[g[0] for g in GROUPS], choices=[g[0] for g in GROUPS])
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

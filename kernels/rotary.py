@@ -35,9 +35,11 @@ def rotary_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """rotary_ref's contract; contiguous outputs."""
     d = q.shape[-1]
-    if (FAST_ROTARY and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+    if (FAST_ROTARY and q.device.type == "cpu" and q.dim() == k.dim() == 3 and q.shape[0] == k.shape[0]
+            and k.shape[2] == d and d % 2 == 0 and q.dtype in (torch.float32, torch.bfloat16)
             and q.dtype == k.dtype == cos.dtype == sin.dtype and cos.is_contiguous() and sin.is_contiguous()
-            and d % 2 == 0 and all(x.stride(2) == 1 and x.stride(1) == d for x in (q, k))):
+            and cos.numel() == sin.numel() == q.shape[0] * d
+            and all(x.stride(2) == 1 and x.stride(1) == d for x in (q, k))):
         q_rot, k_rot = _fast.rotary(q, k, cos, sin)
         return q_rot, k_rot
     return rotary_ref(q, k, cos, sin)

@@ -66,14 +66,16 @@ def head_signals_ref(logits: torch.Tensor) -> torch.Tensor:  # [B, V] raw logits
 
 
 def head_signals_cpu(logits: torch.Tensor) -> torch.Tensor:  # [B, V] raw logits -> [B, NUM_SIGNALS] float32
-    """head_signals_ref's values from one pass of the CPU kernel's statistics (head_stats),
-    the reference where the kernel does not apply."""
+    """head_signals_ref's values from the CPU kernel's statistics (head_stats), the reference
+    where the kernel does not apply. The kernel sums the rest of the distribution without the
+    top token's 1, so -log(rest) keeps its precision on confident steps, where the
+    reference's total - 1 cancels (there the two differ by the reference's rounding)."""
     stats = head_stats(logits)
     if stats is None:
         return head_signals_ref(logits)
-    top1, top2, total, ez = stats[1].unbind(-1)
-    rest = (total - 1.0).clamp_min(MIN_REST)
-    return torch.stack([-torch.log(rest), top1 - top2, torch.log(total) - ez / total], dim=-1)
+    top1, top2, rest, ez = stats[1].unbind(-1)
+    total = 1.0 + rest
+    return torch.stack([-torch.log(rest.clamp_min(MIN_REST)), top1 - top2, torch.log(total) - ez / total], dim=-1)
 
 
 def router_mlp_ref(
@@ -102,7 +104,8 @@ def router_mlp_cpu(
     """router_mlp_ref's contract; a hidden-only router over the few rows of a CPU decode step
     in one call of the AVX-512 kernel (csrc/cpu_router.inc), the rest on the reference."""
     w1, b1, w2, b2, w_sig, _ = _unpack(router)
-    if w_sig is None and 0 < h.shape[0] <= FAST_ROWS and h.device.type == "cpu":
+    if (w_sig is None and 0 < h.shape[0] <= FAST_ROWS and h.device.type == "cpu" and w1.is_contiguous()
+            and w1.dtype in (torch.float32, torch.float16)):
         return _fast.router_mlp(h, w1, b1, w2, b2)
     return router_mlp_ref(h, router, signals)
 

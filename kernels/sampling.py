@@ -39,8 +39,8 @@ def choose_tokens(
     filters: Optional[List[Filter]] = None,  # per row (top_k, top_p, banned ids); NO_FILTER = none
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # tokens [B] int64, top_prob [B] float32
     stats = head_stats(logits)
-    if stats is not None:  # top probability = 1 / sum_i exp(x_i - max)
-        tokens, top_prob = stats[0], stats[1][:, 2].reciprocal()
+    if stats is not None:  # top probability = 1 / sum_i exp(x_i - max) = 1 / (1 + rest)
+        tokens, top_prob = stats[0], (stats[1][:, 2] + 1.0).reciprocal()
     else:
         tokens, top_prob = None, torch.softmax(logits, dim=-1).amax(dim=-1)
     if filters is not None:
@@ -57,8 +57,9 @@ def choose_tokens(
 
 def head_stats(logits: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """logits [B, V] -> (argmax [B] int64, [B, 4] float32: top1, top2 (a repeated maximum
-    counts twice), sum_i e_i, sum_i e_i z_i with z_i = x_i - top1, e_i = exp(z_i)) from the
-    CPU kernel, or None where it does not apply (then use torch)."""
+    counts twice), rest = sum of e_i over every index but the argmax, sum_i e_i z_i, with
+    z_i = x_i - top1, e_i = exp(z_i)) from the CPU kernel, or None where it does not apply
+    (then use torch)."""
     if (FAST_STATS and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
             and logits.shape[0] > 0 and logits.shape[1] > 0 and logits.stride(1) == 1):
         tokens, stats = _fast.head_stats(logits)

@@ -491,3 +491,13 @@ def test_head_stats_cpu_kernel_equals_torch():
         got, ref = head_signals_cpu(logits), head_signals_ref(logits)
         assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), (b, v, (got - ref).abs().max())
         assert got[0, 1] == 0  # the repeated maximum: top-1 minus top-2 is 0
+    # a confident step: the rest of the distribution is 3e-4 of the top token's mass, spread
+    # thin; -log(rest) against float64 (the top token's exact 1 must not swallow the tail)
+    for top in (0, 7, 151935):
+        logits = torch.full((1, 151936), -20.0)
+        logits[0, top] = 0.0
+        x = logits.double()
+        rest = torch.exp(x - x.max()).sum() - 1.0
+        got = head_signals_cpu(logits)
+        assert abs(float(got[0, 0]) + float(torch.log(rest))) < 1e-4, (top, float(got[0, 0]))
+        assert int(choose_tokens(logits, *(torch.zeros(1), torch.zeros(1, dtype=torch.int64)))[0]) == top
