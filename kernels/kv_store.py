@@ -8,11 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # built with the package where torch was importable at build time (setup.py)
-    import citer._cpu_kernels as _fast
-    FAST_STORE = _fast.supported()  # the extension is compiled for AVX-512 throughout
-except ImportError:  # pragma: no cover - a build without the extension
-    _fast, FAST_STORE = None, False
+from . import cpu_ext
 
 
 def store_kvcache_ref(
@@ -35,12 +31,12 @@ def store_kvcache_ref(
 
 def store_kvcache_cpu(key, value, k_cache, v_cache, slot_mapping) -> None:
     """store_kvcache_ref's contract in one kernel call where the layouts allow it."""
-    if (FAST_STORE and key.device.type == "cpu" and key.dtype == value.dtype == k_cache.dtype == v_cache.dtype
+    if (cpu_ext.AVAILABLE and key.device.type == "cpu" and key.dtype == value.dtype == k_cache.dtype == v_cache.dtype
             and k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[2:] == key.shape[1:]
             and k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.is_contiguous()
             and key.dim() == 3 and value.shape == key.shape
             and all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (key, value))):
-        _fast.store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+        cpu_ext.ext.store_kvcache(key, value, k_cache, v_cache, slot_mapping)
     else:
         store_kvcache_ref(key, value, k_cache, v_cache, slot_mapping)
 

@@ -14,11 +14,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-try:  # built with the package where torch was importable at build time (setup.py)
-    import citer._cpu_kernels as _fast
-    FAST_ROWS = _fast.MAX_ROWS if _fast.supported() else 0
-except ImportError:  # pragma: no cover - a build without the extension
-    _fast, FAST_ROWS = None, 0
+from . import cpu_ext
+
+FAST_ROWS = cpu_ext.ext.MAX_ROWS if cpu_ext.AVAILABLE else 0  # rows of x the CPU kernel takes
 
 
 def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -44,5 +42,5 @@ def linear_cpu(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor] =
                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """linear_ref's contract; at most FAST_ROWS rows on the CPU kernel, the rest on torch."""
     if 0 < x.shape[0] <= FAST_ROWS and x.device.type == "cpu" and w.is_contiguous():
-        return _fast.linear(x.contiguous(), w, scale, bias)
+        return cpu_ext.ext.linear(x.contiguous(), w, scale, bias)
     return linear_ref(x, w, scale, bias)

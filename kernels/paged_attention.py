@@ -13,14 +13,11 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from . import cpu_ext
 from .paged_attention_kernels import _paged_merge_kernel, _paged_prefill_kernel, _paged_split_kv_kernel
 from .triton_utils import dot_fp32, sm_count as device_sm_count
 
-try:  # built with the package where torch was importable at build time (setup.py)
-    import citer._cpu_kernels as _fast
-    FAST_ATTENTION_ROWS = _fast.ATTENTION_MAX_ROWS if _fast.supported() else 0
-except ImportError:  # pragma: no cover - a build without the extension
-    _fast, FAST_ATTENTION_ROWS = None, 0
+FAST_ATTENTION_ROWS = cpu_ext.ext.ATTENTION_MAX_ROWS if cpu_ext.AVAILABLE else 0
 
 DECODE_SPLITS_CPU = 8  # under the interpreter: few programs (its cost is per program)
 SPLIT_KV_MAX_Q = 16  # max_query_len up to this (decode, short catch-ups): the split-KV kernel
@@ -38,7 +35,7 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
     group = q.shape[1] // k_cache.shape[2]
     if FAST_ATTENTION_ROWS and q.device.type == "cpu" and max_query_len * group <= FAST_ATTENTION_ROWS \
             and q.dtype == k_cache.dtype and q.dtype in (torch.float32, torch.bfloat16) and q.shape[2] <= 256:
-        return _fast.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, float(scale))
+        return cpu_ext.ext.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, float(scale))
     return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len,
                                max_seq_len, num_splits)
 

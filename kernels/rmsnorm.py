@@ -12,11 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # built with the package where torch was importable at build time (setup.py)
-    import citer._cpu_kernels as _fast
-    FAST_NORM = _fast.supported()
-except ImportError:  # pragma: no cover - a build without the extension
-    _fast, FAST_NORM = None, False
+from . import cpu_ext
 
 
 def rms_norm_ref(
@@ -41,12 +37,12 @@ def rms_norm_cpu(
     residual: Optional[torch.Tensor] = None,  # [T, H] in x's dtype
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """rms_norm_ref's contract, in one kernel call on CPUs with AVX-512 BF16."""
-    if (FAST_NORM and x.device.type == "cpu" and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16)
+    if (cpu_ext.AVAILABLE and x.device.type == "cpu" and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16)
             and weight.dtype == x.dtype and weight.is_contiguous() and weight.numel() == x.shape[1]
             and x.stride(-1) == 1 and x.shape[0] > 0
             and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
                                       and residual.stride(-1) == 1))):
-        out = _fast.rms_norm(x, weight, float(eps), residual)
+        out = cpu_ext.ext.rms_norm(x, weight, float(eps), residual)
         return out[0], (out[1] if residual is not None else None)
     return rms_norm_ref(x, weight, eps, residual)
 

@@ -10,11 +10,7 @@ from typing import Tuple
 
 import torch
 
-try:  # built with the package where torch was importable at build time (setup.py)
-    import citer._cpu_kernels as _fast
-    FAST_ROTARY = _fast.supported()
-except ImportError:  # pragma: no cover - a build without the extension
-    _fast, FAST_ROTARY = None, False
+from . import cpu_ext
 
 
 def rotary_ref(
@@ -35,11 +31,11 @@ def rotary_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """rotary_ref's contract; contiguous outputs."""
     d = q.shape[-1]
-    if (FAST_ROTARY and q.device.type == "cpu" and q.dim() == k.dim() == 3 and q.shape[0] == k.shape[0]
+    if (cpu_ext.AVAILABLE and q.device.type == "cpu" and q.dim() == k.dim() == 3 and q.shape[0] == k.shape[0]
             and k.shape[2] == d and d % 2 == 0 and q.dtype in (torch.float32, torch.bfloat16)
             and q.dtype == k.dtype == cos.dtype == sin.dtype and cos.is_contiguous() and sin.is_contiguous()
             and cos.numel() == sin.numel() == q.shape[0] * d
             and all(x.stride(2) == 1 and x.stride(1) == d for x in (q, k))):
-        q_rot, k_rot = _fast.rotary(q, k, cos, sin)
+        q_rot, k_rot = cpu_ext.ext.rotary(q, k, cos, sin)
         return q_rot, k_rot
     return rotary_ref(q, k, cos, sin)

@@ -23,7 +23,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from .linear import FAST_ROWS, _fast, linear_cpu
+from . import cpu_ext
+from .linear import FAST_ROWS, linear_cpu
 from .rmsnorm import _num_warps, _rms_norm_kernel, rms_norm_ref
 from .sampling import MIN_TEMPERATURE, choose_tokens, head_stats
 from .routed_head_kernels import _head_partial_kernel, _head_reduce_kernel
@@ -106,7 +107,7 @@ def router_mlp_cpu(
     w1, b1, w2, b2, w_sig, _ = _unpack(router)
     if (w_sig is None and 0 < h.shape[0] <= FAST_ROWS and h.device.type == "cpu" and w1.is_contiguous()
             and w1.dtype in (torch.float32, torch.float16)):
-        return _fast.router_mlp(h, w1, b1, w2, b2)
+        return cpu_ext.ext.router_mlp(h, w1, b1, w2, b2)
     return router_mlp_ref(h, router, signals)
 
 

@@ -15,11 +15,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-try:  # built with the package where torch was importable at build time (setup.py)
-    import citer._cpu_kernels as _fast
-    FAST_STATS = _fast.supported()
-except ImportError:  # pragma: no cover - a build without the extension
-    _fast, FAST_STATS = None, False
+from . import cpu_ext
 
 MIN_TEMPERATURE = 1e-5  # a row whose temperature is under this is greedy (logits / T would overflow)
 Filter = Tuple[int, float, Tuple[int, ...]]  # (top_k, top_p, banned token ids) of one row
@@ -60,9 +56,9 @@ def head_stats(logits: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tenso
     counts twice), rest = sum of e_i over every index but the argmax, sum_i e_i z_i, with
     z_i = x_i - top1, e_i = exp(z_i)) from the CPU kernel, or None where it does not apply
     (then use torch)."""
-    if (FAST_STATS and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+    if (cpu_ext.AVAILABLE and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
             and logits.shape[0] > 0 and logits.shape[1] > 0 and logits.stride(1) == 1):
-        tokens, stats = _fast.head_stats(logits)
+        tokens, stats = cpu_ext.ext.head_stats(logits)
         return tokens, stats
     return None
 

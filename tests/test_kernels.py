@@ -378,9 +378,10 @@ def test_rms_norm_cpu_kernel_equals_reference(dtype):
     """The CPU RMSNorm (csrc/cpu_norm.inc) against rms_norm_ref: odd widths, strided rows,
     with and without the fused residual; bfloat16 bit for bit but for rare one-ulp steps
     (the order of the sum of squares), float32 within rounding."""
-    from citer.kernels.rmsnorm import FAST_NORM, rms_norm_cpu
+    from citer.kernels.cpu_ext import AVAILABLE
+    from citer.kernels.rmsnorm import rms_norm_cpu
 
-    if not FAST_NORM:
+    if not AVAILABLE:
         pytest.skip("this CPU has no AVX-512 BF16")
     g = torch.Generator().manual_seed(5)
     for t, h in ((1, 256), (3, 77), (40, 16), (5, 1000)):
@@ -431,9 +432,10 @@ def test_router_mlp_cpu_kernel_equals_reference(w1_dtype):
 def test_rotary_cpu_kernel_equals_reference(dtype):
     """The CPU rotary (csrc/cpu_rotary.inc) against rotary_ref, bit for bit: q and k as strided
     views of a fused projection, GQA, head sizes with a half under and over one vector."""
-    from citer.kernels.rotary import FAST_ROTARY, rotary_cpu, rotary_ref
+    from citer.kernels.cpu_ext import AVAILABLE
+    from citer.kernels.rotary import rotary_cpu, rotary_ref
 
-    if not FAST_ROTARY:
+    if not AVAILABLE:
         pytest.skip("this CPU has no AVX-512 BF16")
     g = torch.Generator().manual_seed(13)
     for t, hq, hkv, d in ((1, 9, 3, 64), (5, 4, 2, 40), (3, 2, 1, 98), (33, 6, 6, 16)):
@@ -474,9 +476,10 @@ def test_head_stats_cpu_kernel_equals_torch():
     signals equal the torch references within float32 rounding; odd vocabularies, rows
     strided as a vocab_limit slice leaves them, a repeated maximum."""
     from citer.kernels.routed_head import head_signals_cpu
-    from citer.kernels.sampling import FAST_STATS, choose_tokens
+    from citer.kernels.cpu_ext import AVAILABLE
+    from citer.kernels.sampling import choose_tokens
 
-    if not FAST_STATS:
+    if not AVAILABLE:
         pytest.skip("this CPU has no AVX-512 BF16")
     g = torch.Generator().manual_seed(19)
     for b, v in ((1, 151), (3, 1000), (2, 16), (4, 17), (1, 32003)):
