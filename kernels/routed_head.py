@@ -66,12 +66,14 @@ def head_signals_ref(logits: torch.Tensor) -> torch.Tensor:  # [B, V] raw logits
     return torch.stack([-torch.log(rest), top2[:, 0] - top2[:, 1], entropy], dim=-1)
 
 
-def head_signals_cpu(logits: torch.Tensor) -> torch.Tensor:  # [B, V] raw logits -> [B, NUM_SIGNALS] float32
+def head_signals_cpu(logits: torch.Tensor,  # [B, V] raw logits
+                     stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,  # head_stats(logits), if computed
+                     ) -> torch.Tensor:  # [B, NUM_SIGNALS] float32
     """head_signals_ref's values from the CPU kernel's statistics (head_stats), the reference
     where the kernel does not apply. The kernel sums the rest of the distribution without the
     top token's 1, so -log(rest) keeps its precision on confident steps, where the
     reference's total - 1 cancels (there the two differ by the reference's rounding)."""
-    stats = head_stats(logits)
+    stats = stats if stats is not None else head_stats(logits)
     if stats is None:
         return head_signals_ref(logits)
     top1, top2, rest, ez = stats[1].unbind(-1)
@@ -122,17 +124,20 @@ def routed_head_ref(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # token [B] int64, top_prob [B], score [B]
     h, _ = rms_norm_ref(hidden, norm_weight, eps)
     logits = torch.nn.functional.linear(h, lm_head).float()
-    tokens, top_prob = choose_tokens(logits, temperature, seeds)
-    return tokens, top_prob, router_scores_ref(h, router, top_prob, logits)
+    stats = head_stats(logits)  # one pass for the token choice and the head signals
+    tokens, top_prob = choose_tokens(logits, temperature, seeds, stats=stats)
+    return tokens, top_prob, router_scores_ref(h, router, top_prob, logits, stats)
 
 
 def router_scores_ref(h: torch.Tensor, router: Optional[RouterWeights], like: torch.Tensor,
-                      logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      logits: Optional[torch.Tensor] = None,
+                      stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """The router's score per row of the normed h (a head-signal router reads the raw
-    logits [B, V]), or NaN per row without a router."""
+    logits [B, V], or their head_stats where the caller has them), or NaN per row without
+    a router."""
     if router is None:
         return torch.full_like(like, float("nan"))
-    signals = head_signals_cpu(logits) if _unpack(router)[4] is not None else None
+    signals = head_signals_cpu(logits, stats) if _unpack(router)[4] is not None else None
     return router_mlp_cpu(h, router, signals)
 
 

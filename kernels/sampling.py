@@ -33,8 +33,9 @@ def choose_tokens(
     temperature: torch.Tensor,  # [B] float32, 0 = greedy
     seeds: torch.Tensor,  # [B] int64, per-row sampling seed for this step
     filters: Optional[List[Filter]] = None,  # per row (top_k, top_p, banned ids); NO_FILTER = none
+    stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,  # head_stats(logits), if the caller has it
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # tokens [B] int64, top_prob [B] float32
-    stats = head_stats(logits)
+    stats = stats if stats is not None else head_stats(logits)
     if stats is not None:  # top probability = 1 / sum_i exp(x_i - max) = 1 / (1 + rest)
         tokens, top_prob = stats[0], (stats[1][:, 2] + 1.0).reciprocal()
     else:

@@ -11,7 +11,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from citer.kernels.routed_head import router_mlp_cpu, router_scores_ref
-from citer.kernels.sampling import choose_tokens, sampling_probs
+from citer.kernels.sampling import choose_tokens, head_stats, sampling_probs
 
 from .attention import AttentionMetadata, KVCache, paged_attention
 from .config import ModelConfig
@@ -159,11 +159,12 @@ class DecoderLM(nn.Module):
         if not ops.fused_head:
             h = self.final_norm(ops, hidden)
             logits = self.logits_from_normed(ops, h)[:, :self.vocab_limit]
-            tokens, top_prob = choose_tokens(logits, temperature, seeds, spec.filters)
+            stats = head_stats(logits)  # one pass for the token choice and a head-signal router's signals
+            tokens, top_prob = choose_tokens(logits, temperature, seeds, spec.filters, stats)
             score = None
             if spec.router is not None:
                 with phase("router") if phase is not None else nullcontext():
-                    score = router_scores_ref(h, spec.router, top_prob, logits)
+                    score = router_scores_ref(h, spec.router, top_prob, logits, stats)
             rows = torch.arange(len(hidden), device=hidden.device)
             probs, logprobs = self._extras(logits, rows, spec, temperature, len(hidden))
             return HeadOutput(tokens, top_prob, score, probs, logprobs)
