@@ -14,9 +14,7 @@ from citer.engine.outputs import RequestOutput, TokenEvent, llm_share
 from citer.engine.requests import Prompt
 from citer.engine.sampling_params import SamplingParams
 
-from citer.engine.models.router import load_router
-
-from .builder import build_core
+from .builder import build_core, fold_router
 
 
 @dataclass
@@ -114,8 +112,7 @@ class Engine:
 
             router = router_path(router)
         cfg = self.core.slm.cfg if self.core.slm is not None else None
-        folded = load_router(router, cfg.hidden_size, cfg.router_shape()).to(
-            self.core.slm.device, exact_half_w1=self.backend == "torch") if router else None
+        folded = fold_router(router, cfg, self.core.slm.device, self.backend) if router else None
         self.core.set_router(folded)  # refuses to drop a router that live requests route with
         self.paths["router"] = router
 

@@ -27,7 +27,7 @@ from citer.kernels.ops import get_ops, resolve_backend
 from citer.engine.models import load_model, load_model_config
 from citer.engine.models.gguf import gguf_file, read_gguf
 from citer.engine.models.loader import resolve_dtype
-from citer.engine.models.router import load_router
+from citer.engine.models.router import FoldedRouter, load_router
 from .pair_tokenizer import check_same_tokenizer, load_tokenizer, vocab_limit
 
 DEFAULT_CPU_KV_MEMORY = 1 << 30  # 1 GiB for both models' caches
@@ -69,8 +69,7 @@ def build_core(args: EngineArgs) -> EngineCore:
               for name in cfgs if not (name == "llm" and tp > 1)}
     if args.quantization == "int8":
         models = {name: quantize_int8_(m) for name, m in models.items()}
-    folded = (load_router(router, cfgs["slm"].hidden_size, cfgs["slm"].router_shape())
-              .to(devices["slm"], exact_half_w1=ops["slm"].name == "torch") if router is not None else None)
+    folded = fold_router(router, cfgs["slm"], devices["slm"], ops["slm"].name) if router is not None else None
     num_blocks = args.num_blocks
     if num_blocks is None:
         per_block = sum(c.kv_bytes_per_token(torch_dtype) for c in cfgs.values()) * block_size
@@ -115,6 +114,13 @@ def build_core(args: EngineArgs) -> EngineCore:
             tuner = ThreadTuner(torch.get_num_threads())
     return EngineCore(config, block_manager, runners.get("slm"), runners.get("llm"), folded, tokenizer, eos,
                       limit, timer, tuner)
+
+
+def fold_router(path: str, slm_cfg, device: torch.device, backend: str) -> FoldedRouter:
+    """A router folder, checked against the SLM it scores, folded on the SLM's device (the
+    torch backend's CPU kernel keeps a float16-exact W1 in float16)."""
+    folded = load_router(path, slm_cfg.hidden_size, slm_cfg.router_shape())
+    return folded.to(device, exact_half_w1=backend == "torch")
 
 
 def default_kv_memory(device: torch.device) -> int:
