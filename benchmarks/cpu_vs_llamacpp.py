@@ -5,8 +5,9 @@ runs, ms per generated token (prefill included, as each engine's generate pays i
 Precisions compared like with like: citer float32 / llama.cpp F32 / transformers float32;
 citer bfloat16 / llama.cpp F16 and BF16 / transformers bfloat16; citer int8 (weight-only,
 per-channel, on the layers' projections; bfloat16 activations, embedding and lm_head) /
-llama.cpp Q8_0 (8.5 bits per weight everywhere, the output matrix included). Models: the small-Llama shape (hidden 576, 30 layers, 9
-heads, 3 KV heads, MLP 1536, vocab 49152, tied; random weights) and, with --real, the
+llama.cpp Q8_0 (8.5 bits per weight everywhere, the output matrix included). Models: the
+small-Llama shape (hidden 576, 30 layers, 9 heads, 3 KV heads, MLP 1536, vocab 49152,
+tied; random weights) and, with --real, the
 Qwen2.5-Coder-0.5B and 1.5B checkpoints (benchmarks/fetch_real_pair.py, then citer convert
 to float32 HF folders). Every model is written as an HF folder and as GGUF files
 (citer.research.gguf_export); llama.cpp's greedy tokens on the F32 file are checked equal

@@ -86,7 +86,7 @@ def main():
     share = out.llm_share
 
     # router overhead: the router's phase at batch 1 vs the SLM's decode step (measured by the profiler)
-    engine = None
+    engine = None  # free the timed engine's weights first (the real pair's are 9 GB in float32)
     prof = Engine(slm_path, llm_path, router_path, max_model_len=512, num_blocks=64, profile=True)
     router_share = {}
     for tau, step in ((1.0, "SLM step (keeps every token)"), (0.0, "SLM forward (every token to the LLM)")):
@@ -104,8 +104,8 @@ def main():
         print(f"{k:<22} {v / n * 1e3:>9.2f} {t['transformers LLM'] / v:>15.2f}x")
     print(f"routed run: LLM made {share:.1%} of tokens; ideal (SLM + share x LLM) {ideal / n * 1e3:.2f} ms/token; "
           f"efficiency {ideal / routed_t:.2f}; speed-up over transformers LLM {t['transformers LLM'] / routed_t:.2f}x")
-    for step, share in router_share.items():
-        print(f"router time / {step}: {share:.2%}")
+    for step, fraction in router_share.items():
+        print(f"router time / {step}: {fraction:.2%}")
 
 
 if __name__ == "__main__":
