@@ -17,6 +17,10 @@ PYBIND11_MODULE(_cpu_kernels, m) {
   m.def("supported", &supported, "Does this CPU have AVX-512 F/BW/VL/BF16?");
   m.def("linear", &linear, "y = x @ w.T (* scale) (+ bias) for x of at most MAX_ROWS rows", py::arg("x"),
         py::arg("w"), py::arg("scale") = py::none(), py::arg("bias") = py::none());
+  m.def("dequantize_int8", &dequantize_int8, "int8 weights [N, K] times their scales [N] in float32 or bfloat16",
+        py::arg("q"), py::arg("scale"), py::arg("dtype"));
+  m.def("linear_int8_gemm", &linear_int8_gemm, "y = x @ (q * scale).T (+ bias) for many rows of x (torch's GEMM)",
+        py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("bias") = py::none());
   m.def("router_mlp", &router_mlp, "a hidden-only router's scores sigmoid(relu(h @ w1.T + b1) @ w2 + b2)",
         py::arg("h"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"));
   m.def("rms_norm", &rms_norm, "RMSNorm of x (+ residual, fused) -> [out] or [out, residual_out]", py::arg("x"),

@@ -7,6 +7,9 @@ int64_t linear_max_rows();
 int64_t attention_max_rows();
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& scale,
                      const c10::optional<torch::Tensor>& bias);
+torch::Tensor dequantize_int8(const torch::Tensor& q, const torch::Tensor& scale, at::ScalarType dtype);
+torch::Tensor linear_int8_gemm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                               const c10::optional<torch::Tensor>& bias);
 torch::Tensor router_mlp(const torch::Tensor& h, const torch::Tensor& w1, const torch::Tensor& b1,
                          const torch::Tensor& w2, const torch::Tensor& b2);
 std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps,

@@ -6,7 +6,8 @@ F.linear; int8 weights dequantized to x's dtype first). `linear_cpu` takes the f
 calls of decode steps and short catch-ups (x of at most 16 rows) to citer's AVX-512
 kernel (csrc/cpu_linear.cpp), which streams each weight once at the memory bandwidth in
 every dtype (torch's GEMV on these rows reads float32 below it and bfloat16 slower than
-float32); larger calls, and CPUs without AVX-512 BF16, go to the reference. Accumulation
+float32); larger calls, and CPUs without AVX-512 BF16, go to torch: the reference, or for int8 weights
+citer's linear_int8_gemm (the reference's weights, dequantized a cached chunk at a time). Accumulation
 is in float32 everywhere; both round the output to x's dtype.
 """
 from typing import Optional, Tuple
@@ -41,6 +42,9 @@ def linear_ref(
 def linear_cpu(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """linear_ref's contract; at most FAST_ROWS rows on the CPU kernel, the rest on torch."""
-    if 0 < x.shape[0] <= FAST_ROWS and x.device.type == "cpu" and w.is_contiguous():
-        return cpu_ext.ext.linear(x.contiguous(), w, scale, bias)
+    if FAST_ROWS and x.device.type == "cpu" and w.is_contiguous():
+        if 0 < x.shape[0] <= FAST_ROWS:
+            return cpu_ext.ext.linear(x.contiguous(), w, scale, bias)
+        if w.dtype == torch.int8:  # the reference's weights (bit for bit), a cached chunk at a time, on torch's GEMM
+            return cpu_ext.ext.linear_int8_gemm(x.contiguous(), w, scale, bias)
     return linear_ref(x, w, scale, bias)
