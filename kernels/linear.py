@@ -3,7 +3,7 @@
 int8 weights are per-output-channel (row) symmetric: w = q * scale[:, None], q int8 in
 [-127, 127], scale [N] float32 (`quantize_int8`). `linear_ref` is the reference (torch's
 F.linear; int8 weights dequantized to x's dtype first). `linear_cpu` takes the few-row
-calls of decode steps and short catch-ups (x of at most 16 rows) to citer's AVX-512
+calls of decode steps and short catch-ups (x of at most 16 rows, fewer in bfloat16) to citer's AVX-512
 kernel (csrc/cpu_linear.cpp), which streams each weight once at the memory bandwidth in
 every dtype (torch's GEMV on these rows reads float32 below it and bfloat16 slower than
 float32); larger calls, and CPUs without AVX-512 BF16, go to torch: the reference, or for int8 weights
@@ -17,7 +17,12 @@ import torch.nn.functional as F
 
 from . import cpu_ext
 
-FAST_ROWS = cpu_ext.ext.MAX_ROWS if cpu_ext.AVAILABLE else 0  # rows of x the CPU kernel takes
+FAST_ROWS = cpu_ext.ext.MAX_ROWS if cpu_ext.AVAILABLE else 0  # rows of x the CPU kernel takes at most
+# Up to how many rows of x the kernel beats torch's GEMM, by (weight dtype, x dtype): past a few
+# rows the kernel is bound by its multiply-adds, and oneDNN's bfloat16 GEMM has AMX
+# (benchmarks/cpu_linear.py, 2 threads: bf16 1.0-1.1x at 6 rows, 0.9 at 8; int8 with bf16 x
+# 1.1-1.25x at 12, 0.8-1.1 at 16; float32 1.3-1.5x still at 16)
+KERNEL_ROWS = {(torch.bfloat16, torch.bfloat16): 6, (torch.int8, torch.bfloat16): 12}
 
 
 def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -41,9 +46,9 @@ def linear_ref(
 
 def linear_cpu(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """linear_ref's contract; at most FAST_ROWS rows on the CPU kernel, the rest on torch."""
+    """linear_ref's contract; few rows (KERNEL_ROWS, at most FAST_ROWS) on the CPU kernel, the rest on torch."""
     if FAST_ROWS and x.device.type == "cpu" and w.is_contiguous():
-        if 0 < x.shape[0] <= FAST_ROWS:
+        if 0 < x.shape[0] <= KERNEL_ROWS.get((w.dtype, x.dtype), FAST_ROWS):
             return cpu_ext.ext.linear(x.contiguous(), w, scale, bias)
         if w.dtype == torch.int8:  # the reference's weights (bit for bit), a cached chunk at a time, on torch's GEMM
             return cpu_ext.ext.linear_int8_gemm(x.contiguous(), w, scale, bias)
