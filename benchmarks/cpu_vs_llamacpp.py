@@ -4,8 +4,8 @@ runs, ms per generated token (prefill included, as each engine's generate pays i
 
 Precisions compared like with like: citer float32 / llama.cpp F32 / transformers float32;
 citer bfloat16 / llama.cpp F16 and BF16 / transformers bfloat16; citer int8 (weight-only,
-per-channel, on the layers' projections; bfloat16 activations, embedding and lm_head) /
-llama.cpp Q8_0 (8.5 bits per weight everywhere, the output matrix included). Models: the
+per-channel, on the layers' projections and the lm_head / tied embedding; bfloat16
+activations) / llama.cpp Q8_0 (8.5 bits per weight everywhere, the output matrix included). Models: the
 small-Llama shape (hidden 576, 30 layers, 9 heads, 3 KV heads, MLP 1536, vocab 49152,
 tied; random weights) and, with --real, the
 Qwen2.5-Coder-0.5B and 1.5B checkpoints (benchmarks/fetch_real_pair.py, then citer convert
@@ -125,7 +125,7 @@ def time_runs(fns: dict, repeats: int) -> dict:
 GROUPS = (  # one precision at a time (loaded, timed interleaved, freed): a 1.5B in float32 three times over
     ("float32", dict(dtype="float32"), torch.float32, ("F32",)),  # would not fit this machine's 24 GB
     ("bfloat16", dict(dtype="bfloat16"), torch.bfloat16, ("F16", "BF16")),
-    ("int8", dict(dtype="bfloat16", quantization="int8"), None, ("Q8_0",)),  # int8 layers, bf16 embedding/lm_head
+    ("int8", dict(dtype="bfloat16", quantization="int8"), None, ("Q8_0",)),  # int8 weights, bf16 activations
 )
 
 

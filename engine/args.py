@@ -56,7 +56,8 @@ class EngineArgs:
                                                                       "one, whichever decode steps run faster now: "
                                                                       "engine/threads.py)"})
     quantization: Optional[str] = field(default=None, metadata={"help": "int8: weight-only int8 layer projections "
-                                                                       "(per-channel scales)"})
+                                                                       "and lm_head (a tied embedding with it; "
+                                                                       "per-channel scales)"})
     profile: bool = field(default=False, metadata={"help": "per-request time in SLM steps, router, LLM catch-up "
                                                           "and the rest (stats *_time)"})
     seed: int = field(default=0, metadata={"help": "seeds the requests that bring no seed of their own"})

@@ -76,7 +76,7 @@ def _load(spec: TPSpec, rank: int):
 def _kv_pool(model, spec: TPSpec, device) -> list:
     c = model.cfg
     shape = (spec.num_blocks + 1, spec.block_size, c.num_kv_heads, c.head_dim)
-    dtype = model.embed_tokens.weight.dtype
+    dtype = model.norm.weight.dtype
     return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(c.num_layers)]
 

@@ -24,7 +24,7 @@ import torch
 import triton
 
 from . import cpu_ext
-from .linear import FAST_ROWS, linear_cpu
+from .linear import FAST_ROWS, linear_cpu, linear_ref
 from .rmsnorm import _num_warps, _rms_norm_kernel, rms_norm_ref
 from .sampling import MIN_TEMPERATURE, choose_tokens, head_stats
 from .routed_head_kernels import _head_partial_kernel, _head_reduce_kernel
@@ -121,9 +121,10 @@ def routed_head_ref(
     router: Optional[RouterWeights],
     temperature: torch.Tensor,  # [B] float32, under MIN_TEMPERATURE = greedy
     seeds: torch.Tensor,  # [B] int64, per-row sampling seed for this step
+    lm_scale: Optional[torch.Tensor] = None,  # [V] float32 with an int8 lm_head
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # token [B] int64, top_prob [B], score [B]
     h, _ = rms_norm_ref(hidden, norm_weight, eps)
-    logits = torch.nn.functional.linear(h, lm_head).float()
+    logits = linear_ref(h, lm_head, lm_scale).float()
     stats = head_stats(logits)  # one pass for the token choice and the head signals
     tokens, top_prob = choose_tokens(logits, temperature, seeds, stats=stats)
     return tokens, top_prob, router_scores_ref(h, router, top_prob, logits, stats)
@@ -147,11 +148,13 @@ def _default_v_splits(device: torch.device) -> int:
     return 4 * sm_count(device)
 
 
-def routed_head_triton(hidden, norm_weight, eps, lm_head, router, temperature, seeds,
+def routed_head_triton(hidden, norm_weight, eps, lm_head, router, temperature, seeds, lm_scale=None,
                        v_splits: Optional[int] = None, return_signals: bool = False):
     """Same contract as routed_head_ref. hidden [B, H] and lm_head [V, H] with unit stride
     along H (an lm_head row slice is fine), norm_weight in the hidden dtype, lm_head in
-    the hidden dtype; router params float32 (copied once per call otherwise); temperature
+    the hidden dtype or int8 with lm_scale [V] float32 (an int8 lm_head's logits differ
+    from the reference's by its rounding of the dequantized weights to the hidden dtype);
+    router params float32 (copied once per call otherwise); temperature
     [B] float32 and seeds [B] int64 on the same device. No host synchronisation.
     return_signals: also the head's signals [B, NUM_SIGNALS] (as head_signals_ref)."""
     batch, hidden_size = hidden.shape
@@ -161,6 +164,9 @@ def routed_head_triton(hidden, norm_weight, eps, lm_head, router, temperature, s
         raise ValueError("routed_head needs unit stride along the hidden dim")
     if lm_head.shape[1] != hidden_size:
         raise ValueError(f"lm_head {tuple(lm_head.shape)} does not match hidden size {hidden_size}")
+    lm_int8 = lm_head.dtype == torch.int8
+    if lm_int8 and (lm_scale is None or lm_scale.shape != (vocab,) or lm_scale.dtype != torch.float32):
+        raise ValueError(f"an int8 lm_head needs float32 scales [{vocab}]")
     f32 = dict(dtype=torch.float32, device=dev)
     tokens = torch.empty(batch, dtype=torch.int64, device=dev)
     top_prob = torch.empty(batch, **f32)
@@ -206,10 +212,11 @@ def routed_head_triton(hidden, norm_weight, eps, lm_head, router, temperature, s
         w1 = b1 = w2 = b2 = part_router = part_z = w_sig = c_sig = part_sum  # placeholders, never read
         num_r, r_per_split = 0, ROUTER_BLOCK
     _head_partial_kernel[(v_splits, triton.cdiv(batch, block_b))](
-        h, lm_head, temperature, seeds, w1, b1, w2, part_best, part_idx, part_max, part_max2, part_sum, part_ent,
+        h, lm_head, lm_scale if lm_int8 else part_sum, temperature, seeds, w1, b1, w2, part_best, part_idx, part_max, part_max2, part_sum, part_ent,
         part_router, part_z, batch, hidden_size, vocab, num_r, lm_head.stride(0), v_per_split, r_per_split,
         V_SPLITS=v_splits, BLOCK_B=block_b, BLOCK_V=BLOCK_V, BLOCK_H=block_h, BLOCK_R=ROUTER_BLOCK,
-        HAS_ROUTER=router is not None, HEAD_SIGNALS=head_signals, DOT_FP32=dot_fp32(lm_head.dtype),
+        HAS_ROUTER=router is not None, HEAD_SIGNALS=head_signals, DOT_FP32=dot_fp32(hidden.dtype),
+        LM_INT8=lm_int8,
         MIN_TEMPERATURE=MIN_TEMPERATURE, num_warps=num_warps,
     )
 

@@ -7,7 +7,8 @@ Three launches; none materialises [B, V] logits:
   2. _head_partial_kernel, grid (V_SPLITS, cdiv(B, BLOCK_B)): program (s, bb) owns the
      vocab range of split s and a tile of BLOCK_B rows. Each [BLOCK_V, BLOCK_H] lm_head
      tile is loaded once for all BLOCK_B rows and multiplied with tl.dot (fp32
-     accumulation); per row it keeps the running argmax (strict '>' across tiles, and
+     accumulation; an int8 lm_head's tiles go in as their integer values, exact in the
+     hidden dtype, and each logit is multiplied by its row's scale after the dot); per row it keeps the running argmax (strict '>' across tiles, and
      tl.argmax's first index within a tile: torch.argmax's lowest-index tie-break), the
      running top-2 of the raw logits, sum exp(l - max) and sum exp(l - max) * (l - max)
      (online logsumexp and entropy, rescaled whenever the max moves) and, for rows with
@@ -31,7 +32,8 @@ import triton.language as tl
 @triton.jit
 def _head_partial_kernel(
     h_ptr,  # [B, H] normed hidden rows, contiguous (hidden dtype)
-    lm_head_ptr,  # [V, H], row stride lm_stride, unit stride along H
+    lm_head_ptr,  # [V, H], row stride lm_stride, unit stride along H (hidden dtype, or int8 with LM_INT8)
+    lm_scale_ptr,  # [V] float32: an int8 lm_head's per-row scales (unused otherwise)
     temperature_ptr,  # [B] float32, under MIN_TEMPERATURE = greedy
     seeds_ptr,  # [B] int64
     w1_ptr,  # [R, H] float32 contiguous (unused without a router)
@@ -60,6 +62,7 @@ def _head_partial_kernel(
     HAS_ROUTER: tl.constexpr,
     HEAD_SIGNALS: tl.constexpr,  # the router reads the head's signals: store pre-activations
     DOT_FP32: tl.constexpr,
+    LM_INT8: tl.constexpr,  # int8 lm_head: its values (exact in any float dtype) into the dot, the scale after it
     MIN_TEMPERATURE: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -94,7 +97,9 @@ def _head_partial_kernel(
             if DOT_FP32:
                 acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             else:
-                acc += tl.dot(x, tl.trans(w))
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        if LM_INT8:
+            acc = acc * tl.load(lm_scale_ptr + vo, mask=vmask, other=1.0)[None, :]
         logits = tl.where(vmask[None, :], acc, float("-inf"))
         tile_max = tl.max(logits, axis=1)
         tile_arg = tl.argmax(logits, axis=1)

@@ -223,6 +223,33 @@ def test_routed_head_greedy_and_router(dtype):
     assert torch.isnan(nan_score).all() and torch.equal(tok2, tok)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_routed_head_int8_lm_head(dtype):
+    """An int8 lm_head (quantization="int8"): the kernel's logits are the dot of the integer
+    rows, times each row's scale; its token, top probability and head signals against the
+    float32 logits of the weights it stands for, and in float32 the reference's outputs."""
+    from citer.kernels.linear import quantize_int8
+
+    hs, nw, lm, router = make_head(5, 72, 997, dtype, seed=6, router_rows=96, head_signals=True)
+    q, s = quantize_int8(lm.float().cpu())
+    q, s = q.to(DEV), s.to(DEV)
+    temp, seeds = greedy(5)
+    tok, top, score, signals = routed_head_triton(hs, nw, 1e-6, q, router, temp, seeds, lm_scale=s, v_splits=3,
+                                                  return_signals=True)
+    deq = (q.float() * s[:, None])  # the weights the int8 head stands for, in float32
+    logits, h = fp32_logits(hs, nw, deq)
+    chosen = logits.gather(1, tok[:, None]).squeeze(1)
+    assert torch.all(chosen >= logits.max(1).values - TOL[dtype] * 10 * logits.abs().max())
+    assert torch.allclose(top, torch.softmax(logits, -1).amax(-1), atol=TOL[dtype] * 10)
+    assert torch.allclose(signals, head_signals_ref(logits), atol=TOL[dtype] * 100, rtol=TOL[dtype] * 10)
+    if dtype == torch.float32:
+        ref_tok, ref_top, ref_score = routed_head_ref(hs, nw, 1e-6, q, router, temp, seeds, lm_scale=s)
+        assert torch.equal(tok, ref_tok)
+        assert torch.allclose(top, ref_top, atol=TOL[dtype]) and torch.allclose(score, ref_score, atol=TOL[dtype])
+    with pytest.raises(ValueError, match="int8 lm_head needs float32 scales"):
+        routed_head_triton(hs, nw, 1e-6, q, router, temp, seeds)
+
+
 @pytest.mark.parametrize("batch,hidden,vocab,rows,v_splits", [(5, 72, 997, 144, 3), (19, 40, 203, 200, 1),
                                                              (3, 24, 130, 48, 7)])
 def test_routed_head_signals_and_head_signal_router(batch, hidden, vocab, rows, v_splits):

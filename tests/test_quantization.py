@@ -17,14 +17,14 @@ def _logprob_rows(outs):
 
 
 def _dequantized_engine(path):
-    """The float engine with every projection's weight set to its int8 round trip."""
+    """The float engine with every projection's and the lm_head's weight (a tied embedding
+    with it) set to its int8 round trip."""
     e = Engine(llm=path, **KW)
+    model = e.core.llm.model
     with torch.no_grad():
-        for layer in e.core.llm.model.layers:
-            for p in PROJECTIONS:
-                mod = layer.get_submodule(p)
-                q, s = quantize_int8(mod.weight)
-                mod.weight.copy_(q.float() * s[:, None])
+        for mod in [layer.get_submodule(p) for layer in model.layers for p in PROJECTIONS] + [model.lm_head]:
+            q, s = quantize_int8(mod.weight)
+            mod.weight.copy_(q.float() * s[:, None])
     return e
 
 
@@ -35,7 +35,15 @@ def test_int8_equals_its_dequantized_reference_and_stays_near_float(hf_models, n
     params = SamplingParams(max_tokens=12, ignore_eos=True, policy="llm", logprobs=5)
     q = Engine(llm=path, quantization="int8", **KW)
     assert all(getattr(layer.self_attn.qkv_proj, "qweight").dtype == torch.int8 for layer in q.core.llm.model.layers)
-    assert not hasattr(q.core.llm.model.layers[0].mlp.down_proj, "weight")  # no float copy kept
+    model = q.core.llm.model
+    assert not hasattr(model.layers[0].mlp.down_proj, "weight")  # no float copy kept
+    assert model.lm_head.qweight.dtype == torch.int8 and not hasattr(model.lm_head, "weight")
+    tied = model.cfg.tie_word_embeddings
+    assert hasattr(model.embed_tokens, "qweight") == tied and hasattr(model.embed_tokens, "weight") != tied
+    if tied:  # one int8 table for both, its rows dequantized when gathered
+        assert model.embed_tokens.qweight is model.lm_head.qweight
+        ids = torch.tensor([0, 5, 3, 5])
+        assert torch.equal(model.embed(ids), model.lm_head.qweight[ids].float() * model.lm_head.qscale[ids, None])
     got, ref = q.generate(prompts, params), _dequantized_engine(path).generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
     assert torch.allclose(_logprob_rows(got), _logprob_rows(ref), atol=1e-4)

@@ -133,9 +133,9 @@ class DecoderLM(nn.Module):
                 meta: AttentionMetadata, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids, positions [T] -> pre-norm hidden states [T, H] (rows: only those rows)."""
         if self.shard is not None:
-            x = vocab_parallel_embed(self.embed_tokens, input_ids, self.v0, self.shard)
+            x = vocab_parallel_embed(self.embed, input_ids, self.v0, self.embed_tokens.num_embeddings, self.shard)
         else:
-            x = self.embed_tokens(input_ids)
+            x = self.embed(input_ids)
         rope_cs = self.rotary(positions, x.dtype)
         residual: Optional[torch.Tensor] = None
         for layer, kv in zip(self.layers, kv_cache):
@@ -143,6 +143,14 @@ class DecoderLM(nn.Module):
         if rows is not None:
             return x[rows] + residual[rows]
         return x + residual
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] (this rank's rows) -> embeddings [T, H] in the model's dtype; an int8
+        table (a tied lm_head quantized: quantize.py) gives its rows dequantized."""
+        q = self.embed_tokens._buffers.get("qweight")
+        if q is None:
+            return F.embedding(ids, self.embed_tokens.weight)
+        return (q[ids].float() * self.embed_tokens._buffers["qscale"][ids, None]).to(self.norm.weight.dtype)
 
     def head(self, ops, hidden: torch.Tensor, spec: HeadSpec, phase=None) -> HeadOutput:
         """Pre-norm hidden [B, H] (one row per head position) -> each row's token, top
@@ -168,9 +176,9 @@ class DecoderLM(nn.Module):
             rows = torch.arange(len(hidden), device=hidden.device)
             probs, logprobs = self._extras(logits, rows, spec, temperature, len(hidden))
             return HeadOutput(tokens, top_prob, score, probs, logprobs)
-        lm_head = self.lm_head.weight[:self.vocab_limit]
+        lm_head, lm_scale = self._lm_head_rows()
         tokens, top_prob, score = ops.routed_head(hidden, self.norm.weight, self.norm.eps, lm_head, spec.router,
-                                                  temperature, seeds)
+                                                  temperature, seeds, lm_scale=lm_scale)
         need = [spec.needs_logits(i) for i in range(len(hidden))]
         probs = logprobs = None
         if any(need):
@@ -181,6 +189,13 @@ class DecoderLM(nn.Module):
                 tokens = tokens.index_copy(0, rows, chosen)
             probs, logprobs = self._extras(logits, rows, spec, temperature, len(hidden))
         return HeadOutput(tokens, top_prob, score if spec.router is not None else None, probs, logprobs)  # op: NaN
+
+    def _lm_head_rows(self):
+        """The lm_head's rows of the shared vocabulary -> (weights [V, H], scales [V] of int8 weights or None)."""
+        q = self.lm_head._buffers.get("qweight")
+        if q is None:
+            return self.lm_head.weight[:self.vocab_limit], None
+        return q[:self.vocab_limit], self.lm_head._buffers["qscale"][:self.vocab_limit]
 
     def _tp_head(self, ops, hidden: torch.Tensor, spec: HeadSpec, temperature, seeds) -> HeadOutput:
         """One rank's part of the head (tp.tp_head): its vocabulary slice's logits, the token

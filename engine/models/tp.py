@@ -111,11 +111,13 @@ def shard_slices(hf_name: str, cfg: ModelConfig, shard: Shard) -> Optional[Tuple
     return None
 
 
-def vocab_parallel_embed(emb: torch.nn.Embedding, ids: torch.Tensor, v0: int, shard: Shard) -> torch.Tensor:
+def vocab_parallel_embed(embed, ids: torch.Tensor, v0: int, rows: int, shard: Shard) -> torch.Tensor:
+    """embed(local ids) -> [T, H] over this rank's `rows` vocabulary rows from v0; ids
+    outside them count 0, and the ranks' sum is every token's embedding."""
     local = ids - v0
-    inside = (local >= 0) & (local < emb.num_embeddings)
-    x = emb(torch.where(inside, local, torch.zeros_like(local))) * inside[:, None].to(emb.weight.dtype)
-    return shard.all_reduce(x)
+    inside = (local >= 0) & (local < rows)
+    x = embed(torch.where(inside, local, torch.zeros_like(local)))
+    return shard.all_reduce(x * inside[:, None].to(x.dtype))
 
 
 def tp_head(logits: torch.Tensor, v0: int, vocab_size: int, vocab_limit: int, temperature: torch.Tensor,
