@@ -23,6 +23,8 @@ FAST_ROWS = cpu_ext.ext.MAX_ROWS if cpu_ext.AVAILABLE else 0  # rows of x the CP
 # (benchmarks/cpu_linear.py, 2 threads: bf16 1.0-1.1x at 6 rows, 0.9 at 8; int8 with bf16 x
 # 1.1-1.25x at 12, 0.8-1.1 at 16; float32 1.3-1.5x still at 16)
 KERNEL_ROWS = {(torch.bfloat16, torch.bfloat16): 6, (torch.int8, torch.bfloat16): 12}
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # x's dtypes the CPU kernels take (float16: the reference)
+REF_CHUNK_ROWS = 16384  # linear_ref dequantizes int8 weights this many rows at a time
 
 
 def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -39,16 +41,22 @@ def linear_ref(
     scale: Optional[torch.Tensor] = None,  # [N] float32 with int8 w
     bias: Optional[torch.Tensor] = None,  # [N]
 ) -> torch.Tensor:  # [M, N] in x's dtype
-    if w.dtype == torch.int8:
-        w = (w.to(torch.float32) * scale[:, None]).to(x.dtype)
-    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    b = None if bias is None else bias.to(x.dtype)
+    if w.dtype != torch.int8:
+        return F.linear(x, w.to(x.dtype), b)
+    # int8: dequantized to x's dtype (through float32), REF_CHUNK_ROWS rows at a time so that
+    # a large matrix (an lm_head) never has a whole float32 copy
+    outs = [F.linear(x, (w[n:n + REF_CHUNK_ROWS].to(torch.float32) * scale[n:n + REF_CHUNK_ROWS, None]).to(x.dtype),
+                     None if b is None else b[n:n + REF_CHUNK_ROWS]) for n in range(0, w.shape[0], REF_CHUNK_ROWS)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 def linear_cpu(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """linear_ref's contract; few rows (KERNEL_ROWS, at most FAST_ROWS) on the CPU kernel, the rest on torch."""
-    if FAST_ROWS and x.device.type == "cpu" and w.is_contiguous():
-        if 0 < x.shape[0] <= KERNEL_ROWS.get((w.dtype, x.dtype), FAST_ROWS):
+    if (FAST_ROWS and x.device.type == "cpu" and w.is_contiguous() and x.dtype in KERNEL_DTYPES and x.shape[0] > 0
+            and x.shape[1] > 0):
+        if x.shape[0] <= KERNEL_ROWS.get((w.dtype, x.dtype), FAST_ROWS):
             return cpu_ext.ext.linear(x.contiguous(), w, scale, bias)
         if w.dtype == torch.int8:  # the reference's weights (bit for bit), a cached chunk at a time, on torch's GEMM
             return cpu_ext.ext.linear_int8_gemm(x.contiguous(), w, scale, bias)

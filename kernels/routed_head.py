@@ -165,8 +165,9 @@ def routed_head_triton(hidden, norm_weight, eps, lm_head, router, temperature, s
     if lm_head.shape[1] != hidden_size:
         raise ValueError(f"lm_head {tuple(lm_head.shape)} does not match hidden size {hidden_size}")
     lm_int8 = lm_head.dtype == torch.int8
-    if lm_int8 and (lm_scale is None or lm_scale.shape != (vocab,) or lm_scale.dtype != torch.float32):
-        raise ValueError(f"an int8 lm_head needs float32 scales [{vocab}]")
+    if lm_int8 and (lm_scale is None or lm_scale.shape != (vocab,) or lm_scale.dtype != torch.float32
+                    or lm_scale.device != dev or lm_scale.stride(0) != 1):
+        raise ValueError(f"an int8 lm_head needs float32 scales [{vocab}], contiguous, on {dev}")
     f32 = dict(dtype=torch.float32, device=dev)
     tokens = torch.empty(batch, dtype=torch.int64, device=dev)
     top_prob = torch.empty(batch, **f32)

@@ -365,7 +365,9 @@ def test_linear_cpu_kernel_equals_reference(wdtype, xdtype):
         tol = 2e-2 * max(1.0, ref.float().abs().max().item()) if xdtype == torch.bfloat16 else 1e-4
         return got.dtype == xdtype and torch.allclose(got.float(), ref.float(), rtol=1e-4, atol=tol)
 
-    for m, k, n in ((1, 37, 19), (3, 96, 200), (7, 64, 9), (16, 129, 67), (FAST_ROWS + 3, 40, 33)):
+    shapes = ((37, 19), (96, 6), (64, 9), (129, 67), (40, 200))  # (k, n): every n mod 4, k tails
+    for m in [*range(1, FAST_ROWS + 1), FAST_ROWS + 3]:  # every pass shape of the kernel, then torch
+        k, n = shapes[m % len(shapes)]
         x = torch.randn(m, k, generator=g).to(xdtype)
         w = torch.randn(n, k, generator=g)
         bias = torch.randn(n, generator=g).to(xdtype)
@@ -387,7 +389,7 @@ def test_linear_cpu_kernel_equals_reference(wdtype, xdtype):
 def test_int8_dequantize_and_many_row_linear_equal_reference(dtype):
     """int8 weights for many rows (a prefill): citer's one-pass dequantization gives the
     reference's weights bit for bit, and the chunked GEMM (chunks of about 1 MB of weights: three
-    and a bit here, with a bias) matches linear_ref."""
+    here, the last one partial; with and without a bias) matches linear_ref."""
     from citer.kernels import cpu_ext
     from citer.kernels.linear import FAST_ROWS, linear_cpu, linear_ref, quantize_int8
 
@@ -403,6 +405,23 @@ def test_int8_dequantize_and_many_row_linear_equal_reference(dtype):
                 got, ref = linear_cpu(x, q, s, b), linear_ref(x, q, s, b)
                 tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
                 assert got.dtype == dtype and torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol), (n, k, m)
+
+
+def test_linear_edge_cases_and_chunked_int8_reference(monkeypatch):
+    """linear_cpu with no rows, and float16 activations with int8 weights (the reference
+    takes them); linear_ref's int8 dequantization in row chunks equals the whole matrix's."""
+    from citer.kernels import linear as lin
+
+    g = torch.Generator().manual_seed(17)
+    q, s = lin.quantize_int8(torch.randn(23, 40, generator=g))
+    assert lin.linear_cpu(torch.randn(0, 40), q, s).shape == (0, 23)
+    x16 = torch.randn(20, 40, generator=g).half()
+    assert lin.linear_cpu(x16, q, s).dtype == torch.float16
+    x = torch.randn(5, 40, generator=g)
+    bias = torch.randn(23, generator=g)
+    whole = torch.nn.functional.linear(x, q.float() * s[:, None], bias)
+    monkeypatch.setattr(lin, "REF_CHUNK_ROWS", 6)
+    assert torch.allclose(lin.linear_ref(x, q, s, bias), whole, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -63,3 +63,16 @@ def test_int8_routes_like_float(hf_models, router_path):
     assert all(len(o.token_ids) == 10 and all(0 <= s <= 1 for s in o.router_scores) for o in outs)
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         Engine(slm, llm, quantization="int4", **KW)
+
+
+def test_teacher_forcing_over_an_int8_engine(hf_models):
+    """The research pipeline's Forcer over an int8 engine's own models (a tied SLM: its
+    embedding is the int8 table) gives the engine's greedy tokens."""
+    from citer.research.training.forcing import Forcer
+
+    slm, llm = hf_models["qwen2"][0], hf_models["llama"][0]
+    e = Engine(slm, llm, quantization="int8", **KW)
+    prompt = random_prompts(1, 6, 7, seed=4)[0]
+    out = e.generate([prompt], SamplingParams(max_tokens=6, ignore_eos=True, policy="slm"))[0]
+    forced = Forcer.from_engine(e).run([prompt + out.token_ids])[0]
+    assert forced.slm_pred[-7:-1].tolist() == out.token_ids  # each position predicts the next token

@@ -48,7 +48,7 @@ class Forcer:
                                                                                                          None)
         self.vocab_limit = vocab_limit or min(c.vocab_size for c in (slm_cfg, llm_cfg) if c is not None)
         self.max_chunk_tokens, self.block_size, self.progress = max_chunk_tokens, block_size, progress
-        self.dtype = self.slm.embed_tokens.weight.dtype
+        self.dtype = self.slm.norm.weight.dtype  # (an int8 tied embedding has no float weight)
 
     @classmethod
     def from_engine(cls, engine, max_chunk_tokens: int = 4096, progress: bool = False) -> "Forcer":
@@ -62,7 +62,7 @@ class Forcer:
         f.slm, f.llm = engine.core.slm.model, engine.core.llm.model if engine.core.llm is not None else None
         f.vocab_limit = engine.core.vocab_limit
         f.max_chunk_tokens, f.block_size, f.progress = max_chunk_tokens, 16, progress
-        f.dtype = f.slm.embed_tokens.weight.dtype
+        f.dtype = f.slm.norm.weight.dtype
         return f
 
     @torch.inference_mode()
