@@ -1,6 +1,7 @@
 """The CPU few-row linear (csrc/cpu_linear.inc) against torch's GEMM, the path a call takes
 past it: achieved weight bandwidth (GB/s) per shape, dtype and row count, weights cycled
-through enough copies that they come from memory, as in a decode step. For int8 weights the
+through 256 MB of copies so that, as in a decode step, they do not sit in the core's
+caches (a last-level cache as large as this VM's reported 300 MB can still hold part). For int8 weights the
 GEMM side is citer's linear_int8_gemm (chunks dequantized in cache into torch's GEMM).
 Medians of interleaved calls; a table last. The row count where the GEMM wins is where
 kernels/linear.py hands calls over.
