@@ -70,8 +70,8 @@ def main():
                 x = torch.randn(m, k).to(xdtype)
                 t_k, t_t = (time_calls(f, ws, x, args.rounds) for f in (kernel, torch_))
                 table.append((name, kind, m, nbytes / t_k / 1e9, nbytes / t_t / 1e9, t_t / t_k))
-                print(f"{name:22s} {kind:9s} rows {m:2d}: kernel {table[-1][3]:6.1f} GB/s, GEMM {table[-1][4]:6.1f} GB/s",
-                      flush=True)
+                gk, gt = table[-1][3:5]
+                print(f"{name:22s} {kind:9s} rows {m:2d}: kernel {gk:6.1f} GB/s, GEMM {gt:6.1f} GB/s", flush=True)
             del ws
     print(f"\n{args.threads} threads; weight GB/s of citer's few-row kernel and of the GEMM path")
     print(f"{'shape':22s} {'dtype':9s} {'rows':>4s} {'kernel':>7s} {'GEMM':>7s} {'kernel speed-up':>15s}")

@@ -212,9 +212,10 @@ def routed_head_triton(hidden, norm_weight, eps, lm_head, router, temperature, s
     else:
         w1 = b1 = w2 = b2 = part_router = part_z = w_sig = c_sig = part_sum  # placeholders, never read
         num_r, r_per_split = 0, ROUTER_BLOCK
+    scales = lm_scale if lm_int8 else part_sum  # placeholder without LM_INT8, never read
     _head_partial_kernel[(v_splits, triton.cdiv(batch, block_b))](
-        h, lm_head, lm_scale if lm_int8 else part_sum, temperature, seeds, w1, b1, w2, part_best, part_idx, part_max, part_max2, part_sum, part_ent,
-        part_router, part_z, batch, hidden_size, vocab, num_r, lm_head.stride(0), v_per_split, r_per_split,
+        h, lm_head, scales, temperature, seeds, w1, b1, w2, part_best, part_idx, part_max, part_max2, part_sum,
+        part_ent, part_router, part_z, batch, hidden_size, vocab, num_r, lm_head.stride(0), v_per_split, r_per_split,
         V_SPLITS=v_splits, BLOCK_B=block_b, BLOCK_V=BLOCK_V, BLOCK_H=block_h, BLOCK_R=ROUTER_BLOCK,
         HAS_ROUTER=router is not None, HEAD_SIGNALS=head_signals, DOT_FP32=dot_fp32(hidden.dtype),
         LM_INT8=lm_int8,

@@ -8,9 +8,10 @@ Three launches; none materialises [B, V] logits:
      vocab range of split s and a tile of BLOCK_B rows. Each [BLOCK_V, BLOCK_H] lm_head
      tile is loaded once for all BLOCK_B rows and multiplied with tl.dot (fp32
      accumulation; an int8 lm_head's tiles go in as their integer values, exact in the
-     hidden dtype, and each logit is multiplied by its row's scale after the dot); per row it keeps the running argmax (strict '>' across tiles, and
-     tl.argmax's first index within a tile: torch.argmax's lowest-index tie-break), the
-     running top-2 of the raw logits, sum exp(l - max) and sum exp(l - max) * (l - max)
+     hidden dtype, and each logit is multiplied by its row's scale after the dot); per
+     row it keeps the running argmax (strict '>' across tiles, and tl.argmax's first
+     index within a tile: torch.argmax's lowest-index tie-break), the running top-2 of
+     the raw logits, sum exp(l - max) and sum exp(l - max) * (l - max)
      (online logsumexp and entropy, rescaled whenever the max moves) and, for rows with
      temperature >= MIN_TEMPERATURE, the Gumbel-max choice argmax(logit / T + G) with
      G = -log(-log(U)), U = tl.rand(seed_b, token_id): the noise depends only on the
