@@ -11,7 +11,8 @@ torch::Tensor dequantize_int8(const torch::Tensor& q, const torch::Tensor& scale
 torch::Tensor linear_int8_gemm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                                const c10::optional<torch::Tensor>& bias);
 torch::Tensor router_mlp(const torch::Tensor& h, const torch::Tensor& w1, const torch::Tensor& b1,
-                         const torch::Tensor& w2, const torch::Tensor& b2);
+                         const torch::Tensor& w2, const torch::Tensor& b2,
+                         const c10::optional<torch::Tensor>& norm_weight, double eps);
 std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
                                     const c10::optional<torch::Tensor>& residual);
 std::vector<torch::Tensor> rotary(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& cos,

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import cpu_ext
 from .flash_attention import ATTENTION_CHOICES, paged_attention_flash
 from .kv_store import store_kvcache_cpu, store_kvcache_triton
 from .linear import linear_cpu, linear_ref
@@ -51,10 +52,13 @@ class Ops:
     fused_head: bool
     # no op synchronises with the host, so a model step can be captured in a CUDA graph
     graph_safe: bool
+    # decode steps run each decoder layer in one call of the CPU extension where they fit it
+    # (kernels/decoder_layer.py: the same kernels as these ops, without their per-op dispatch)
+    cpu_layers: bool = False
 
 
 TORCH_OPS = Ops("torch", store_kvcache_cpu, paged_attention_cpu, rms_norm_cpu, routed_head_ref, linear_cpu,
-                rotary_cpu, no_splits, fused_head=False, graph_safe=False)
+                rotary_cpu, no_splits, fused_head=False, graph_safe=False, cpu_layers=cpu_ext.AVAILABLE)
 TRITON_OPS = Ops("triton", store_kvcache_triton, paged_attention_triton, rms_norm_triton, routed_head_triton,
                  linear_ref, rotary_ref, paged_attention_splits, fused_head=True, graph_safe=True)
 

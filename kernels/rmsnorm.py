@@ -37,14 +37,18 @@ def rms_norm_cpu(
     residual: Optional[torch.Tensor] = None,  # [T, H] in x's dtype
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """rms_norm_ref's contract, in one kernel call on CPUs with AVX-512 BF16."""
-    if (cpu_ext.AVAILABLE and x.device.type == "cpu" and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16)
-            and weight.dtype == x.dtype and weight.is_contiguous() and weight.numel() == x.shape[1]
-            and x.stride(-1) == 1 and x.shape[0] > 0
-            and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
-                                      and residual.stride(-1) == 1))):
+    if rms_norm_fits(x, weight) and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
+                                                          and residual.stride(-1) == 1)):
         out = cpu_ext.ext.rms_norm(x, weight, float(eps), residual)
         return out[0], (out[1] if residual is not None else None)
     return rms_norm_ref(x, weight, eps, residual)
+
+
+def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Does the CPU kernel take this x [T, H] and weight [H] (the residual aside)?"""
+    return (cpu_ext.AVAILABLE and x.device.type == "cpu" and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16)
+            and weight.dtype == x.dtype and weight.is_contiguous() and weight.numel() == x.shape[1]
+            and x.stride(-1) == 1 and x.shape[0] > 0)
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import triton
 
 from . import cpu_ext
 from .linear import FAST_ROWS, linear_cpu, linear_ref
-from .rmsnorm import _num_warps, _rms_norm_kernel, rms_norm_ref
+from .rmsnorm import _num_warps, _rms_norm_kernel, rms_norm_cpu, rms_norm_fits, rms_norm_ref
 from .sampling import MIN_TEMPERATURE, choose_tokens, head_stats
 from .routed_head_kernels import _head_partial_kernel, _head_reduce_kernel
 from .triton_utils import dot_fp32, sm_count
@@ -100,16 +100,23 @@ def router_mlp_ref(
 
 
 def router_mlp_cpu(
-    h: torch.Tensor,  # [B, H] normed hidden state
+    h: torch.Tensor,  # [B, H] normed hidden state; with norm, the hidden state before the final norm
     router: RouterWeights,
     signals: Optional[torch.Tensor] = None,  # [B, NUM_SIGNALS] with a head-signal router
+    norm: Optional[Tuple[torch.Tensor, float]] = None,  # (weight [H], eps) of the final RMSNorm to apply first
 ) -> torch.Tensor:  # [B] float32 in (0, 1)
-    """router_mlp_ref's contract; a hidden-only router over the few rows of a CPU decode step
-    in one call of the AVX-512 kernel (csrc/cpu_router.inc), the rest on the reference."""
+    """router_mlp_ref's contract (on rms_norm_cpu(h, *norm) with a norm); a hidden-only router
+    over the few rows of a CPU decode step in one call of the AVX-512 kernel
+    (csrc/cpu_router.inc: the norm too, by rms_norm_cpu's kernel), the rest on the reference."""
     w1, b1, w2, b2, w_sig, _ = _unpack(router)
     if (w_sig is None and 0 < h.shape[0] <= FAST_ROWS and h.device.type == "cpu" and w1.is_contiguous()
             and w1.dtype in (torch.float32, torch.float16)):
-        return cpu_ext.ext.router_mlp(h, w1, b1, w2, b2)
+        if norm is None:
+            return cpu_ext.ext.router_mlp(h, w1, b1, w2, b2)
+        if rms_norm_fits(h, norm[0]):
+            return cpu_ext.ext.router_mlp(h, w1, b1, w2, b2, norm[0], float(norm[1]))
+    if norm is not None:
+        h = rms_norm_cpu(h, norm[0], norm[1])[0]
     return router_mlp_ref(h, router, signals)
 
 

@@ -505,6 +505,30 @@ def test_router_mlp_cpu_kernel_equals_reference(w1_dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_with_the_final_norm_in_its_call(dtype):
+    """router_mlp_cpu(hidden, norm=(w, eps)) normalises in the same call (a decode step's
+    router is one call): the scores of the separately normed rows, bit for bit, on the
+    kernel and on the paths that fall back (rows past the kernel's, a head-signal router)."""
+    from citer.kernels.linear import FAST_ROWS
+    from citer.kernels.rmsnorm import rms_norm_cpu
+    from citer.kernels.routed_head import router_mlp_cpu
+
+    g = torch.Generator().manual_seed(4)
+    for b, h, r in ((1, 256, 512), (3, 77, 154), (max(FAST_ROWS, 1) + 2, 24, 48)):
+        router = ((0.1 * torch.randn(r, h, generator=g)).half(), torch.randn(r, generator=g),
+                  0.2 * torch.randn(r, generator=g), torch.tensor(0.1))
+        hidden = (3 * torch.randn(b, h, generator=g)).to(dtype)
+        w = (1 + 0.1 * torch.randn(h, generator=g)).to(dtype)
+        got = router_mlp_cpu(hidden, router, norm=(w, 1e-6))
+        assert torch.equal(got, router_mlp_cpu(rms_norm_cpu(hidden, w, 1e-6)[0], router)), (b, h, r)
+    sig = (torch.randn(8, 16, generator=g), torch.randn(8, generator=g), torch.randn(8, generator=g),
+           torch.tensor(0.0), torch.randn(8, 3, generator=g), torch.randn(3, generator=g))
+    hidden, s, w = torch.randn(2, 16, generator=g), torch.randn(2, 3, generator=g), torch.rand(16, generator=g)
+    assert torch.equal(router_mlp_cpu(hidden, sig, s, norm=(w, 1e-5)),
+                       router_mlp_ref(rms_norm_cpu(hidden, w, 1e-5)[0], sig, s))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_cpu_kernel_equals_reference(dtype):
     """The CPU rotary (csrc/cpu_rotary.inc) against rotary_ref, bit for bit: q and k as strided
     views of a fused projection, GQA, head sizes with a half under and over one vector."""

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from citer.kernels.decoder_layer import CpuLayer, share_limits
 from citer.kernels.routed_head import router_mlp_cpu, router_scores_ref
 from citer.kernels.sampling import choose_tokens, head_stats, sampling_probs
 
@@ -22,14 +23,19 @@ from .tp import Shard, tp_head, vocab_parallel_embed
 
 
 def linear(ops, mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """mod's y = x @ W.T + b through the ops (int8 weights when quantized: qweight, qscale).
-    Reads the module's tensor dicts directly: nn.Module's attribute fallback (and the
-    AttributeError a missing qweight raises through it) costs more than a CPU decode step's
-    smaller ops, 121 times a step at the small-Llama shape."""
+    """mod's y = x @ W.T + b through the ops (int8 weights when quantized: qweight, qscale)."""
+    return ops.linear(x, *linear_weights(mod))
+
+
+def linear_weights(mod: nn.Linear):
+    """-> (weight [N, K] or int8 qweight, its qscale [N] or None, bias [N] or None). Reads the
+    module's tensor dicts directly: nn.Module's attribute fallback (and the AttributeError a
+    missing qweight raises through it) costs more than a CPU decode step's smaller ops, 121
+    times a step at the small-Llama shape."""
     params, q = mod._parameters, mod._buffers.get("qweight")
     if q is not None:
-        return ops.linear(x, q, mod._buffers["qscale"], params.get("bias"))
-    return ops.linear(x, params["weight"], None, params.get("bias"))
+        return q, mod._buffers["qscale"], params.get("bias")
+    return params["weight"], None, params.get("bias")
 
 
 class RMSNorm(nn.Module):
@@ -101,6 +107,15 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(ops, h, residual)
         return self.mlp(ops, h), residual
 
+    def cpu_layer(self) -> CpuLayer:
+        """This layer as one call of the CPU extension (the same tensors; kernels/decoder_layer.py)."""
+        a, m = self.self_attn, self.mlp
+        return CpuLayer(self.input_layernorm.weight, self.post_attention_layernorm.weight, self.input_layernorm.eps,
+                        a.q_norm.weight if a.q_norm is not None else None,
+                        a.k_norm.weight if a.k_norm is not None else None,
+                        [linear_weights(p) for p in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)],
+                        a.num_heads, a.num_kv_heads, a.head_dim, m.intermediate_size, a.scale)
+
 
 class DecoderLM(nn.Module):
     """Embeddings, decoder layers, final norm and lm_head.
@@ -128,6 +143,7 @@ class DecoderLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg, max_positions)
+        self._cpu_layers: Optional[list] = None  # the layers as CpuLayer, taken at the first step that fits them
 
     def forward(self, ops, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -138,11 +154,22 @@ class DecoderLM(nn.Module):
             x = self.embed(input_ids)
         rope_cs = self.rotary(positions, x.dtype)
         residual: Optional[torch.Tensor] = None
-        for layer, kv in zip(self.layers, kv_cache):
+        for layer, kv in zip(self.cpu_layers(ops, x, kv_cache, meta) or self.layers, kv_cache):
             x, residual = layer(ops, x, residual, rope_cs, kv, meta)
         if rows is not None:
             return x[rows] + residual[rows]
         return x + residual
+
+    def cpu_layers(self, ops, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> Optional[list]:
+        """The layers as CpuLayer (one extension call each, the same outputs) when the ops run
+        the CPU extension and this step fits its kernels (few rows: a decode step or a short
+        catch-up); else None (the layers' own forward)."""
+        if not ops.cpu_layers or self.shard is not None or not self.layers:
+            return None
+        if self._cpu_layers is None:
+            self._cpu_layers = share_limits([layer.cpu_layer() for layer in self.layers])
+        layers = self._cpu_layers
+        return layers if layers[0].fits(x, kv_cache[0][0], meta.max_query_len) else None
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [T] (this rank's rows) -> embeddings [T, H] in the model's dtype; an int8
@@ -226,7 +253,7 @@ class DecoderLM(nn.Module):
     def router_score(self, ops, hidden: torch.Tensor, router: RouterParams) -> torch.Tensor:
         """Pre-norm hidden [B, H] -> a hidden-only router's score per row [B], without the
         lm_head (a head-signal router needs the head: see `head`)."""
-        return router_mlp_cpu(self.final_norm(ops, hidden), router)
+        return router_mlp_cpu(hidden, router, norm=(self.norm.weight, self.norm.eps))
 
     def final_norm(self, ops, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm(ops, hidden)[0]
