@@ -37,11 +37,17 @@ PYBIND11_MODULE(_cpu_kernels, m) {
   m.def("paged_attention", &paged_attention, "decode / short catch-up attention from the block table",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
         py::arg("query_start_loc"), py::arg("scale"));
-  py::class_<CpuProjection>(m, "Projection", "a linear layer's weights: w [N, K], scale [N] (int8 w), bias [N]")
-      .def(py::init([](torch::Tensor w, c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> bias) {
-             return CpuProjection{std::move(w), std::move(scale), std::move(bias)};
+  py::class_<CpuProjection>(m, "Projection",
+                            "a linear layer's weights: w [N, K], scale [N] (int8 w), bias [N]; up to kernel_rows rows "
+                            "of x on the few-row kernel, more on torch's GEMM")
+      .def(py::init([](torch::Tensor w, c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> bias,
+                       int64_t kernel_rows) {
+             TORCH_CHECK(kernel_rows <= linear_max_rows(), "Projection: the kernel takes at most ", linear_max_rows(),
+                         " rows");
+             TORCH_CHECK(w.scalar_type() != at::kChar || scale.has_value(), "Projection: int8 weights need a scale");
+             return CpuProjection{std::move(w), std::move(scale), std::move(bias), kernel_rows};
            }),
-           py::arg("w"), py::arg("scale") = py::none(), py::arg("bias") = py::none());
+           py::arg("w"), py::arg("scale"), py::arg("bias"), py::arg("kernel_rows"));
   py::class_<CpuDecoderLayer>(m, "DecoderLayer", "one decoder layer of a decode step in one call (cpu_layer.inc)")
       .def(py::init<torch::Tensor, torch::Tensor, double, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
                     CpuProjection, CpuProjection, CpuProjection, CpuProjection, int64_t, int64_t, int64_t, int64_t,

@@ -23,10 +23,10 @@ BLOCK = 8
 
 
 def _steps(model, cfg, ops, prompts, cached, dtype, seed=0):
-    """Prefill prompts[b][:cached[b]] (many rows: the Python layers), then forward the rest
-    of every prompt as one ragged batch -> (hidden states [T, H] of that batch, the KV cache)."""
+    """Prefill prompts[b][:cached[b]], then forward the rest of every prompt as one ragged
+    batch -> (hidden states [T, H] of that batch, the KV cache)."""
     g = torch.Generator().manual_seed(seed)
-    num_blocks = 32
+    num_blocks = 8 * len(prompts)
     kv = [(torch.zeros(num_blocks, BLOCK, cfg.num_kv_heads, cfg.head_dim, dtype=dtype),
            torch.zeros(num_blocks, BLOCK, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)) for _ in range(cfg.num_layers)]
     max_blocks = max(-(-len(p) // BLOCK) for p in prompts)
@@ -51,39 +51,55 @@ def _steps(model, cfg, ops, prompts, cached, dtype, seed=0):
 @pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8-float32", "int8-bfloat16"])
 @pytest.mark.parametrize("name", list(MODEL_CONFIGS))
 def test_one_call_layer_equals_the_python_layer(hf_models, name, weights, monkeypatch):
+    """A ragged batch of a decode step and two catch-ups (6 rows: the few-row kernel), 20
+    sequences' decode steps with one catch-up (22 rows: past the kernel's rows, torch's
+    GEMM for every dtype), and short prefills (many rows, short queries)."""
     dtype = "bfloat16" if weights.endswith("bfloat16") else "float32"
     model, cfg = load_model(hf_models[name][0], dtype=dtype, max_positions=512)
     if weights.startswith("int8"):
         quantize_int8_(model)
-    prompts = random_prompts(3, 9, 30, seed=3)
-    cached = [len(prompts[0]) - 1, len(prompts[1]) - 3, len(prompts[2]) - 2]  # a decode step, two catch-ups
     calls = []
     real_call = CpuLayer.__call__
     monkeypatch.setattr(CpuLayer, "__call__", lambda self, *a: calls.append(1) or real_call(self, *a))
-    fused, kv_fused = _steps(model, cfg, FUSED, prompts, cached, getattr(torch, dtype))
-    assert len(calls) == cfg.num_layers  # the second pass (6 rows) took the one-call layers, the prefill did not
-    calls.clear()
-    per_op, kv_per_op = _steps(model, cfg, PER_OP, prompts, cached, getattr(torch, dtype))
-    assert not calls
-    assert torch.equal(fused, per_op)
-    for (kf, vf), (kp, vp) in zip(kv_fused, kv_per_op):
-        assert torch.equal(kf, kp) and torch.equal(vf, vp)
+    for n, new, lo, hi in ((3, [1, 3, 2], 40, 60), (20, [1] * 19 + [3], 40, 60), (2, [1, 2], 9, 14)):
+        # prompts of 40+ tokens: prefills too long for the attention kernel (the Python
+        # layers); of 9-14 tokens: short prefills, which take the one-call layers too
+        prompts = random_prompts(n, lo, hi, seed=n)
+        cached = [len(p) - k for p, k in zip(prompts, new)]
+        calls.clear()
+        fused, kv_fused = _steps(model, cfg, FUSED, prompts, cached, getattr(torch, dtype))
+        assert len(calls) == cfg.num_layers * (1 if lo == 40 else 2)
+        calls.clear()
+        per_op, kv_per_op = _steps(model, cfg, PER_OP, prompts, cached, getattr(torch, dtype))
+        assert not calls
+        assert torch.equal(fused, per_op), n
+        for (kf, vf), (kp, vp) in zip(kv_fused, kv_per_op):
+            assert torch.equal(kf, kp) and torch.equal(vf, vp)
 
 
-def test_steps_past_the_kernels_limits_take_the_python_layers(hf_models):
+def test_which_steps_take_the_one_call_layers(hf_models):
+    """Decode steps of any batch and short catch-ups do; prefills (long queries), a KV cache
+    in another dtype, ops without the extension's layers and the Triton ops do not."""
     model, cfg = load_model(hf_models["llama"][0], dtype="bfloat16", max_positions=512)
-    layers = model.cpu_layers(FUSED, torch.zeros(1, cfg.hidden_size, dtype=torch.bfloat16),
-                              [(torch.zeros(1, dtype=torch.bfloat16),) * 2], _meta(1))
-    assert layers is not None and len(layers) == cfg.num_layers
-    limit = layers[0].rows[torch.bfloat16]
-    assert 0 < limit < 16
-    too_many = torch.zeros(limit + 1, cfg.hidden_size, dtype=torch.bfloat16)
-    assert model.cpu_layers(FUSED, too_many, [(torch.zeros(1, dtype=torch.bfloat16),) * 2], _meta(1)) is None
+    bf16_cache = [(torch.zeros(1, dtype=torch.bfloat16),) * 2]
+    for rows in (1, 64):
+        x = torch.zeros(rows, cfg.hidden_size, dtype=torch.bfloat16)
+        layers = model.cpu_layers(FUSED, x, bf16_cache, _meta(1))
+        assert layers is not None and len(layers) == cfg.num_layers
     one = torch.zeros(1, cfg.hidden_size, dtype=torch.bfloat16)
+    assert model.cpu_layers(FUSED, one, bf16_cache, _meta(4)) is not None  # a short catch-up
+    assert model.cpu_layers(FUSED, one, bf16_cache, _meta(64)) is None  # a prefill
     assert model.cpu_layers(FUSED, one, [(torch.zeros(1),) * 2], _meta(1)) is None  # a float32 cache
-    assert model.cpu_layers(FUSED, one, [(torch.zeros(1, dtype=torch.bfloat16),) * 2], _meta(64)) is None  # long query
-    assert model.cpu_layers(PER_OP, one, [(torch.zeros(1, dtype=torch.bfloat16),) * 2], _meta(1)) is None
-    assert model.cpu_layers(get_ops("triton"), one, [(torch.zeros(1, dtype=torch.bfloat16),) * 2], _meta(1)) is None
+    assert model.cpu_layers(FUSED, one.float(), [(torch.zeros(1),) * 2], _meta(1)) is None  # float32 activations
+    assert model.cpu_layers(PER_OP, one, bf16_cache, _meta(1)) is None
+    assert model.cpu_layers(get_ops("triton"), one, bf16_cache, _meta(1)) is None
+
+
+def test_projection_checks_its_arguments():
+    with pytest.raises(RuntimeError, match="int8 weights need a scale"):
+        cpu_ext.ext.Projection(torch.zeros(4, 4, dtype=torch.int8), None, None, 4)
+    with pytest.raises(RuntimeError, match="at most"):
+        cpu_ext.ext.Projection(torch.zeros(4, 4), None, None, 1000)
 
 
 def _meta(max_query_len):

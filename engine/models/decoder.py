@@ -10,7 +10,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from citer.kernels.decoder_layer import CpuLayer, share_limits
+from citer.kernels.decoder_layer import CpuLayer, all_or_none
 from citer.kernels.routed_head import router_mlp_cpu, router_scores_ref
 from citer.kernels.sampling import choose_tokens, head_stats, sampling_probs
 
@@ -162,12 +162,12 @@ class DecoderLM(nn.Module):
 
     def cpu_layers(self, ops, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> Optional[list]:
         """The layers as CpuLayer (one extension call each, the same outputs) when the ops run
-        the CPU extension and this step fits its kernels (few rows: a decode step or a short
-        catch-up); else None (the layers' own forward)."""
+        the CPU extension and this step fits its kernels (short queries: decode steps of any
+        batch, short catch-ups); else None (the layers' own forward: prefills, TP ranks)."""
         if not ops.cpu_layers or self.shard is not None or not self.layers:
             return None
         if self._cpu_layers is None:
-            self._cpu_layers = share_limits([layer.cpu_layer() for layer in self.layers])
+            self._cpu_layers = all_or_none([layer.cpu_layer() for layer in self.layers])
         layers = self._cpu_layers
         return layers if layers[0].fits(x, kv_cache[0][0], meta.max_query_len) else None
 
