@@ -6,9 +6,9 @@ prompt 32, 48 new tokens, median of several interleaved runs:
 Efficiency of the routed run = ideal / measured, ideal = SLM time + 0.15 x LLM time
 (the cost if switching were free). Router overhead, measured in place by the profiler
 (profile=True, policy "router"): the router's time (final norm, MLP, scores to the host)
-as a share of the SLM's decode step where the SLM keeps every token (threshold 1: the step
-includes the lm_head) and where every token goes to the LLM (threshold 0: the lm_head is
-skipped, so the step is the SLM's forward alone). --router takes a router folder or a
+as a share of the SLM's decode step where the SLM keeps every token (threshold 0: no score
+is under it; the step includes the lm_head) and where every token goes to the LLM (threshold
+1: every score is under it; the lm_head is skipped, so the step is the SLM's forward alone). --router takes a router folder or a
 shipped router's name instead of the untrained seeded one (--router-dtype float16 saves
 that one folded in float16, as shipped routers are stored). --neighbour runs everything
 beside one CPU-bound process (a busy neighbour on a shared machine), started before the
@@ -89,7 +89,7 @@ def main():
     engine = None  # free the timed engine's weights first (the real pair's are 9 GB in float32)
     prof = Engine(slm_path, llm_path, router_path, max_model_len=512, num_blocks=64, profile=True)
     router_share = {}
-    for tau, step in ((1.0, "SLM step (keeps every token)"), (0.0, "SLM forward (every token to the LLM)")):
+    for tau, step in ((0.0, "SLM step (keeps every token)"), (1.0, "SLM forward (every token to the LLM)")):
         stats = [prof.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True, policy="router",
                                                         threshold=tau))[0].stats for _ in range(args.repeats)]
         router_share[step] = median([s["router_time"] / s["slm_time"] for s in stats])
