@@ -14,6 +14,8 @@ import torch
 
 from kernel_bench import BLOCK_SIZE, DT, SHAPES, head_inputs, paged_inputs
 
+INTERMEDIATE = {"qwen2-1.5b": 8960, "qwen2-7b": 18944}  # MLP widths of the SHAPES models
+
 
 def _jit_functions(modules):
     from triton.runtime.jit import JITFunction
@@ -25,12 +27,13 @@ def capture_launches(fn, *args, sm_count=132, **kwargs):
     """Call a kernel wrapper on meta tensors with every @triton.jit kernel it launches
     replaced by a recorder -> [(kernel, positional args, keyword args)] in launch order.
     Split counts are those of a GPU with sm_count SMs (132: H100 SXM)."""
-    from citer.kernels import kv_store, paged_attention, rmsnorm, routed_head
+    from citer.kernels import kv_store, linear_triton, paged_attention, rmsnorm, routed_head
 
-    launches, patched = [], _jit_functions([kv_store, paged_attention, rmsnorm, routed_head])
+    launches, patched = [], _jit_functions([kv_store, linear_triton, paged_attention, rmsnorm, routed_head])
     splits = paged_attention.decode_num_splits
     patched += [(paged_attention, "decode_num_splits", splits), (routed_head, "_default_v_splits",
-                                                                routed_head._default_v_splits)]
+                                                                routed_head._default_v_splits),
+                (linear_triton, "sm_count", linear_triton.sm_count)]
 
     class Recorder:
         def __init__(self, kernel):
@@ -44,6 +47,7 @@ def capture_launches(fn, *args, sm_count=132, **kwargs):
             setattr(m, name, Recorder(obj))
         paged_attention.decode_num_splits = lambda n, h, dev, sm=None: splits(n, h, torch.device("cuda"), sm_count)
         routed_head._default_v_splits = lambda dev: 4 * sm_count
+        linear_triton.sm_count = lambda dev: sm_count
         fn(*args, **kwargs)
     finally:
         for m, name, obj in patched:
@@ -52,7 +56,7 @@ def capture_launches(fn, *args, sm_count=132, **kwargs):
 
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-          torch.int64: "i64", torch.uint8: "u8"}
+          torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8"}
 
 
 def aot_compile(kernel, args, kwargs, arch: int):
@@ -121,6 +125,7 @@ def engine_step_launches(quick: bool = False):
     """(label, recorded launches) for every kernel at the benchmark shapes, on meta tensors,
     with the split counts a 132-SM H100 would get."""
     from citer.kernels.kv_store import store_kvcache_triton
+    from citer.kernels.linear_triton import linear_int8_triton
     from citer.kernels.paged_attention import paged_attention_triton
     from citer.kernels.rmsnorm import rms_norm_triton
     from citer.kernels.routed_head import routed_head_triton
@@ -144,6 +149,12 @@ def engine_step_launches(quick: bool = False):
         for batch in ((1, 32) if quick else (1, 8, 32)):
             label = f"{name} routed head b{batch} +router"
             out.append((label, capture_launches(routed_head_triton, *head_inputs(hidden, vocab, batch, "meta"))))
+        # quantization="int8": the MLP's down projection (K = the intermediate size), decode and a prefill
+        q = torch.empty(hidden, INTERMEDIATE[name], device="meta", dtype=torch.int8)
+        scale = torch.empty(hidden, device="meta")
+        for rows in ((1, 512) if quick else (1, 8, 64, 512)):
+            x = torch.empty(rows, INTERMEDIATE[name], device="meta", dtype=DT)
+            out.append((f"{name} int8 linear m{rows}", capture_launches(linear_int8_triton, x, q, scale)))
     return out
 
 

@@ -1,9 +1,10 @@
-"""Kernel benchmarks at real model shapes (Qwen2-1.5B, Qwen2-7B), bf16.
+"""Kernel benchmarks at real model shapes (Qwen2-1.5B, Qwen2-7B), bf16 (and int8 weights).
 
 On a GPU: triton.testing.do_bench for every kernel; achieved bytes/s against the device's
 own measured device-to-device copy bandwidth; decode attention at 4k/16k/32k contexts
 (batch 1 and 8), routed head at batch 1/8 (vs the torch reference path, which builds
-[B, vocab] logits), flash-attn's paged decode where it is installed. Prints a table last.
+[B, vocab] logits), flash-attn's paged decode where it is installed, the weight-only int8
+linear against bf16 on cuBLAS and the dequantizing reference. Prints a table last.
 
   python benchmarks/kernel_bench.py                    # GPU benchmark; on CPU: a note, exit 0
   python benchmarks/kernel_bench.py --compile-only     # no GPU needed: compile every kernel
@@ -158,6 +159,23 @@ def gpu_benchmark() -> int:
             rows.append((name, "varlen attn (catch-up/prefill)", f"b{batch} q{q_len} ctx{ctx}",
                          bench(lambda: paged_attention_triton(*args)), 2 * args[1].numel() * 2, 4 * visible * hq * d))
             args = None  # frees the GPU memory
+        # weight-only int8 linear (quantization="int8"): the Triton kernel against bf16 weights on
+        # cuBLAS and against the reference's dequantize-then-GEMM, at the MLP's down projection
+        from citer.kernels.linear import linear_ref, quantize_int8
+        from citer.kernels.linear_triton import linear_int8_triton
+
+        inter = {"qwen2-1.5b": 8960, "qwen2-7b": 18944}[name]
+        w = torch.randn(hidden, inter, device=dev, dtype=DT) * 0.02
+        q, scale = quantize_int8(w)
+        for m in (1, 8, 64):
+            x = torch.randn(m, inter, device=dev, dtype=DT)
+            rows.append((name, "int8 linear (Triton)", f"m{m} {hidden}x{inter}",
+                         bench(lambda: linear_int8_triton(x, q, scale)), q.numel(), 2 * m * q.numel()))
+            rows.append((name, "bf16 linear (cuBLAS)", f"m{m} {hidden}x{inter}",
+                         bench(lambda: torch.nn.functional.linear(x, w)), w.numel() * 2, 2 * m * q.numel()))
+            rows.append((name, "int8 linear (ref: dequant+GEMM)", f"m{m} {hidden}x{inter}",
+                         bench(lambda: linear_ref(x, q, scale)), q.numel(), 2 * m * q.numel()))
+        w = q = x = None
         torch.cuda.empty_cache()
 
     print(f"\ndevice: {torch.cuda.get_device_name()}; measured copy bandwidth {bw / 1e9:.0f} GB/s "

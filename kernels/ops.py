@@ -21,7 +21,8 @@ import torch
 from . import cpu_ext
 from .flash_attention import ATTENTION_CHOICES, paged_attention_flash
 from .kv_store import store_kvcache_cpu, store_kvcache_triton
-from .linear import linear_cpu, linear_ref
+from .linear import linear_cpu
+from .linear_triton import linear_triton
 from .paged_attention import paged_attention_cpu, paged_attention_ref, paged_attention_splits, paged_attention_triton
 from .rmsnorm import rms_norm_cpu, rms_norm_triton
 from .rotary import rotary_cpu, rotary_ref
@@ -60,7 +61,7 @@ class Ops:
 TORCH_OPS = Ops("torch", store_kvcache_cpu, paged_attention_cpu, rms_norm_cpu, routed_head_ref, linear_cpu,
                 rotary_cpu, no_splits, fused_head=False, graph_safe=False, cpu_layers=cpu_ext.AVAILABLE)
 TRITON_OPS = Ops("triton", store_kvcache_triton, paged_attention_triton, rms_norm_triton, routed_head_triton,
-                 linear_ref, rotary_ref, paged_attention_splits, fused_head=True, graph_safe=True)
+                 linear_triton, rotary_ref, paged_attention_splits, fused_head=True, graph_safe=True)
 
 
 def resolve_backend(device: torch.device, requested: Optional[str] = None) -> str:

@@ -60,3 +60,17 @@ def test_triton_engine_speculative_is_the_llm(engine, hf_models):
     assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
     assert all(o.stats["drafted"] > 0 for o in outs)
     assert [o.router_scores for o in outs] == [[None] * 5] * 2  # no router ran: None, not NaN
+
+
+def test_triton_engine_int8_equals_torch_backend_int8(hf_models):
+    """quantization="int8" through the Triton ops: the layer projections on the weight-only
+    int8 kernel (kernels/linear_triton.py), the lm_head in the routed head; the same greedy
+    tokens as the torch backend's int8 engine, in float32."""
+    prompts = random_prompts(2, 5, 14, seed=25)
+    params = SamplingParams(max_tokens=4, policy="random", llm_fraction=0.5, seed=4, ignore_eos=True)
+    outs = {}
+    for backend in ("triton", "torch"):
+        e = Engine(hf_models["qwen2"][0], hf_models["llama"][0], device=DEVICE, block_size=16, num_blocks=16,
+                   max_model_len=64, backend=backend, quantization="int8")
+        outs[backend] = [(o.token_ids, o.from_llm) for o in e.generate(prompts, params)]
+    assert outs["triton"] == outs["torch"]

@@ -250,6 +250,49 @@ def test_routed_head_int8_lm_head(dtype):
         routed_head_triton(hs, nw, 1e-6, q, router, temp, seeds)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,split_k", [(1, 200, 300, None), (5, 130, 77, 3), (19, 64, 256, 1), (40, 97, 150, 2),
+                                           (3, 70, 520, 8)])
+def test_linear_int8_triton(dtype, m, n, k, split_k):
+    """The weight-only int8 linear (CUDA's int8 path): the dot of the integer rows times each
+    row's scale, plus the bias, against the float32 product with the weights it stands for;
+    one program per tile and K split over several (partial sums added after), row tiles
+    past 16 and 32, K not a multiple of the chunk."""
+    from citer.kernels.linear import quantize_int8
+    from citer.kernels.linear_triton import linear_int8_triton
+
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    q, s = quantize_int8(torch.randn(n, k, generator=g))
+    q, s = q.to(DEV), s.to(DEV)
+    x, bias = rand(m, k, dtype=dtype, g=g), rand(n, dtype=dtype, g=g)
+    want = x.float() @ (q.float() * s[:, None]).T + bias.float()
+    for b, ref in ((bias, want), (None, want - bias.float())):
+        got = linear_int8_triton(x, q, s, b, split_k=split_k)
+        assert got.dtype == dtype and got.shape == (m, n)
+        assert (got.float() - ref).abs().max() <= TOL[dtype] * ref.abs().max(), (m, n, k, split_k)
+    x_strided = rand(m, 2 * k, dtype=dtype, g=g)[:, ::2]  # rows not contiguous: copied first
+    assert torch.allclose(linear_int8_triton(x_strided, q, s).float(), x_strided.float() @ (q.float() * s[:, None]).T,
+                          atol=TOL[dtype] * 50, rtol=TOL[dtype])
+
+
+def test_linear_int8_triton_checks_and_the_ops_dispatch():
+    from citer.kernels.linear import linear_ref, quantize_int8
+    from citer.kernels.linear_triton import linear_int8_triton, linear_triton
+
+    q, s = quantize_int8(torch.randn(8, 16))
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="float32 scales"):
+        linear_int8_triton(x, q, None)
+    with pytest.raises(ValueError, match="float32 scales"):
+        linear_int8_triton(x, q, s.half())
+    with pytest.raises(ValueError, match="x \\[M, K\\] and q \\[N, K\\]"):
+        linear_int8_triton(torch.randn(2, 15), q, s)
+    assert linear_int8_triton(x[:0], q, s).shape == (0, 8)
+    w = torch.randn(8, 16)
+    assert torch.equal(linear_triton(x, w), linear_ref(x, w))  # float weights: F.linear
+    assert torch.allclose(linear_triton(x, q, s), x @ (q.float() * s[:, None]).T, atol=1e-4)
+
+
 @pytest.mark.parametrize("batch,hidden,vocab,rows,v_splits", [(5, 72, 997, 144, 3), (19, 40, 203, 200, 1),
                                                              (3, 24, 130, 48, 7)])
 def test_routed_head_signals_and_head_signal_router(batch, hidden, vocab, rows, v_splits):
