@@ -29,8 +29,9 @@ Weights = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]  #
 
 
 class CpuLayer:
-    """One decoder layer's weights, held by the extension (the module's own tensors, taken
-    once: the module's weights may change in place afterwards, not be replaced)."""
+    """One decoder layer's weights, held by the extension (the module's own tensors, not
+    copies: they may change in place afterwards; DecoderLM.cpu_layers rebuilds these when
+    the first projection's weight tensor is replaced, as quantize_int8_ does)."""
 
     def __init__(self, input_norm: torch.Tensor, post_norm: torch.Tensor, eps: float,
                  q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor],
@@ -38,21 +39,25 @@ class CpuLayer:
                  num_heads: int, num_kv_heads: int, head_dim: int, intermediate_size: int, scale: float):
         self.dtype = input_norm.dtype  # the activations' dtype (the model's)
         self.group = num_heads // num_kv_heads
+        norms = [t for t in (input_norm, post_norm, q_norm, k_norm) if t is not None]
         self.ok = (cpu_ext.AVAILABLE and self.dtype in ACT_DTYPES and head_dim <= MAX_HEAD_DIM and head_dim % 2 == 0
-                   and all(t.dtype == self.dtype for t in (post_norm, q_norm, k_norm) if t is not None)
-                   and all(w.dtype in (self.dtype, torch.int8) for w, _, _ in projections))
+                   and all(t.dtype == self.dtype and t.is_contiguous() for t in norms)
+                   and all(w.dtype in (self.dtype, torch.int8) and w.is_contiguous() for w, _, _ in projections))
         self.layer = None
-        if self.ok:
+        if self.ok:  # the tensors themselves (contiguous: the kernels' layout), never copies
             self.layer = cpu_ext.ext.DecoderLayer(
-                input_norm.contiguous(), post_norm.contiguous(), float(eps), q_norm, k_norm,
-                *(cpu_ext.ext.Projection(w.contiguous(), s, b, KERNEL_ROWS.get((w.dtype, self.dtype), FAST_ROWS))
+                input_norm, post_norm, float(eps), q_norm, k_norm,
+                *(cpu_ext.ext.Projection(w, s, b, KERNEL_ROWS.get((w.dtype, self.dtype), FAST_ROWS))
                   for w, s, b in projections),
                 num_heads, num_kv_heads, head_dim, intermediate_size, float(scale))
 
-    def fits(self, x: torch.Tensor, k_cache: torch.Tensor, max_query_len: int) -> bool:
-        """Does a step with activations x [T, H], this KV cache and longest query take this path?"""
-        return (self.ok and x.dtype == self.dtype and k_cache.dtype == self.dtype and x.device.type == "cpu"
-                and x.shape[0] > 0 and max_query_len * self.group <= FAST_ATTENTION_ROWS)
+    def fits(self, x: torch.Tensor, kv, meta) -> bool:
+        """Does a step with activations x [T, H], this layer's KV cache (k, v) and metadata take this path?"""
+        k_cache, v_cache = kv
+        return (self.ok and x.dtype == self.dtype and x.device.type == "cpu" and x.shape[0] > 0
+                and k_cache.dtype == v_cache.dtype == self.dtype and k_cache.is_contiguous()
+                and v_cache.is_contiguous() and meta.slot_mapping.is_contiguous()
+                and meta.max_query_len * self.group <= FAST_ATTENTION_ROWS)
 
     def __call__(self, ops, x, residual, rope_cs, kv, meta) -> Tuple[torch.Tensor, torch.Tensor]:
         """DecoderLayer.forward's contract (ops unused): x [T, H], residual [T, H] or None (the

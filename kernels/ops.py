@@ -92,5 +92,5 @@ def get_ops(backend: str, attention: Optional[str] = None) -> Ops:
     if attention is None:
         return ops
     if attention == "flash-attn":
-        return replace(ops, paged_attention=paged_attention_flash, attention_splits=no_splits)
+        return replace(ops, paged_attention=paged_attention_flash, attention_splits=no_splits, cpu_layers=False)
     raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTION_CHOICES} or None")

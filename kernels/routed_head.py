@@ -109,14 +109,14 @@ def router_mlp_cpu(
     over the few rows of a CPU decode step in one call of the AVX-512 kernel
     (csrc/cpu_router.inc: the norm too, by rms_norm_cpu's kernel), the rest on the reference."""
     w1, b1, w2, b2, w_sig, _ = _unpack(router)
-    if (w_sig is None and 0 < h.shape[0] <= FAST_ROWS and h.device.type == "cpu" and w1.is_contiguous()
-            and w1.dtype in (torch.float32, torch.float16)):
-        if norm is None:
-            return cpu_ext.ext.router_mlp(h, w1, b1, w2, b2)
-        if rms_norm_fits(h, norm[0]):
-            return cpu_ext.ext.router_mlp(h, w1, b1, w2, b2, norm[0], float(norm[1]))
+    kernel = (w_sig is None and 0 < h.shape[0] <= FAST_ROWS and h.device.type == "cpu" and w1.is_contiguous()
+              and w1.dtype in (torch.float32, torch.float16))
     if norm is not None:
-        h = rms_norm_cpu(h, norm[0], norm[1])[0]
+        if kernel and rms_norm_fits(h, norm[0]):
+            return cpu_ext.ext.router_mlp(h, w1, b1, w2, b2, norm[0], float(norm[1]))
+        h = rms_norm_cpu(h, norm[0], norm[1])[0]  # e.g. float16 rows: the norm on its own, the MLP as without it
+    if kernel:
+        return cpu_ext.ext.router_mlp(h, w1, b1, w2, b2)
     return router_mlp_ref(h, router, signals)
 
 

@@ -95,6 +95,19 @@ def test_which_steps_take_the_one_call_layers(hf_models):
     assert model.cpu_layers(get_ops("triton"), one, bf16_cache, _meta(1)) is None
 
 
+def test_weights_replaced_after_a_step_are_the_ones_used(hf_models):
+    """The one-call layers hold the modules' tensors; quantizing after a step (new tensors)
+    rebuilds them, so the next step uses the int8 weights, as the Python layers do."""
+    model, cfg = load_model(hf_models["qwen2"][0], max_positions=512)
+    prompts = random_prompts(2, 12, 14, seed=9)
+    cached = [len(p) - 1 for p in prompts]
+    _steps(model, cfg, FUSED, prompts, cached, torch.float32)
+    quantize_int8_(model)
+    fused, _ = _steps(model, cfg, FUSED, prompts, cached, torch.float32)
+    per_op, _ = _steps(model, cfg, PER_OP, prompts, cached, torch.float32)
+    assert torch.equal(fused, per_op)
+
+
 def test_projection_checks_its_arguments():
     with pytest.raises(RuntimeError, match="int8 weights need a scale"):
         cpu_ext.ext.Projection(torch.zeros(4, 4, dtype=torch.int8), None, None, 4)

@@ -547,11 +547,12 @@ def test_router_mlp_cpu_kernel_equals_reference(w1_dtype):
     assert torch.equal(router_mlp_cpu(x, sig, s), router_mlp_ref(x, sig, s))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_router_with_the_final_norm_in_its_call(dtype):
     """router_mlp_cpu(hidden, norm=(w, eps)) normalises in the same call (a decode step's
     router is one call): the scores of the separately normed rows, bit for bit, on the
-    kernel and on the paths that fall back (rows past the kernel's, a head-signal router)."""
+    kernel and on the paths that fall back (float16 rows, whose norm the kernel does not
+    take, rows past the kernel's, a head-signal router)."""
     from citer.kernels.linear import FAST_ROWS
     from citer.kernels.rmsnorm import rms_norm_cpu
     from citer.kernels.routed_head import router_mlp_cpu

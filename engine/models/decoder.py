@@ -143,7 +143,7 @@ class DecoderLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg, max_positions)
-        self._cpu_layers: Optional[list] = None  # the layers as CpuLayer, taken at the first step that fits them
+        self._cpu_layers: Optional[tuple] = None  # (a weight they hold, the layers as CpuLayer): see cpu_layers
 
     def forward(self, ops, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -166,10 +166,11 @@ class DecoderLM(nn.Module):
         batch, short catch-ups); else None (the layers' own forward: prefills, TP ranks)."""
         if not ops.cpu_layers or self.shard is not None or not self.layers:
             return None
-        if self._cpu_layers is None:
-            self._cpu_layers = all_or_none([layer.cpu_layer() for layer in self.layers])
-        layers = self._cpu_layers
-        return layers if layers[0].fits(x, kv_cache[0][0], meta.max_query_len) else None
+        key = linear_weights(self.layers[0].self_attn.qkv_proj)[0]  # replaced weights (quantized, reloaded): rebuild
+        if self._cpu_layers is None or self._cpu_layers[0] is not key:
+            self._cpu_layers = (key, all_or_none([layer.cpu_layer() for layer in self.layers]))
+        layers = self._cpu_layers[1]
+        return layers if layers[0].fits(x, kv_cache[0], meta) else None
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [T] (this rank's rows) -> embeddings [T, H] in the model's dtype; an int8
