@@ -149,12 +149,15 @@ def engine_step_launches(quick: bool = False):
         for batch in ((1, 32) if quick else (1, 8, 32)):
             label = f"{name} routed head b{batch} +router"
             out.append((label, capture_launches(routed_head_triton, *head_inputs(hidden, vocab, batch, "meta"))))
-        # quantization="int8": the MLP's down projection (K = the intermediate size), decode and a prefill
+        # quantization="int8": the MLP's down projection (K = the intermediate size), decode and a
+        # catch-up (prefills past MAX_KERNEL_ROWS go to cuBLAS), bf16 and float32 activations
         q = torch.empty(hidden, INTERMEDIATE[name], device="meta", dtype=torch.int8)
         scale = torch.empty(hidden, device="meta")
-        for rows in ((1, 512) if quick else (1, 8, 64, 512)):
-            x = torch.empty(rows, INTERMEDIATE[name], device="meta", dtype=DT)
-            out.append((f"{name} int8 linear m{rows}", capture_launches(linear_int8_triton, x, q, scale)))
+        for dtype in (DT, torch.float32):
+            for rows in ((1, 64) if quick else (1, 8, 32, 64)):
+                x = torch.empty(rows, INTERMEDIATE[name], device="meta", dtype=dtype)
+                out.append((f"{name} int8 linear m{rows} {_TYPES[dtype]}",
+                            capture_launches(linear_int8_triton, x, q, scale, torch.empty(hidden, device="meta"))))
     return out
 
 

@@ -251,8 +251,8 @@ def test_routed_head_int8_lm_head(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k,split_k", [(1, 200, 300, None), (5, 130, 77, 3), (19, 64, 256, 1), (40, 97, 150, 2),
-                                           (3, 70, 520, 8)])
+@pytest.mark.parametrize("m,n,k,split_k", [(1, 200, 300, None), (5, 130, 300, 3), (19, 64, 256, 1), (40, 97, 150, 2),
+                                           (3, 70, 520, 8), (64, 33, 77, None)])
 def test_linear_int8_triton(dtype, m, n, k, split_k):
     """The weight-only int8 linear (CUDA's int8 path): the dot of the integer rows times each
     row's scale, plus the bias, against the float32 product with the weights it stands for;
@@ -270,17 +270,18 @@ def test_linear_int8_triton(dtype, m, n, k, split_k):
         got = linear_int8_triton(x, q, s, b, split_k=split_k)
         assert got.dtype == dtype and got.shape == (m, n)
         assert (got.float() - ref).abs().max() <= TOL[dtype] * ref.abs().max(), (m, n, k, split_k)
-    x_strided = rand(m, 2 * k, dtype=dtype, g=g)[:, ::2]  # rows not contiguous: copied first
-    assert torch.allclose(linear_int8_triton(x_strided, q, s).float(), x_strided.float() @ (q.float() * s[:, None]).T,
-                          atol=TOL[dtype] * 50, rtol=TOL[dtype])
+    for x_view in (rand(m, k + 8, dtype=dtype, g=g)[:, :k], rand(m, 2 * k, dtype=dtype, g=g)[:, ::2]):
+        ref = x_view.float() @ (q.float() * s[:, None]).T  # a row stride past K (read in place); a column stride (copied)
+        got = linear_int8_triton(x_view, q, s, split_k=split_k)
+        assert (got.float() - ref).abs().max() <= TOL[dtype] * ref.abs().max()
 
 
 def test_linear_int8_triton_checks_and_the_ops_dispatch():
     from citer.kernels.linear import linear_ref, quantize_int8
-    from citer.kernels.linear_triton import linear_int8_triton, linear_triton
+    from citer.kernels.linear_triton import MAX_KERNEL_ROWS, linear_int8_triton, linear_triton
 
     q, s = quantize_int8(torch.randn(8, 16))
-    x = torch.randn(2, 16)
+    q, s, x = q.to(DEV), s.to(DEV), torch.randn(2, 16, device=DEV)
     with pytest.raises(ValueError, match="float32 scales"):
         linear_int8_triton(x, q, None)
     with pytest.raises(ValueError, match="float32 scales"):
@@ -288,9 +289,11 @@ def test_linear_int8_triton_checks_and_the_ops_dispatch():
     with pytest.raises(ValueError, match="x \\[M, K\\] and q \\[N, K\\]"):
         linear_int8_triton(torch.randn(2, 15), q, s)
     assert linear_int8_triton(x[:0], q, s).shape == (0, 8)
-    w = torch.randn(8, 16)
+    w = torch.randn(8, 16, device=DEV)
     assert torch.equal(linear_triton(x, w), linear_ref(x, w))  # float weights: F.linear
     assert torch.allclose(linear_triton(x, q, s), x @ (q.float() * s[:, None]).T, atol=1e-4)
+    many = torch.randn(MAX_KERNEL_ROWS + 1, 16, device=DEV)  # a prefill: the reference's GEMM
+    assert torch.equal(linear_triton(many, q, s), linear_ref(many, q, s))
 
 
 @pytest.mark.parametrize("batch,hidden,vocab,rows,v_splits", [(5, 72, 997, 144, 3), (19, 40, 203, 200, 1),
