@@ -104,3 +104,12 @@ def test_cost_calibration_script_runs(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     got = json.loads(out.read_text())
     assert len(got["rows"]) == 4 and all(r["measured_ms"] > 0 and r["model_ms"] > 0 for r in got["rows"])
+
+
+def test_cpu_layer_benchmark_runs(hf_models):
+    """benchmarks/cpu_layer.py at a tiny size: both paths run, their tokens are checked equal, a table last."""
+    res = _run([sys.executable, "benchmarks/cpu_layer.py", "--models", hf_models["qwen2"][0], "--dtypes", "float32",
+                "--prompt-len", "6", "--new-tokens", "3", "--repeats", "1"])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    row = [line for line in res.stdout.splitlines() if line.startswith(os.path.basename(hf_models["qwen2"][0]))]
+    assert len(row) == 1 and float(row[0].split()[-1]) > 0
