@@ -12,9 +12,7 @@ import tempfile
 
 import torch
 
-from kernel_bench import BLOCK_SIZE, DT, SHAPES, head_inputs, paged_inputs
-
-INTERMEDIATE = {"qwen2-1.5b": 8960, "qwen2-7b": 18944}  # MLP widths of the SHAPES models
+from kernel_bench import BLOCK_SIZE, DT, INTERMEDIATE, SHAPES, head_inputs, paged_inputs
 
 
 def _jit_functions(modules):

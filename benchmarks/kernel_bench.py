@@ -24,6 +24,7 @@ SHAPES = {  # hidden, q heads, kv heads, head_dim, vocab
     "qwen2-1.5b": (1536, 12, 2, 128, 151936),
     "qwen2-7b": (3584, 28, 4, 128, 152064),
 }
+INTERMEDIATE = {"qwen2-1.5b": 8960, "qwen2-7b": 18944}  # the SHAPES models' MLP widths (int8 linear launches)
 DT = torch.bfloat16
 BLOCK_SIZE = 16
 
@@ -164,7 +165,7 @@ def gpu_benchmark() -> int:
         from citer.kernels.linear import linear_ref, quantize_int8
         from citer.kernels.linear_triton import linear_int8_triton
 
-        inter = {"qwen2-1.5b": 8960, "qwen2-7b": 18944}[name]
+        inter = INTERMEDIATE[name]
         w = torch.randn(hidden, inter, device=dev, dtype=DT) * 0.02
         q, scale = quantize_int8(w)
         for m in (1, 8, 64):
