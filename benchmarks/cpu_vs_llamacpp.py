@@ -16,11 +16,21 @@ decoding, only prompt lookup, so the routed pair is compared with llama.cpp's LL
 docs/real-pair.md.) llama.cpp's Q8_0 runs without its AMX kernel, which dies with an illegal
 instruction on this machine (load_llama_cpp).
 
+PyTorch's own answer on these CPUs is the third reference: transformers with torchao's int8
+weight-only quantization (`quantize_(model, Int8WeightOnlyConfig())`, every nn.Linear, the
+lm_head included; bfloat16 activations) beside citer int8, and with --compile transformers'
+generate with a static KV cache and its decode step compiled by torch.compile (inductor,
+mode "default": CUDA graphs do not apply on CPU) at every precision. The first compiled call's
+time (the compile) is reported beside the per-token times, which are timed after it; the
+compiled float32 run's greedy tokens are checked equal to the eager run's.
+
 llama-cpp-python is optional: `pip install llama-cpp-python` builds llama.cpp from source
 (about 15 minutes on 2 cores; the registry's sdist, e.g. CMAKE_ARGS="-DGGML_NATIVE=ON");
-without it the llama.cpp columns are skipped and say so.
+without it the llama.cpp columns are skipped and say so. torchao too (`pip install torchao`,
+pure Python on CPU; its GPU libraries fail to load and say so, harmlessly): without it the
+torchao rows are skipped and say so.
 
-    .venv/bin/python benchmarks/cpu_vs_llamacpp.py [--real] [--threads 2] [--json out.json]
+    .venv/bin/python benchmarks/cpu_vs_llamacpp.py [--real] [--compile] [--threads 2] [--json out.json]
 """
 import argparse
 import json
@@ -125,37 +135,74 @@ def time_runs(fns: dict, repeats: int) -> dict:
 GROUPS = (  # one precision at a time (loaded, timed interleaved, freed): a 1.5B in float32 three times over
     ("float32", dict(dtype="float32"), torch.float32, ("F32",)),  # would not fit this machine's 24 GB
     ("bfloat16", dict(dtype="bfloat16"), torch.bfloat16, ("F16", "BF16")),
-    ("int8", dict(dtype="bfloat16", quantization="int8"), None, ("Q8_0",)),  # int8 weights, bf16 activations
+    ("int8", dict(dtype="bfloat16", quantization="int8"), torch.bfloat16, ("Q8_0",)),  # int8 weights, bf16 activations
 )
+
+
+def load_hf(path: str, dtype: torch.dtype, int8: bool):
+    """transformers' model in this dtype; int8: its nn.Linear layers quantized by torchao
+    (int8 weight-only, per channel) -> (model, None), or (None, why) without torchao."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    if int8:
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        except ImportError as e:
+            return None, f"torchao not importable ({e}; pip install torchao)"
+        quantize_(model, Int8WeightOnlyConfig())
+    return model, None
+
+
+def hf_generate(model, prompt, n: int, compiled: bool):
+    """transformers' greedy generate; compiled: a static KV cache and the decode step through
+    torch.compile (transformers compiles on CPU only when asked: CompileConfig's
+    _compile_all_devices)."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    if compiled:
+        config = CompileConfig(mode="default")
+        config._compile_all_devices = True
+        kw = dict(cache_implementation="static", compile_config=config)
+    else:
+        kw = dict(disable_compile=True)
+    with torch.inference_mode():
+        return model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0, **kw)[0, len(prompt):].tolist()
 
 
 def bench(path: str, root: str, args) -> dict:
     import gc
-
-    from transformers import AutoModelForCausalLM
 
     from citer import Engine, SamplingParams
 
     n, g = args.new_tokens, torch.Generator().manual_seed(0)
     prompt = torch.randint(3, 30000, (args.prompt_len,), generator=g).tolist()
     params = SamplingParams(max_tokens=n, ignore_eos=True)
-    row = {"model": os.path.basename(path.rstrip("/")), "llama_cpp": None, "ms_per_token": {}}
+    row = {"model": os.path.basename(path.rstrip("/")), "llama_cpp": None, "ms_per_token": {}, "compile_s": {},
+           "notes": []}
     try:
         import llama_cpp  # noqa: F401
     except ImportError as e:
         row["llama_cpp"] = f"not importable ({e}; pip install llama-cpp-python: ~15 min build)"
     files = ggufs(path, root, [k for *_, ks in GROUPS for k in ks]) if row["llama_cpp"] is None else {}
 
-    def run_hf(m):
-        with torch.inference_mode():
-            m.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-
     for name, options, hf_dtype, kinds in (g for g in GROUPS if g[0] in args.precisions):
         engine = Engine(llm=path, max_model_len=256, num_blocks=64, **options)
         fns = {f"citer {name}": (lambda e=engine: e.generate([prompt], params))}
-        if hf_dtype is not None:
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=hf_dtype).eval()
-            fns[f"transformers {name}"] = lambda m=hf: run_hf(m)
+        hf, why = load_hf(path, hf_dtype, int8=name == "int8")
+        label = "transformers int8 (torchao)" if name == "int8" else f"transformers {name}"
+        if hf is None:
+            row["notes"].append(f"{label}: {why}")
+        else:
+            fns[label] = lambda m=hf: hf_generate(m, prompt, n, compiled=False)
+            if args.compile:  # compiled once here, then timed with the rest
+                t0 = time.perf_counter()
+                compiled = hf_generate(hf, prompt, n, compiled=True)
+                row["compile_s"][f"{label} + compile"] = time.perf_counter() - t0
+                if hf_dtype == torch.float32 and name == "float32":
+                    row["compiled_tokens_equal_eager"] = compiled == hf_generate(hf, prompt, n, compiled=False)
+                fns[f"{label} + compile"] = lambda m=hf: hf_generate(m, prompt, n, compiled=True)
         lls = {k: load_llama_cpp(files[k], args.threads, extra_buffers=k != "Q8_0") for k in kinds if k in files}
         if "F32" in lls:  # same weights, same greedy tokens, before anything is timed
             ref = engine.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True))[0].token_ids
@@ -172,6 +219,7 @@ def bench(path: str, root: str, args) -> dict:
             m.close()
         del engine, fns, lls
         hf = None
+        torch._dynamo.reset()  # the compiled graphs hold the model's weights
         gc.collect()
     return row
 
@@ -184,6 +232,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true",
+                    help="also transformers with torch.compile (static cache): about a minute of compile per model "
+                         "and precision on 2 cores")
     ap.add_argument("--precisions", nargs="+", default=[g[0] for g in GROUPS], choices=[g[0] for g in GROUPS])
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -196,14 +247,22 @@ def main():
     rows = [bench(p, root, args) for p in paths]
     pairs = [("citer float32", "llama.cpp F32"), ("citer bfloat16", "llama.cpp F16"),
              ("citer bfloat16", "llama.cpp BF16"), ("citer int8", "llama.cpp Q8_0"),
-             ("citer float32", "transformers float32"), ("citer bfloat16", "transformers bfloat16")]
+             ("citer float32", "transformers float32"), ("citer bfloat16", "transformers bfloat16"),
+             ("citer int8", "transformers int8 (torchao)"), ("citer float32", "transformers float32 + compile"),
+             ("citer bfloat16", "transformers bfloat16 + compile"),
+             ("citer int8", "transformers int8 (torchao) + compile")]
     print(f"\nbatch 1, greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} threads, "
           f"median of {args.repeats} interleaved runs; ms per generated token")
     for r in rows:
         print(f"\n{r['model']}" + (f" (llama.cpp: {r['llama_cpp']})" if r["llama_cpp"] else
                                    f" (llama.cpp F32 tokens equal citer's: {r.get('llama_cpp_f32_tokens_equal')})"))
+        for note in r["notes"]:
+            print(f"  ({note})")
         for k, v in r["ms_per_token"].items():
-            print(f"  {k:<24} {v:8.2f}")
+            print(f"  {k:<38} {v:8.2f}" + (f"   (compile: first call {r['compile_s'][k]:.1f} s)"
+                                            if k in r["compile_s"] else ""))
+        if "compiled_tokens_equal_eager" in r:
+            print(f"  transformers float32 + compile: greedy tokens equal eager's: {r['compiled_tokens_equal_eager']}")
         for a, b in pairs:
             if a in r["ms_per_token"] and b in r["ms_per_token"]:
                 print(f"  {a} / {b}: {r['ms_per_token'][a] / r['ms_per_token'][b]:.2f}")
