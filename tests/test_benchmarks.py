@@ -113,3 +113,26 @@ def test_cpu_layer_benchmark_runs(hf_models):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     row = [line for line in res.stdout.splitlines() if line.startswith(os.path.basename(hf_models["qwen2"][0]))]
     assert len(row) == 1 and float(row[0].split()[-1]) > 0
+
+
+def test_cpu_vs_llamacpp_transformers_rows(hf_models, monkeypatch):
+    """cpu_vs_llamacpp.py's transformers runner: its greedy tokens are citer's (float32), and
+    without torchao the int8 row is skipped with a reason that names torchao."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import cpu_vs_llamacpp as bench
+    finally:
+        sys.path.pop(0)
+    from citer import Engine, SamplingParams
+
+    path = hf_models["llama"][0]
+    prompt = [5, 17, 42, 9, 33, 2, 60]
+    model, why = bench.load_hf(path, torch.float32, int8=False)
+    assert why is None
+    engine = Engine(llm=path, max_model_len=64, num_blocks=16)
+    want = engine.generate([prompt], SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
+    engine.close()
+    assert bench.hf_generate(model, prompt, 6, compiled=False) == want
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # import fails as if torchao were absent
+    model, why = bench.load_hf(path, torch.bfloat16, int8=True)
+    assert model is None and "torchao" in why and "pip install torchao" in why
