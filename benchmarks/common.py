@@ -45,21 +45,9 @@ def build_random_qwen2(name: str, root: str, seed: int = 0, dtype=torch.float32,
 
 
 def num_params(path: str) -> int:
-    from safetensors import safe_open
+    from citer.engine.models.loader import num_parameters
 
-    n = 0
-    for f in os.listdir(path):
-        if f.endswith(".safetensors"):
-            with safe_open(os.path.join(path, f), "pt") as sf:
-                n += sum(_prod(sf.get_slice(k).get_shape()) for k in sf.keys())
-    return n
-
-
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
+    return num_parameters(path)
 
 
 def interleaved_medians(fns: Dict[str, Callable[[], float]], repeats: int, progress=None) -> Dict[str, List[float]]:

@@ -200,7 +200,7 @@ def bench(path: str, root: str, args) -> dict:
                 t0 = time.perf_counter()
                 compiled = hf_generate(hf, prompt, n, compiled=True)
                 row["compile_s"][f"{label} + compile"] = time.perf_counter() - t0
-                if hf_dtype == torch.float32 and name == "float32":
+                if name == "float32":
                     row["compiled_tokens_equal_eager"] = compiled == hf_generate(hf, prompt, n, compiled=False)
                 fns[f"{label} + compile"] = lambda m=hf: hf_generate(m, prompt, n, compiled=True)
         lls = {k: load_llama_cpp(files[k], args.threads, extra_buffers=k != "Q8_0") for k in kinds if k in files}

@@ -66,6 +66,10 @@ def test_sharded_checkpoint_matches_single(tmp_path, hf_models):
     b, _ = load_model(str(sharded))
     for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(pa, pb)
+    # the parameter count (read from the files' headers) is transformers' own, single or sharded
+    from citer.engine.models.loader import num_parameters
+
+    assert num_parameters(path) == num_parameters(str(sharded)) == sum(p.numel() for p in hf.parameters())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

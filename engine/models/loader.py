@@ -1,5 +1,6 @@
 """Load a Hugging Face checkpoint folder (single or sharded safetensors) or a GGUF file into DecoderLM."""
 import json
+import math
 import os
 from typing import Dict, Iterable, Iterator, Optional, Tuple
 
@@ -36,6 +37,15 @@ def safetensors_files(path: str) -> list:
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in model folder {path!r}")
     return [os.path.join(path, f) for f in files]
+
+
+def num_parameters(path: str) -> int:
+    """The number of weights in a checkpoint folder's safetensors files (shapes only: nothing is read)."""
+    n = 0
+    for fn in safetensors_files(path):
+        with safe_open(fn, framework="pt") as f:
+            n += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return n
 
 
 def _iter_tensors(files, slicer=None) -> Iterator[Tuple[str, torch.Tensor]]:

@@ -17,6 +17,7 @@ import torch
 
 from . import Engine, SamplingParams
 from .assets import shipped
+from .engine.models.loader import num_parameters
 from .engine.outputs import llm_share
 
 BOLD, RESET = "\033[1;33m", "\033[0m"
@@ -126,25 +127,12 @@ def main() -> int:
             # the second embedded pair: a task whose solutions have interchangeable choices
             engine = Engine(free["slm"], free["llm"], free["router"], **SIZES)
             trained_demo(engine, "arith-free", n_eval=100, n_show=2)
-        sizes = " and ".join(f"{_parameters(engine.paths[m]) / 1e3:.0f}K" for m in ("slm", "llm"))
+        sizes = " and ".join(f"{num_parameters(engine.paths[m]) / 1e3:.0f}K" for m in ("slm", "llm"))
         print(f"(ms/token: the demo's models have {sizes} parameters, so each step's fixed cost, not the models, "
               "sets these times;\n speed at model sizes that matter: benchmarks/routed_decoding.py and BENCHMARKS.md)")
     print(f"{time.time() - t0:.0f} s; accuracy vs LLM share against every baseline: docs/demo-pair.md")
     return 0
 
-
-def _parameters(folder: str) -> int:
-    """The number of weights in a model folder's safetensors files."""
-    import glob
-    import math
-
-    from safetensors import safe_open
-
-    n = 0
-    for fn in glob.glob(os.path.join(folder, "*.safetensors")):
-        with safe_open(fn, "pt") as f:
-            n += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return n
 
 
 if __name__ == "__main__":
