@@ -1,4 +1,5 @@
 """The arithmetic task: generator, split, checker, tokenizer."""
+import json
 import os
 import re
 
@@ -69,11 +70,13 @@ def test_unknown_task():
 def test_tokenizer_round_trip_and_autotokenizer(tmp_path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
-    from citer.research.tasks.bpe_tokenizer import train_tokenizer
+    from citer.research.tasks.bpe_tokenizer import PORTABLE, save_tokenizer, train_tokenizer
 
     t = get_task("arith")
     tok = train_tokenizer(p.prompt + p.solution for p in t.train_problems(500, np.random.default_rng(0)))
-    tok.save_pretrained(tmp_path)
+    save_tokenizer(tok, tmp_path)
+    with open(tmp_path / "tokenizer_config.json") as f:
+        assert json.load(f).items() >= PORTABLE.items()  # loads the same under transformers 4 and 5
     Qwen2Config(vocab_size=len(tok)).save_pretrained(tmp_path)  # AutoTokenizer then builds a Qwen2Tokenizer
     auto, fast = AutoTokenizer.from_pretrained(tmp_path), PreTrainedTokenizerFast.from_pretrained(tmp_path)
     for p in t.test_problems(50):
@@ -105,9 +108,9 @@ def _shipped(name):
 
 
 def test_shipped_pair_configs_and_tokenizer():
-    import json
-
     from transformers import AutoTokenizer
+
+    from citer.research.tasks.bpe_tokenizer import PORTABLE
 
     slm, llm = _shipped("slm"), _shipped("llm")
     cfgs = [json.load(open(os.path.join(p, "config.json"))) for p in (slm, llm)]
@@ -116,6 +119,8 @@ def test_shipped_pair_configs_and_tokenizer():
         assert c["model_type"] == "qwen2" and c["tie_word_embeddings"] and c["dtype"] == "float16"
         assert c["eos_token_id"] == g["eos_token_id"] == 0 and c["bos_token_id"] == g["bos_token_id"] == 0
     assert cfgs[0]["vocab_size"] == cfgs[1]["vocab_size"] and cfgs[0]["hidden_size"] < cfgs[1]["hidden_size"]
+    for p in (slm, llm):  # written by save_tokenizer: transformers 4 loads them too
+        assert json.load(open(os.path.join(p, "tokenizer_config.json"))).items() >= PORTABLE.items()
     a, b = AutoTokenizer.from_pretrained(slm), AutoTokenizer.from_pretrained(llm)
     assert a.get_vocab() == b.get_vocab()
     assert (a.bos_token_id, a.eos_token_id, a.pad_token_id) == (0, 0, 0)
@@ -131,7 +136,7 @@ def test_shipped_llm_solves_held_out_problems_in_transformers():
     path = _shipped("llm")
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path).float().eval()
     task = get_task("arith")
     problems = task.test_problems(8)
     batch = tok([p.prompt for p in problems], return_tensors="pt", padding=True)

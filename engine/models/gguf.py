@@ -71,6 +71,9 @@ class GGUFCheckpoint:
     tensors: Dict[str, GGUFTensor]
     config: ModelConfig
     hf_rope: Optional[Dict[str, Any]]  # the HF rope_scaling dict (None: default rope)
+    # (token, special) for each token the file marks CONTROL (special) or USER_DEFINED: the
+    # tokens a tokenizer must match whole in text (the vocabulary itself is not kept)
+    added_tokens: Tuple[Tuple[str, bool], ...] = ()
 
     @property
     def has_tokenizer(self) -> bool:
@@ -152,7 +155,20 @@ def _read(fn: str) -> GGUFCheckpoint:
         tensors[t.name] = GGUFTensor(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist())),
                                      t.data)
     cfg, hf_rope = _config(meta, tensors, arch, fn)
-    return GGUFCheckpoint(fn, arch, meta, tensors, cfg, hf_rope)
+    return GGUFCheckpoint(fn, arch, meta, tensors, cfg, hf_rope, _added_tokens(reader.fields))
+
+
+def _added_tokens(fields) -> Tuple[Tuple[str, bool], ...]:
+    """(token, special) for the CONTROL and USER_DEFINED tokens, decoding only those strings
+    (a 152K-token vocabulary holds a few dozen)."""
+    from gguf import TokenType
+
+    types, tokens = fields.get("tokenizer.ggml.token_type"), fields.get("tokenizer.ggml.tokens")
+    if types is None or tokens is None or not len(types.data):
+        return ()
+    kinds = np.concatenate([types.parts[i] for i in types.data])
+    return tuple((bytes(tokens.parts[tokens.data[i]]).decode("utf-8"), bool(kinds[i] == TokenType.CONTROL))
+                 for i in np.nonzero((kinds == TokenType.CONTROL) | (kinds == TokenType.USER_DEFINED))[0])
 
 
 @functools.lru_cache(maxsize=None)

@@ -42,7 +42,8 @@ def convert_gguf(src: str, out: str, dtype="float32", max_shard_bytes: int = DEF
     from transformers import AutoConfig, GenerationConfig
 
     config = AutoConfig.for_model(**hf_config(ckpt))
-    config.dtype = torch_dtype  # recorded as the checkpoint's dtype
+    # recorded as the checkpoint's dtype: `dtype` since transformers 5, `torch_dtype` before
+    setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", torch_dtype)
     config.save_pretrained(out)
     cfg = ckpt.config
     GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=list(cfg.eos_token_ids) or None,

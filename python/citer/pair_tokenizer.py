@@ -30,12 +30,40 @@ def gguf_tokenizer(fn: str, checkpoint=None):
     builds it. TokenizersBackend (PreTrainedTokenizerFast) is named directly: AutoTokenizer would
     first read the whole file once more with gguf.GGUFReader for the model config (~10 s on a
     152K-token vocabulary) only to pick the class; the tokenizer is the same (tests compare)."""
-    if not (checkpoint or read_gguf(fn)).has_tokenizer:
+    ckpt = checkpoint or read_gguf(fn)
+    if not ckpt.has_tokenizer:
         return None
     from transformers import PreTrainedTokenizerFast
 
     folder, name = os.path.split(os.path.abspath(fn))
-    return PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
+    tok = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
+    _add_whole_tokens(tok, ckpt.added_tokens)
+    _name_special_tokens(tok, ckpt.metadata)
+    return tok
+
+
+def _name_special_tokens(tok, meta) -> None:
+    """bos/eos/pad/unk as the file's ids name them. transformers 4.x leaves them unset and 5.17
+    sets "<s>"/"</s>" on Qwen2 files; chat templates that print bos_token (Llama 3's) need them."""
+    for attr, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding"), ("unk_token", "unknown")):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and 0 <= int(i) < len(tok):
+            setattr(tok, attr, tok.convert_ids_to_tokens(int(i)))
+
+
+def _add_whole_tokens(tok, added) -> None:
+    """Make every token the file marks CONTROL (like <|im_start|>) or USER_DEFINED (like
+    <tool_call> or <think>) an added token, matched whole in text as llama.cpp matches it; CONTROL
+    ones are special (dropped by decode(skip_special_tokens=True)). transformers 5.2x does this
+    itself; 4.x skips USER_DEFINED tokens and then cuts them into pieces."""
+    from tokenizers import AddedToken
+
+    have, vocab = set(tok.added_tokens_encoder), tok.get_vocab()
+    for special in (True, False):
+        new = [AddedToken(t, special=special, normalized=False) for t, s in added
+               if s == special and t not in have and t in vocab and not GGUF_PADDING.fullmatch(t)]
+        if new:
+            tok.add_tokens(new, special_tokens=special)
 
 
 def shared_vocab(tok) -> dict:

@@ -47,14 +47,31 @@ def _llama3_rope_freqs(rope, theta, head_dim):  # llama.cpp, LlamaModel.generate
     return np.array(out, dtype=np.float32)
 
 
+def _pre_type(tok) -> str:
+    """tokenizer.ggml.pre: how llama.cpp and transformers split text before BPE. "qwen2" when the
+    tokenizer splits with Qwen2's regex (Qwen2, Qwen2.5, Qwen3, and citer's task tokenizers),
+    else "default" (GPT-2's byte-level split)."""
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    pre = json.loads(tok.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers") or [pre]
+    regexes = {(p.get("pattern") or {}).get("Regex") for p in parts if p.get("type") == "Split"}
+    return "qwen2" if PRETOKENIZE_REGEX in regexes else "default"
+
+
 def _add_tokenizer(w, tok, n_vocab):
-    """The tokenizer metadata llama.cpp writes for a BPE tokenizer (ids past it: [PAD<id>])."""
+    """The tokenizer metadata llama.cpp's convert_hf_to_gguf.py writes for a BPE tokenizer: added
+    tokens are CONTROL when special and USER_DEFINED otherwise, so that readers match them whole
+    in text; ids past the tokenizer are UNUSED and named [PAD<id>]."""
     inv = {i: t for t, i in tok.get_vocab().items()}
+    added = {i: a.special for i, a in tok.added_tokens_decoder.items()}
     special = set(tok.all_special_ids)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(_pre_type(tok))
     w.add_token_list([inv.get(i, f"[PAD{i}]") for i in range(n_vocab)])
-    w.add_token_types([3 if i in special else 1 if i in inv else 5 for i in range(n_vocab)])  # control/normal/unused
+    T = gguf.TokenType
+    w.add_token_types([T.CONTROL if i in special or added.get(i) else T.USER_DEFINED if i in added
+                       else T.NORMAL if i in inv else T.UNUSED for i in range(n_vocab)])
     merges = json.loads(tok.backend_tokenizer.to_str())["model"].get("merges") or []
     if merges:
         w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])

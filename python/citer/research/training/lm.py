@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from citer.research.tasks import get_task
-from citer.research.tasks.bpe_tokenizer import train_tokenizer
+from citer.research.tasks.bpe_tokenizer import save_tokenizer, train_tokenizer
 
 
 @dataclass
@@ -50,7 +50,7 @@ def build_tokenizer(task, out: str, seed: int = 0):
         return AutoTokenizer.from_pretrained(path)
     problems = task.train_problems(20000, np.random.default_rng(seed))
     tok = train_tokenizer(p.prompt + p.solution for p in problems)
-    tok.save_pretrained(path)
+    save_tokenizer(tok, path)
     return tok
 
 
@@ -100,7 +100,7 @@ def save_hf(model, tok, path: str, dtype=torch.float16):
     os.makedirs(path, exist_ok=True)
     model.to(dtype).save_pretrained(path)
     model.float()
-    tok.save_pretrained(path)
+    save_tokenizer(tok, path)
 
 
 def quick_eval(path: str, task, n: int, seed: int = 1) -> float:
