@@ -150,7 +150,8 @@ def train_baselines_cmd(args) -> None:
         train_query_on_positions(args.slm, args.llm, task, args.out, n_train=args.n_train, seed=args.seed,
                                  dtype=args.dtype, max_len=args.max_len, cache=args.cache)
     else:
-        train_baselines(args.slm, args.llm, get_task(args.task), args.out, n_train=args.n_train)
+        train_baselines(args.slm, args.llm, get_task(args.task), args.out, n_train=args.n_train, seed=args.seed,
+                        only=args.only)
 
 
 def serve_cmd(args) -> None:
@@ -262,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "and speculative, batch 1 and 16")
     data_arguments(ev, train=False)
 
-    tb = sub.add_parser("train-baselines", help="the query-level router and the Co-LLM-style deferral head")
+    tb = sub.add_parser("train-baselines", help="the query-level router and Co-LLM's deferral head")
     tb.set_defaults(run=train_baselines_cmd)
     tb.add_argument("--slm", required=True)
     tb.add_argument("--llm", required=True)
@@ -270,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--out", required=True)
     tb.add_argument("--n-train", type=int, default=3000)
     tb.add_argument("--seed", type=int, default=0)
+    tb.add_argument("--only", choices=["query", "colm"], help="train one of the two (task problems only)")
     tb.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     tb.add_argument("--max-len", type=int, default=256)
     tb.add_argument("--cache", help="--data: the teacher-forced positions train-router cached (same data, seed)")

@@ -3,10 +3,12 @@
   - query-level routing (RouteLLM-style): a logistic classifier on the SLM's normed final
     hidden state at the prompt's last position predicts whether the SLM alone answers
     right; queries under a threshold go wholly to the LLM (QueryRouter);
-  - a Co-LLM-style deferral head: a linear head on the SLM's hidden state, trained with
+  - Co-LLM's deferral head: a linear head on the SLM's hidden state, initialized from
     Co-LLM's weak labels (defer where the LLM gives the gold token a higher probability
-    than the SLM), saved as a router folder (LinearRouter) that the engine routes with
-    like any router.
+    than the SLM), then trained as Co-LLM trains it, on the marginal likelihood of the gold
+    tokens with deferral as the latent variable (colm_marginal_nll); both models stay frozen
+    (Co-LLM also fine-tunes its base model). Saved as a router folder (LinearRouter) that
+    the engine routes with like any router.
 
   citer train-baselines --slm S --llm L --task arith --out DIR   # DIR/query, DIR/colm
 
@@ -30,6 +32,8 @@ from citer.research.tasks import Problem, Task
 from citer.research.training.forcing import Forcer
 
 QUERY_ARCHITECTURE = "citer-query-router"
+# the deferral shares (of the training positions) at which `citer eval` sweeps the Co-LLM head
+COLM_SWEEP_SHARES = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 0.9)
 
 
 def _fit_logistic(x: torch.Tensor, y: torch.Tensor, epochs: int = 30, lr: float = 3e-3, seed: int = 0,
@@ -100,40 +104,85 @@ def train_query_router(engine: Engine, forcer: Forcer, task: Task, problems: Lis
     return QueryRouter(lin, {"n_train": len(problems), "slm_right_share": float(y.mean())})
 
 
-def colm_labels(forcer: Forcer, tokenizer, problems: List[Problem]):
-    """Co-LLM's weak labels on teacher-forced gold solutions -> (h [N, H], keep [N]): keep
-    = 0 (defer) where the LLM gives the gold token a higher probability than the SLM."""
+def colm_marginal_nll(keep_logit: torch.Tensor, slm_logp: torch.Tensor, llm_logp: torch.Tensor) -> torch.Tensor:
+    """Co-LLM's objective: -log P(gold token) with the deferral Z latent, mean over positions:
+    P = P(keep) p_slm(gold) + P(defer) p_llm(gold), P(keep) = sigmoid(keep_logit). Per position
+    its optimum is the weak label; through a head that cannot fit every position it weighs
+    them by how much likelihood is at stake (an SLM mistake the LLM fixes) instead of equally
+    (two near-certain models that differ in the third decimal)."""
+    F = torch.nn.functional
+    return -torch.logaddexp(F.logsigmoid(keep_logit) + slm_logp, F.logsigmoid(-keep_logit) + llm_logp).mean()
+
+
+def colm_positions(forcer: Forcer, tokenizer, problems: List[Problem]):
+    """Teacher-forced gold solutions -> (h [N, H], slm_logp [N], llm_logp [N]): each model's
+    log-probability of the gold next token."""
     seqs, starts = [], []
     for p in problems:
         seqs.append(tokenizer(p.prompt + p.solution).input_ids + [tokenizer.eos_token_id])
         starts.append(len(tokenizer(p.prompt).input_ids))
-    xs, ys = [], []
+    hs, slm, llm = [], [], []
     for seq, start, f in zip(seqs, starts, forcer.run(seqs)):
         pos = torch.arange(start - 1, len(seq) - 1)
-        xs.append(f.hidden[pos])
-        ys.append((f.llm_logp_next[pos] <= f.slm_logp_next[pos]).float())
-    return torch.cat(xs), torch.cat(ys)
+        hs.append(f.hidden[pos])
+        slm.append(f.slm_logp_next[pos])
+        llm.append(f.llm_logp_next[pos])
+    return torch.cat(hs), torch.cat(slm), torch.cat(llm)
 
 
-def train_colm_head(forcer: Forcer, tokenizer, problems: List[Problem], hidden_size: int) -> LinearRouter:
-    x, y = colm_labels(forcer, tokenizer, problems)
-    head = LinearRouter(hidden_size)
-    head.linear = _fit_logistic(x, y, epochs=20, desc="Co-LLM head")
-    head.meta = {"labels": len(y), "defer_share": float(1 - y.mean())}
-    return head.eval()
+def train_colm_head(forcer: Forcer, tokenizer, problems: List[Problem], epochs: int = 20,
+                    seed: int = 0) -> LinearRouter:
+    return fit_colm_head(*colm_positions(forcer, tokenizer, problems), epochs=epochs, seed=seed)
+
+
+def fit_colm_head(x: torch.Tensor, slm_logp: torch.Tensor, llm_logp: torch.Tensor, epochs: int = 20,
+                  lr: float = 3e-3, seed: int = 0) -> LinearRouter:
+    """Weak-label logistic fit, then the marginal likelihood (colm_marginal_nll) from there."""
+    y = (llm_logp <= slm_logp).float()  # weak label: 1 = keep the SLM's token
+    head = LinearRouter(x.shape[1])
+    head.linear = _fit_logistic(x, y, epochs=epochs, lr=lr, seed=seed, desc="Co-LLM head (weak labels)")
+    head.train()
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    nll = lambda idx: colm_marginal_nll(head(x[idx]), slm_logp[idx], llm_logp[idx])  # noqa: E731
+    with torch.no_grad():
+        before = float(nll(slice(None)))
+    for _ in tqdm(range(epochs), desc="Co-LLM head (marginal likelihood)", leave=False):
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y), 256):
+            loss = nll(perm[i:i + 256])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    head.eval()
+    with torch.no_grad():
+        after, keep = float(nll(slice(None))), torch.sigmoid(head(x))
+    # Its P(keep) is calibrated to the likelihood, not to a share: where the LLM is much the
+    # stronger model it lies under 0.1 almost everywhere, so a fixed τ grid defers everything.
+    # The evaluation sweeps these τ instead: the scores' quantiles at these deferral shares.
+    taus = torch.quantile(keep.double(), torch.tensor(COLM_SWEEP_SHARES, dtype=torch.float64))
+    head.meta = {"labels": len(y), "weak_defer_share": float(1 - y.mean()), "objective": "marginal likelihood",
+                 "nll_weak_init": before, "nll": after, "defer_share_at_0.5": float((keep < 0.5).float().mean()),
+                 "sweep_taus": [float(t) for t in taus]}
+    return head
 
 
 def train_baselines(slm: str, llm: str, task: Task, out: str, n_train: int = 3000, seed: int = 0,
-                    max_tokens: int = 128) -> dict:
-    """Both baselines on training problems drawn like the router's (seed + 777 stream)."""
+                    max_tokens: int = 128, only: Optional[str] = None) -> dict:
+    """Both baselines (or `only` "query" / "colm") on training problems drawn like the
+    router's (seed + 777 stream)."""
     problems = task.train_problems(n_train, np.random.default_rng(seed + 777))
     engine = Engine(slm, llm, max_model_len=256, max_num_seqs=256, num_blocks=256 * 16)
     forcer = Forcer(slm, llm, dtype=engine.args.dtype, vocab_limit=engine.core.vocab_limit)
-    query = train_query_router(engine, forcer, task, problems, max_tokens)
-    query.save(os.path.join(out, "query"))
-    colm = train_colm_head(forcer, engine.tokenizer, problems, engine.slm_config.hidden_size)
-    save_router(colm, os.path.join(out, "colm"), meta={"task": task.name, "n_train": n_train, **colm.meta})
-    info = {"query": query.meta, "colm": colm.meta}
+    info = {}
+    if only in (None, "query"):
+        query = train_query_router(engine, forcer, task, problems, max_tokens)
+        query.save(os.path.join(out, "query"))
+        info["query"] = query.meta
+    if only in (None, "colm"):
+        colm = train_colm_head(forcer, engine.tokenizer, problems, seed=seed)
+        save_router(colm, os.path.join(out, "colm"), meta={"task": task.name, "n_train": n_train, **colm.meta})
+        info["colm"] = colm.meta
     print(json.dumps(info))
     return info
 

@@ -61,8 +61,8 @@ def sweep(engine: Engine, task: Task, n: int, router_s: Optional[str] = None, ma
         routers = {"CITER": engine.paths["router"], **routers}
     if router_s:
         routers["CITER-S"] = router_s
-    for name in routers:
-        points += [(name, t, dict(policy="router", threshold=t)) for t in ROUTER_TAUS]
+    for name, path in routers.items():
+        points += [(name, t, dict(policy="router", threshold=t)) for t in router_taus(path)]
     rows, own = [], engine.paths["router"]
     current = own
     run_point(engine, task, problems[:64], SamplingParams(**base, policy="llm"))  # warm-up, not timed
@@ -77,6 +77,14 @@ def sweep(engine: Engine, task: Task, n: int, router_s: Optional[str] = None, ma
         if current != own:  # the engine leaves with the router it came with
             engine.set_router(own)
     return rows
+
+
+def router_taus(path: str) -> List[float]:
+    """The τ grid a router is swept over: its own `sweep_taus` (the Co-LLM head's, whose scores
+    are not calibrated to the grid) or ROUTER_TAUS."""
+    from citer.research.router_nets import load_router_mlp
+
+    return list(load_router_mlp(path)[1].get("meta", {}).get("sweep_taus") or ROUTER_TAUS)
 
 
 def query_level_rows(scores: np.ndarray, slm_row: dict, llm_row: dict, shares=QUERY_SHARES) -> List[dict]:
