@@ -54,3 +54,19 @@ def test_evaluate_data_end_to_end_and_resume(engine, router_path, tmp_path, monk
     for f in ("eval.json", "pass_vs_llm_share.png", "pass_vs_llm_share_0_30.png", "pass_vs_ms_per_token.png"):
         assert os.path.isfile(os.path.join(out, f))
     assert "CITER" in DE.data_table(res, timings)
+
+
+def test_knobs_are_kept_and_extended_when_routers_are_added(engine, router_path, tmp_path, monkeypatch):
+    """A resumed evaluation with a router added (a Co-LLM head trained later) computes that
+    router's knobs only; new target shares recompute all of them."""
+    task = JsonlTask(eval_data=_toy(tmp_path), tokenizer=engine.tokenizer, checker="exact", extract="last-number")
+    problems, path = task.test_problems(), str(tmp_path / "knobs.json")
+    first = DE._knobs(engine, task, problems, {"CITER": router_path}, (0.1, 0.3), 6, path)
+    both = DE._knobs(engine, task, problems, {"CITER": router_path, "again": router_path}, (0.1, 0.3), 6, path)
+    assert both["CITER"] == first["CITER"] == both["again"] and both["confidence"] == first["confidence"]
+    real_generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: pytest.fail("recomputed kept knobs"))
+    assert DE._knobs(engine, task, problems, {"again": router_path}, (0.1, 0.3), 6, path)["again"] == both["again"]
+    monkeypatch.setattr(engine, "generate", real_generate)
+    other = DE._knobs(engine, task, problems, {"CITER": router_path}, (0.2,), 6, path)
+    assert len(other["CITER"]) == len(other["confidence"]) == 1 and "again" not in other

@@ -56,6 +56,16 @@ def test_positions_equal_a_direct_teacher_forcing_and_are_cached(tmp_path, hf_mo
     assert pos.gold.tolist() == [8, 9, 10, 13, 14]
     assert pos.llm_pred.tolist() == torch.cat([f.llm_pred[s - 1:len(q) - 1] for f, q, s in
                                                zip(full, seqs, starts)]).tolist()
+    for name in ("slm_logp", "llm_logp"):  # each model's log-probability of the gold next token
+        want = torch.cat([getattr(f, name + "_next")[s - 1:len(q) - 1] for f, q, s in zip(full, seqs, starts)])
+        assert torch.allclose(getattr(pos, name), want, atol=1e-5) and (want < 0).all()
+    old_format = sorted((tmp_path / "c").iterdir())[0]  # a chunk cached before the log-probabilities were kept
+    torch.save({k: v for k, v in torch.load(old_format).items() if not k.endswith("_logp")}, old_format)
+    redone = []
+    real_force = P._force
+    monkeypatch.setattr(P, "_force", lambda *a, **k: redone.append(1) or real_force(*a, **k))
+    again = P.force_positions(forcer, seqs, starts, gold=True, cache=str(tmp_path / "c"), chunk=1)
+    assert len(redone) == 1 and torch.equal(again.slm_logp, pos.slm_logp)  # that chunk redone and rewritten
     monkeypatch.setattr(P, "_force", lambda *a, **k: pytest.fail("recomputed a cached chunk"))
     again = P.force_positions(forcer, seqs, starts, gold=True, cache=str(tmp_path / "c"), chunk=1)
     assert torch.equal(again.hidden, pos.hidden)
@@ -98,3 +108,28 @@ def test_cli_train_router_with_data(tmp_path, hf_models):
           "--n-val", "3", "--labels", "llm-agreement", "--rounds", "1", "--max-len", "64", "--max-tokens", "8",
           "--checker", "none"])
     assert os.path.isfile(os.path.join(out, "router_config.json"))
+
+
+def test_baselines_on_data_and_their_eval(tmp_path, hf_models, router_path):
+    """`citer train-baselines --data` (references, no checker): the query router and Co-LLM's
+    head from the same cached positions; `citer eval --eval-data --baselines` then sweeps
+    the Co-LLM head beside the routers."""
+    from citer.cli import main
+
+    slm, llm = hf_models["qwen2"][0], hf_models["llama"][0]
+    out, cache = tmp_path / "baselines", tmp_path / "cache"
+    args = ["train-baselines", "--slm", slm, "--llm", llm, "--data", _data(tmp_path), "--checker", "none",
+            "--n-train", "12", "--max-len", "64", "--cache", str(cache), "--out", str(out)]
+    assert main(args) == 0
+    meta = json.loads((out / "colm" / "router_config.json").read_text())["meta"]
+    assert meta["objective"] == "marginal likelihood" and meta["nll"] <= meta["nll_weak_init"]
+    assert len(meta["sweep_taus"]) > 1 and (out / "query" / "config.json").is_file()
+    load_router(str(out / "colm"), 64)
+    toy = _write(tmp_path / "toy.jsonl", [{"prompt": f"Q: {i} + {i}? A:", "answer": str(2 * i), "stop": ["\n"]}
+                                          for i in range(4)])
+    ev = tmp_path / "eval"
+    assert main(["eval", "--eval-data", toy, "--checker", "exact", "--slm", slm, "--llm", llm, "--router", router_path,
+                 "--baselines", str(out), "--curves-only", "--no-oracle", "--shares", "0.1", "0.3",
+                 "--max-tokens", "6", "--max-model-len", "96", "--out", str(ev)]) == 0
+    rows = json.loads((ev / "eval.json").read_text())["rows"]
+    assert sum(r["method"] == "Co-LLM" for r in rows) == 2 and any(r["method"] == "query-level" for r in rows)

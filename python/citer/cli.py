@@ -70,6 +70,8 @@ def eval_data_cmd(args) -> None:
     if args.router_s:
         routers["CITER-S"] = router_path(args.router_s)
     query = os.path.join(args.baselines, "query") if args.baselines else None
+    if args.baselines and os.path.isdir(os.path.join(args.baselines, "colm")):
+        routers["Co-LLM"] = os.path.join(args.baselines, "colm")
     extras = dict(verify_shares=tuple(args.verify_shares), random_shares=tuple(args.random_shares),
                   speculative=not args.no_speculative)
     if args.curves_only:
@@ -141,14 +143,14 @@ def eval_cmd(args) -> None:
 
 
 def train_baselines_cmd(args) -> None:
-    from citer.research.baselines import train_baselines, train_query_on_positions
+    from citer.research.baselines import train_baselines, train_baselines_on_positions
     from citer.research.tasks import get_task
     from citer.research.tasks.jsonl import task_from_args
 
     if args.data:
         task = task_from_args(args, tokenizer=args.slm, train=True)
-        train_query_on_positions(args.slm, args.llm, task, args.out, n_train=args.n_train, seed=args.seed,
-                                 dtype=args.dtype, max_len=args.max_len, cache=args.cache)
+        train_baselines_on_positions(args.slm, args.llm, task, args.out, n_train=args.n_train, seed=args.seed,
+                                     dtype=args.dtype, max_len=args.max_len, cache=args.cache, only=args.only)
     else:
         train_baselines(args.slm, args.llm, get_task(args.task), args.out, n_train=args.n_train, seed=args.seed,
                         only=args.only)
@@ -271,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--out", required=True)
     tb.add_argument("--n-train", type=int, default=3000)
     tb.add_argument("--seed", type=int, default=0)
-    tb.add_argument("--only", choices=["query", "colm"], help="train one of the two (task problems only)")
+    tb.add_argument("--only", choices=["query", "colm"], help="train one of the two")
     tb.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     tb.add_argument("--max-len", type=int, default=256)
     tb.add_argument("--cache", help="--data: the teacher-forced positions train-router cached (same data, seed)")

@@ -15,7 +15,8 @@
 On data without a checker (`--data`, references only) the query router's label is instead
 whether the SLM agrees with the LLM on at least the median share of a query's reference
 positions (P(the SLM alone is about as good as the LLM here)), read off the same cached
-teacher-forced positions the router trained on (training.positions); no Co-LLM head.
+teacher-forced positions the router trained on (training.positions); the Co-LLM head
+trains on those positions' log-probabilities of the reference tokens.
 """
 import json
 import os
@@ -187,10 +188,11 @@ def train_baselines(slm: str, llm: str, task: Task, out: str, n_train: int = 300
     return info
 
 
-def train_query_on_positions(slm: str, llm: str, task: Task, out: str, n_train: int, seed: int = 0,
-                             dtype: str = "float32", max_len: int = 256, cache: Optional[str] = None) -> dict:
-    """The query-level router of data without a checker (see the module doc), on the training
-    problems train_router drew (same seed stream, same cached positions)."""
+def train_baselines_on_positions(slm: str, llm: str, task: Task, out: str, n_train: int, seed: int = 0,
+                                 dtype: str = "float32", max_len: int = 256, cache: Optional[str] = None,
+                                 only: Optional[str] = None) -> dict:
+    """Both baselines (or `only` one) on data without a checker (see the module doc), on the
+    training problems train_router drew (same seed stream, same cached positions)."""
     from citer.research.training.positions import force_positions, sequences
 
     problems = task.train_problems(n_train, np.random.default_rng(seed + 777))
@@ -201,14 +203,28 @@ def train_query_on_positions(slm: str, llm: str, task: Task, out: str, n_train: 
     seqs, starts, kept = sequences(tok, with_ref, max_len)
     pos = force_positions(forcer, seqs, starts, gold=True, desc="teacher forcing train references",
                           cache=os.path.join(cache, "train-references") if cache else None)
-    agree = torch.zeros(len(seqs))
+    info = {}
+    if only in (None, "colm"):
+        colm = fit_colm_head(pos.hidden, pos.slm_logp, pos.llm_logp, seed=seed)
+        save_router(colm, os.path.join(out, "colm"), meta={"task": task.name, "n_train": len(seqs), **colm.meta})
+        info["colm"] = colm.meta
+    if only in (None, "query"):
+        info["query"] = _query_on_positions(forcer, tok, task, pos, [with_ref[i].prompt for i in kept],
+                                            os.path.join(out, "query"))
+    print(json.dumps(info))
+    return info
+
+
+def _query_on_positions(forcer: Forcer, tok, task: Task, pos, prompts: List[str], out: str) -> dict:
+    """The query router's label here: the SLM agrees with the LLM on at least the median share
+    of a query's reference positions (pos.seq indexes `prompts`)."""
+    agree = torch.zeros(len(prompts))
     agree.index_add_(0, pos.seq, (pos.slm_pred == pos.llm_pred).float())
-    rate = agree / torch.bincount(pos.seq, minlength=len(seqs)).clamp_min(1).float()
+    rate = agree / torch.bincount(pos.seq, minlength=len(prompts)).clamp_min(1).float()
     y = (rate >= rate.median()).float()
-    x = prompt_features(forcer, tok, [with_ref[i].prompt for i in kept])
+    x = prompt_features(forcer, tok, prompts)
     lin = _fit_logistic(x, y, epochs=60, desc="query router")
-    meta = {"task": task.name, "n_train": len(seqs), "label": "agreement rate >= median",
+    meta = {"task": task.name, "n_train": len(prompts), "label": "agreement rate >= median",
             "median_agreement": float(rate.median())}
-    QueryRouter(lin, meta).save(os.path.join(out, "query"))
-    print(json.dumps(meta))
-    return {"query": meta}
+    QueryRouter(lin, meta).save(out)
+    return meta

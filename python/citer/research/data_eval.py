@@ -83,6 +83,26 @@ def knobs_for_shares(engine: Engine, slm_outputs, routers: Dict[str, str], share
     return out
 
 
+def _knobs(engine: Engine, task, problems, routers: Dict[str, str], shares: Sequence[float], max_tokens: int,
+           path: str) -> Dict[str, list]:
+    """knobs_for_shares, kept in `path`: a resumed run reuses them, and computes only those of
+    routers added since (all of them if the target shares changed)."""
+    knobs = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            knobs = json.load(f)
+        if knobs.pop("shares", list(shares)) != list(shares):  # files from before "shares" was kept: as asked
+            knobs = {}
+    missing = {name: p for name, p in routers.items() if name not in knobs}
+    if missing or "confidence" not in knobs:
+        slm_outs = engine.generate([p.prompt for p in problems], task.sampling_params(problems, SamplingParams(
+            max_tokens=max_tokens, policy="slm")))
+        knobs = {**knobs_for_shares(engine, slm_outs, missing, shares), **knobs}
+        with open(path, "w") as f:
+            json.dump({**knobs, "shares": list(shares)}, f, indent=1)
+    return knobs
+
+
 def evaluate_data(engine: Engine, task, problems: List, routers: Dict[str, str], out: str, max_tokens: int = 192,
                   shares: Sequence[float] = TARGET_SHARES, query_router: Optional[str] = None,
                   oracle_ks: Sequence[int] = ORACLE_KS, verify_shares: Sequence[float] = (0.1, 0.2),
@@ -108,16 +128,7 @@ def evaluate_data(engine: Engine, task, problems: List, routers: Dict[str, str],
 
     slm = point("slm", None, policy="slm")
     llm = point("llm", None, policy="llm")
-    knobs_path = os.path.join(out, "knobs.json")
-    if os.path.isfile(knobs_path):
-        with open(knobs_path) as f:
-            knobs = json.load(f)
-    else:
-        slm_outs = engine.generate([p.prompt for p in problems], task.sampling_params(problems, SamplingParams(
-            max_tokens=max_tokens, policy="slm")))
-        knobs = knobs_for_shares(engine, slm_outs, routers, shares)
-        with open(knobs_path, "w") as f:
-            json.dump(knobs, f, indent=1)
+    knobs = _knobs(engine, task, problems, routers, shares, max_tokens, os.path.join(out, "knobs.json"))
     todo = [("confidence", k, dict(policy="confidence", confidence_threshold=k)) for k in knobs["confidence"]]
     for name, path in routers.items():
         todo += [(name, t, dict(policy="router", threshold=t, router_path=path)) for t in knobs[name]]

@@ -5,9 +5,11 @@ the training sequences. `force_positions` runs them once (citer's own models, th
 engine's dtype: training.forcing.Forcer) and keeps, per position that predicts a
 completion token, what every label scheme needs: the SLM's normed hidden state and head
 signals (the router's input, as the engine computes it), the SLM's and the LLM's greedy
-tokens and the gold token (the reference's, -1 on a model's own trajectory). Chunks are
-written to a cache folder as they finish, so an interrupted run resumes where it stopped
-and a second label scheme (CITER-S beside CITER) costs no forward pass.
+tokens, the gold token (the reference's, -1 on a model's own trajectory) and each model's
+log-probability of the sequence's next token (Co-LLM's objective, on references). Chunks
+are written to a cache folder as they finish, so an interrupted run resumes where it
+stopped and a second label scheme (CITER-S beside CITER) costs no forward pass; a chunk
+cached before the log-probabilities were kept is computed again and rewritten.
 
 Label schemes (`labels_of`), per position:
   llm-agreement  1 where the SLM's greedy token is the LLM's, else 0 (distillation: no
@@ -35,6 +37,8 @@ class Positions:
     llm_pred: torch.Tensor  # [N] int64
     gold: torch.Tensor  # [N] int64: the reference's token, -1 where there is none
     seq: torch.Tensor  # [N] int64: which sequence (index into the list forced)
+    slm_logp: torch.Tensor  # [N] float32: the SLM's log-probability of the sequence's next token
+    llm_logp: torch.Tensor  # [N] float32: the LLM's
 
     def __len__(self) -> int:
         return len(self.gold)
@@ -73,8 +77,10 @@ def force_positions(forcer, seqs: List[List[int]], starts: List[int], gold: bool
             key = hashlib.sha1(json.dumps([part_seqs, part_starts, gold]).encode()).hexdigest()[:16]
             fn = os.path.join(cache, f"{c // chunk:05d}-{key}.pt")
             if os.path.isfile(fn):
-                parts.append(Positions(**torch.load(fn)))
-                continue
+                cached = torch.load(fn)
+                if cached.keys() == Positions.__dataclass_fields__.keys():  # else: an older format, redone
+                    parts.append(Positions(**cached))
+                    continue
         part = _force(forcer, part_seqs, part_starts, gold, c)
         if fn:
             torch.save(part.__dict__, fn + ".tmp")
@@ -85,7 +91,7 @@ def force_positions(forcer, seqs: List[List[int]], starts: List[int], gold: bool
 
 def _force(forcer, seqs, starts, gold: bool, first: int) -> Positions:
     forced = forcer.run(seqs, starts=starts)
-    h, sig, sp, lp, g, which = [], [], [], [], [], []
+    h, sig, sp, lp, g, which, slp, llp = [], [], [], [], [], [], [], []
     for i, (s, start, f) in enumerate(zip(seqs, starts, forced)):
         n = len(s) - start  # rows predicting tokens start .. len - 1 (the Forced's last row predicts nothing)
         h.append(f.hidden[:n])
@@ -94,7 +100,9 @@ def _force(forcer, seqs, starts, gold: bool, first: int) -> Positions:
         lp.append(f.llm_pred[:n])
         g.append(torch.tensor(s[start:]) if gold else torch.full((n,), -1, dtype=torch.long))
         which.append(torch.full((n,), first + i, dtype=torch.long))
-    return Positions(torch.cat(h), torch.cat(sig), torch.cat(sp), torch.cat(lp), torch.cat(g), torch.cat(which))
+        slp.append(f.slm_logp_next[:n])
+        llp.append(f.llm_logp_next[:n])
+    return Positions(*(torch.cat(t) for t in (h, sig, sp, lp, g, which, slp, llp)))
 
 
 def labels_of(pos: Positions, scheme: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
