@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.citer-installed
 # the oldest transformers pyproject allows, put in front of the pinned one for a second run
+# (--no-deps: its other dependencies are the pinned venv's)
 OLDEST := $(VENV)/oldest
 # not run again there (about 2 of the suite's 4-6 minutes): the kernels, layers, threads and
 # HTTP hardening use no transformers API; the Triton-engine and CUDA-graph tests check against
@@ -24,7 +25,8 @@ $(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*)
 install: $(STAMP)
 
 $(OLDEST)/.installed: requirements-oldest.txt $(STAMP)
-	$(PY) -m pip install -q --no-deps --upgrade --target $(OLDEST) -r requirements-oldest.txt
+	rm -rf $(OLDEST)
+	$(PY) -m pip install -q --no-deps --target $(OLDEST) -r requirements-oldest.txt
 	touch $@
 
 test: test-pinned test-oldest
@@ -33,8 +35,8 @@ test-pinned: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-oldest: $(OLDEST)/.installed
-	@PYTHONPATH=$(OLDEST) $(PY) -c "import transformers as t; print('again with transformers', t.__version__)"
-	PYTHONPATH=$(OLDEST) $(PY) -m pytest -q -p no:cacheprovider tests $(OLDEST_SKIP)
+	@PYTHONPATH=$(abspath $(OLDEST)) $(PY) -c "import transformers as t; print('again with transformers', t.__version__)"
+	PYTHONPATH=$(abspath $(OLDEST)) $(PY) -m pytest -q -p no:cacheprovider tests $(OLDEST_SKIP)
 
 demo: $(STAMP)
 	$(PY) -m citer.demo

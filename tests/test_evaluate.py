@@ -10,7 +10,7 @@ import torch
 
 from citer import Engine, SamplingParams
 from citer.research.eval_stats import Bootstrap, mean_accuracy, share_to_reach, summarize
-from citer.research.evaluate import evaluate, fresh_problems, query_level_rows, sweep, table, write, write_eval
+from citer.research.evaluate import ROUTER_TAUS, evaluate, fresh_problems, query_level_rows, sweep, table, write, write_eval
 from citer.research.router_nets import RouterMLP, save_router
 from citer.research.tasks import get_task
 from test_router_training import ToyTask
@@ -195,6 +195,10 @@ def test_evaluate_end_to_end(engine, tmp_path, hf_models):
                       query_router=str(tmp_path / "b" / "query"), max_tokens=6, n_boot=50)
     methods = {r["method"] for r in result["rows"]}
     assert {"oracle", "query-level", "Co-LLM", "CITER", "confidence"} <= methods
+    colm = json.loads((tmp_path / "b" / "colm" / "router_config.json").read_text())
+    assert [r["knob"] for r in result["rows"] if r["method"] == "Co-LLM"] == colm["meta"]["sweep_taus"]
+    assert colm["default_threshold"] == colm["meta"]["default_threshold"]  # its τ at a 10% share, not 0.5
+    assert [r["knob"] for r in result["rows"] if r["method"] == "CITER"] == list(ROUTER_TAUS)
     for r in result["rows"]:
         assert r["accuracy_ci"][0] - 1e-9 <= r["accuracy"] <= r["accuracy_ci"][1] + 1e-9
     assert set(result["summary"]) >= {"CITER", "confidence", "oracle", "query-level"}

@@ -157,7 +157,7 @@ def test_qwen2_tokenizer_round_trips_through_gguf(tmp_path):
     control (<|im_start|>) and user-defined (<think>), as Qwen checkpoints have: written as
     llama.cpp's converter writes it (pre "qwen2", token types 3 and 4) and read back, it splits
     newlines, spaces and digits and matches added tokens whole exactly as the source does."""
-    from citer.pair_tokenizer import load_tokenizer
+    from citer.pair_tokenizer import PORTABLE, load_tokenizer
     from citer.research.tasks.bpe_tokenizer import train_tokenizer
 
     corpus = ["def add(a, b):\n    return a + b\n\n\n", "Tom has 3 apples and buys 42 more.", "café  crème"] * 20
@@ -190,6 +190,7 @@ def test_qwen2_tokenizer_round_trips_through_gguf(tmp_path):
 
     assert main(["convert", str(fn), str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 0  # and as an HF folder
     folder = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text()).items() >= PORTABLE.items()
     assert [folder(t).input_ids for t in texts] == [tok(t).input_ids for t in texts]
     cfg = AutoConfig.from_pretrained(tmp_path / "hf")
     assert str(getattr(cfg, "dtype", None) or cfg.torch_dtype).endswith("bfloat16")  # `dtype` from 5, `torch_dtype` in 4

@@ -70,14 +70,15 @@ def test_unknown_task():
 def test_tokenizer_round_trip_and_autotokenizer(tmp_path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
-    from citer.research.tasks.bpe_tokenizer import PORTABLE, save_tokenizer, train_tokenizer
+    from citer.pair_tokenizer import PORTABLE, save_tokenizer
+    from citer.research.tasks.bpe_tokenizer import train_tokenizer
 
     t = get_task("arith")
     tok = train_tokenizer(p.prompt + p.solution for p in t.train_problems(500, np.random.default_rng(0)))
     save_tokenizer(tok, tmp_path)
     with open(tmp_path / "tokenizer_config.json") as f:
         assert json.load(f).items() >= PORTABLE.items()  # loads the same under transformers 4 and 5
-    Qwen2Config(vocab_size=len(tok)).save_pretrained(tmp_path)  # AutoTokenizer then builds a Qwen2Tokenizer
+    Qwen2Config(vocab_size=len(tok)).save_pretrained(tmp_path)  # transformers 5's AutoTokenizer: a Qwen2Tokenizer
     auto, fast = AutoTokenizer.from_pretrained(tmp_path), PreTrainedTokenizerFast.from_pretrained(tmp_path)
     for p in t.test_problems(50):
         text = p.prompt + p.solution
@@ -110,7 +111,7 @@ def _shipped(name):
 def test_shipped_pair_configs_and_tokenizer():
     from transformers import AutoTokenizer
 
-    from citer.research.tasks.bpe_tokenizer import PORTABLE
+    from citer.pair_tokenizer import PORTABLE
 
     slm, llm = _shipped("slm"), _shipped("llm")
     cfgs = [json.load(open(os.path.join(p, "config.json"))) for p in (slm, llm)]

@@ -166,8 +166,9 @@ def _added_tokens(fields) -> Tuple[Tuple[str, bool], ...]:
     types, tokens = fields.get("tokenizer.ggml.token_type"), fields.get("tokenizer.ggml.tokens")
     if types is None or tokens is None or not len(types.data):
         return ()
-    kinds = np.concatenate([types.parts[i] for i in types.data])
-    return tuple((bytes(tokens.parts[tokens.data[i]]).decode("utf-8"), bool(kinds[i] == TokenType.CONTROL))
+    kinds = np.concatenate([types.parts[i] for i in types.data])[:len(tokens.data)]
+    # a token that is not UTF-8 cannot be matched in text anyway; it must not stop the weights loading
+    return tuple((bytes(tokens.parts[tokens.data[i]]).decode("utf-8", "replace"), bool(kinds[i] == TokenType.CONTROL))
                  for i in np.nonzero((kinds == TokenType.CONTROL) | (kinds == TokenType.USER_DEFINED))[0])
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from citer.engine.models.gguf import hf_config, hf_name, read_gguf
 from citer.engine.models.loader import resolve_dtype
-from .pair_tokenizer import gguf_tokenizer
+from .pair_tokenizer import gguf_tokenizer, save_tokenizer
 
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
 
@@ -50,7 +50,7 @@ def convert_gguf(src: str, out: str, dtype="float32", max_shard_bytes: int = DEF
                      pad_token_id=ckpt.metadata.get("tokenizer.ggml.padding_token_id")).save_pretrained(out)
     tok = gguf_tokenizer(ckpt.path)
     if tok is not None:
-        tok.save_pretrained(out)
+        save_tokenizer(tok, out)  # loadable by transformers 4 too
 
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))] \
         if len(shards) > 1 else ["model.safetensors"]

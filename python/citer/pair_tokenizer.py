@@ -1,6 +1,7 @@
 """The tokenizer an SLM/LLM pair shares: loading it from a model folder (transformers
 AutoTokenizer) or a GGUF file's metadata, the check that both models have the same one, and the
 vocabulary limit."""
+import json
 import os
 import re
 from typing import Optional
@@ -9,6 +10,26 @@ from citer.engine.models.gguf import gguf_file, read_gguf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 GGUF_PADDING = re.compile(r"\[PAD(\d+)\]")  # llama.cpp names the ids past the real vocabulary [PAD<id>]
+
+# transformers 5 writes its fast tokenizers' class as "TokenizersBackend", which transformers 4
+# does not have; "PreTrainedTokenizerFast" is that class under both names. Without
+# model_input_names, transformers 4's PreTrainedTokenizerFast also returns token_type_ids, which
+# a Qwen2 model's generate() rejects.
+PORTABLE = {"tokenizer_class": "PreTrainedTokenizerFast", "model_input_names": ["input_ids", "attention_mask"]}
+
+
+def save_tokenizer(tok, path: str) -> None:
+    """tok.save_pretrained(path), with a tokenizer_config.json that transformers 4 and 5 both load
+    the same way (the shipped demo folders and `citer convert`'s output are read by whatever
+    transformers users have)."""
+    tok.save_pretrained(path)
+    fn = os.path.join(path, "tokenizer_config.json")
+    with open(fn) as f:
+        cfg = json.load(f)
+    cfg.update(PORTABLE)
+    with open(fn, "w") as f:
+        json.dump(cfg, f, indent=2, ensure_ascii=False)
+        f.write("\n")
 
 
 def load_tokenizer(path: str, checkpoint=None):

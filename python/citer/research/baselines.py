@@ -33,8 +33,10 @@ from citer.research.tasks import Problem, Task
 from citer.research.training.forcing import Forcer
 
 QUERY_ARCHITECTURE = "citer-query-router"
-# the deferral shares (of the training positions) at which `citer eval` sweeps the Co-LLM head
+# the deferral shares (of the training positions) at which `citer eval` sweeps the Co-LLM head,
+# and the one its default τ defers
 COLM_SWEEP_SHARES = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 0.9)
+COLM_DEFAULT_SHARE = 0.1
 
 
 def _fit_logistic(x: torch.Tensor, y: torch.Tensor, epochs: int = 30, lr: float = 3e-3, seed: int = 0,
@@ -161,11 +163,20 @@ def fit_colm_head(x: torch.Tensor, slm_logp: torch.Tensor, llm_logp: torch.Tenso
     # Its P(keep) is calibrated to the likelihood, not to a share: where the LLM is much the
     # stronger model it lies under 0.1 almost everywhere, so a fixed τ grid defers everything.
     # The evaluation sweeps these τ instead: the scores' quantiles at these deferral shares.
-    taus = torch.quantile(keep.double(), torch.tensor(COLM_SWEEP_SHARES, dtype=torch.float64))
+    shares = torch.tensor(COLM_SWEEP_SHARES + (COLM_DEFAULT_SHARE,), dtype=torch.float64)
+    sample = keep.double()[torch.randperm(len(keep), generator=g)[:1 << 22]]  # torch.quantile takes <= 16M
+    *taus, default = torch.quantile(sample, shares).tolist()
     head.meta = {"labels": len(y), "weak_defer_share": float(1 - y.mean()), "objective": "marginal likelihood",
                  "nll_weak_init": before, "nll": after, "defer_share_at_0.5": float((keep < 0.5).float().mean()),
-                 "sweep_taus": [float(t) for t in taus]}
+                 "sweep_taus": sorted(set(taus)),  # scores saturated in float32 give equal quantiles
+                 "default_threshold": default, "default_threshold_share": COLM_DEFAULT_SHARE}
     return head
+
+
+def save_colm_head(head: LinearRouter, path: str, **meta) -> None:
+    """Its router folder, with the τ that defers COLM_DEFAULT_SHARE of the training positions as
+    the default (0.5 would defer nearly all of them: its P(keep) is calibrated to likelihood)."""
+    save_router(head, path, default_threshold=head.meta["default_threshold"], meta={**meta, **head.meta})
 
 
 def train_baselines(slm: str, llm: str, task: Task, out: str, n_train: int = 3000, seed: int = 0,
@@ -182,7 +193,7 @@ def train_baselines(slm: str, llm: str, task: Task, out: str, n_train: int = 300
         info["query"] = query.meta
     if only in (None, "colm"):
         colm = train_colm_head(forcer, engine.tokenizer, problems, seed=seed)
-        save_router(colm, os.path.join(out, "colm"), meta={"task": task.name, "n_train": n_train, **colm.meta})
+        save_colm_head(colm, os.path.join(out, "colm"), task=task.name, n_train=n_train)
         info["colm"] = colm.meta
     print(json.dumps(info))
     return info
@@ -206,7 +217,7 @@ def train_baselines_on_positions(slm: str, llm: str, task: Task, out: str, n_tra
     info = {}
     if only in (None, "colm"):
         colm = fit_colm_head(pos.hidden, pos.slm_logp, pos.llm_logp, seed=seed)
-        save_router(colm, os.path.join(out, "colm"), meta={"task": task.name, "n_train": len(seqs), **colm.meta})
+        save_colm_head(colm, os.path.join(out, "colm"), task=task.name, n_train=len(seqs))
         info["colm"] = colm.meta
     if only in (None, "query"):
         info["query"] = _query_on_positions(forcer, tok, task, pos, [with_ref[i].prompt for i in kept],

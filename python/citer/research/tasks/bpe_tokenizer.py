@@ -6,8 +6,6 @@ transformers' AutoTokenizer rebuilds a Qwen2 folder's tokenizer with that pipeli
 tokenizer.json's vocab and merges: only then do AutoTokenizer, a plain
 PreTrainedTokenizerFast and citer all tokenize the same way. decode(encode(text)) == text.
 """
-import json
-import os
 from typing import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -17,26 +15,6 @@ EOS = "<|endoftext|>"
 # (the format the demo pair was trained on); assistant turns are its answers; others are dropped.
 CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }} A:"
                  "{% elif m['role'] == 'assistant' %}{{ m['content'] }}" + EOS + "{% endif %}{% endfor %}")
-
-
-# transformers 5 writes its fast tokenizers' class as "TokenizersBackend", which transformers 4
-# does not have; "PreTrainedTokenizerFast" is that class under both names. Without
-# model_input_names, transformers 4's PreTrainedTokenizerFast also returns token_type_ids, which
-# a Qwen2 model's generate() rejects.
-PORTABLE = {"tokenizer_class": "PreTrainedTokenizerFast", "model_input_names": ["input_ids", "attention_mask"]}
-
-
-def save_tokenizer(tok, path: str) -> None:
-    """tok.save_pretrained(path), with a tokenizer_config.json that transformers 4 and 5 both load
-    the same way (the shipped demo folders are read by whatever transformers users have)."""
-    tok.save_pretrained(path)
-    fn = os.path.join(path, "tokenizer_config.json")
-    with open(fn) as f:
-        cfg = json.load(f)
-    cfg.update(PORTABLE)
-    with open(fn, "w") as f:
-        json.dump(cfg, f, indent=2, ensure_ascii=False)
-        f.write("\n")
 
 
 def _qwen2_regex() -> str:

@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from citer.research.tasks import get_task
-from citer.research.tasks.bpe_tokenizer import save_tokenizer, train_tokenizer
+from citer.pair_tokenizer import save_tokenizer
+from citer.research.tasks.bpe_tokenizer import train_tokenizer
 
 
 @dataclass
