@@ -140,8 +140,12 @@ def train_colm_head(forcer: Forcer, tokenizer, problems: List[Problem], epochs: 
 
 def fit_colm_head(x: torch.Tensor, slm_logp: torch.Tensor, llm_logp: torch.Tensor, epochs: int = 20,
                   lr: float = 3e-3, seed: int = 0) -> LinearRouter:
-    """Weak-label logistic fit, then the marginal likelihood (colm_marginal_nll) from there."""
+    """Weak-label logistic fit, then the marginal likelihood (colm_marginal_nll) from there, on
+    standardized features (a real model's normed hidden state has a norm in the hundreds, and a
+    head fit on it raw drove its logits past float32's sigmoid range), folded back at the end."""
     y = (llm_logp <= slm_logp).float()  # weak label: 1 = keep the SLM's token
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    x = (x - mu) / sd
     head = LinearRouter(x.shape[1])
     head.linear = _fit_logistic(x, y, epochs=epochs, lr=lr, seed=seed, desc="Co-LLM head (weak labels)")
     head.train()
@@ -160,6 +164,9 @@ def fit_colm_head(x: torch.Tensor, slm_logp: torch.Tensor, llm_logp: torch.Tenso
     head.eval()
     with torch.no_grad():
         after, keep = float(nll(slice(None))), torch.sigmoid(head(x))
+        w = head.linear.weight / sd  # w . (h - mu) / sd + b  ==  (w / sd) . h + (b - (w / sd) . mu)
+        head.linear.bias -= w @ mu
+        head.linear.weight.copy_(w)
     # Its P(keep) is calibrated to the likelihood, not to a share: where the LLM is much the
     # stronger model it lies under 0.1 almost everywhere, so a fixed τ grid defers everything.
     # The evaluation sweeps these τ instead: the scores' quantiles at these deferral shares.
