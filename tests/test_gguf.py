@@ -194,6 +194,12 @@ def test_qwen2_tokenizer_round_trips_through_gguf(tmp_path):
     assert [folder(t).input_ids for t in texts] == [tok(t).input_ids for t in texts]
     cfg = AutoConfig.from_pretrained(tmp_path / "hf")
     assert str(getattr(cfg, "dtype", None) or cfg.torch_dtype).endswith("bfloat16")  # `dtype` from 5, `torch_dtype` in 4
+    from citer import Engine, SamplingParams
+
+    engine = Engine(slm=str(fn), num_blocks=32, max_model_len=128)  # text in, through the GGUF's own tokenizer
+    prompt = texts[-1]
+    out = engine.generate([prompt], SamplingParams(max_tokens=8, policy="slm", ignore_eos=True))[0]
+    assert out.token_ids == hf_greedy(hf, tok(prompt).input_ids, 8)
 
 
 @NEEDS_NEW_GGUF_READER
