@@ -47,13 +47,13 @@ def _llama3_rope_freqs(rope, theta, head_dim):  # llama.cpp, LlamaModel.generate
     return np.array(out, dtype=np.float32)
 
 
-def _pre_type(tok) -> str:
+def _pre_type(spec: dict) -> str:
     """tokenizer.ggml.pre: how llama.cpp and transformers split text before BPE. "qwen2" when the
-    tokenizer splits with Qwen2's regex (Qwen2, Qwen2.5, Qwen3, and citer's task tokenizers),
-    else "default" (GPT-2's byte-level split)."""
+    tokenizer (spec: its tokenizer.json) splits with Qwen2's regex (Qwen2, Qwen2.5, Qwen3, and
+    citer's task tokenizers), else "default" (GPT-2's byte-level split)."""
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    pre = json.loads(tok.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    pre = spec.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers") or [pre]
     regexes = {(p.get("pattern") or {}).get("Regex") for p in parts if p.get("type") == "Split"}
     return "qwen2" if PRETOKENIZE_REGEX in regexes else "default"
@@ -66,13 +66,14 @@ def _add_tokenizer(w, tok, n_vocab):
     inv = {i: t for t, i in tok.get_vocab().items()}
     added = {i: a.special for i, a in tok.added_tokens_decoder.items()}
     special = set(tok.all_special_ids)
+    spec = json.loads(tok.backend_tokenizer.to_str())
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_pre_type(tok))
+    w.add_tokenizer_pre(_pre_type(spec))
     w.add_token_list([inv.get(i, f"[PAD{i}]") for i in range(n_vocab)])
     T = gguf.TokenType
     w.add_token_types([T.CONTROL if i in special or added.get(i) else T.USER_DEFINED if i in added
                        else T.NORMAL if i in inv else T.UNUSED for i in range(n_vocab)])
-    merges = json.loads(tok.backend_tokenizer.to_str())["model"].get("merges") or []
+    merges = spec["model"].get("merges") or []
     if merges:
         w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     else:  # no merges at all: transformers then derives them from scores

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from citer.research.tasks import get_task
 from citer.pair_tokenizer import save_tokenizer
+from citer.research.tasks import get_task
 from citer.research.tasks.bpe_tokenizer import train_tokenizer
 
 
