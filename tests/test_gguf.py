@@ -314,3 +314,18 @@ def test_llama3_rope_factors_read_back():
         assert got == rope
     assert citer_gguf.llama3_from_freq_factors(np.ones(64), 500000.0, 128) is None
     assert citer_gguf.llama3_from_freq_factors(np.linspace(1, 3, 64), 500000.0, 128) == "unknown"
+
+
+def test_added_tokens_survive_odd_files():
+    """A CONTROL/USER_DEFINED token that is not UTF-8, or a token_type array longer than the
+    vocabulary, must not stop a GGUF file loading (its weights need neither)."""
+    from types import SimpleNamespace
+
+    def field(values):  # gguf.ReaderField's layout: data indexes the parts holding each value
+        return SimpleNamespace(parts=list(values), data=list(range(len(values))))
+
+    tokens = field([np.frombuffer(t, dtype=np.uint8) for t in (b"a", b"<|im_start|>", b"\xff<bad>", b"<think>")])
+    types = field([np.array([t], dtype=np.int32) for t in (1, 3, 3, 4, 3)])  # one type past the vocabulary
+    got = citer_gguf._added_tokens({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types})
+    assert got == (("<|im_start|>", True), ("\ufffd<bad>", True), ("<think>", False))
+    assert citer_gguf._added_tokens({"tokenizer.ggml.tokens": tokens}) == ()
