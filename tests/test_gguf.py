@@ -152,12 +152,10 @@ def byte_level_tokenizer():
                                    eos_token=SPECIALS[2], chat_template=CHAT)
 
 
-def test_qwen2_tokenizer_round_trips_through_gguf(tmp_path):
-    """A tokenizer with Qwen2's pipeline (its split regex, NFC, byte-level BPE) and added tokens,
-    control (<|im_start|>) and user-defined (<think>), as Qwen checkpoints have: written as
-    llama.cpp's converter writes it (pre "qwen2", token types 3 and 4) and read back, it splits
-    newlines, spaces and digits and matches added tokens whole exactly as the source does."""
-    from citer.pair_tokenizer import PORTABLE, load_tokenizer
+def qwen_pipeline_gguf(tmp_path):
+    """-> (tokenizer, HF model, GGUF path): a tokenizer with Qwen2's pipeline and added tokens,
+    control (<|im_start|>) and user-defined (<think>), written into a Qwen2 GGUF as llama.cpp's
+    converter writes it."""
     from citer.research.tasks.bpe_tokenizer import train_tokenizer
 
     corpus = ["def add(a, b):\n    return a + b\n\n\n", "Tom has 3 apples and buys 42 more.", "café  crème"] * 20
@@ -168,7 +166,17 @@ def test_qwen2_tokenizer_round_trips_through_gguf(tmp_path):
     conf = {k: v for k, v in MODEL_CONFIGS["qwen2"].items() if k != "arch"}
     # 1100 ids: past citer's _BIG_ARRAY, so the vocabulary is not kept in the metadata, as with real files
     hf = build_hf_model(str(tmp_path / "m"), "qwen2", vocab_size=1100, with_tokenizer=False, **conf)
-    fn = write_gguf(tmp_path / "q.gguf", hf, "qwen2", Q.F32, tok)
+    return tok, hf, write_gguf(tmp_path / "q.gguf", hf, "qwen2", Q.F32, tok)
+
+
+def test_qwen2_tokenizer_round_trips_through_gguf(tmp_path):
+    """A tokenizer with Qwen2's pipeline (its split regex, NFC, byte-level BPE) and added tokens,
+    control (<|im_start|>) and user-defined (<think>), as Qwen checkpoints have: written as
+    llama.cpp's converter writes it (pre "qwen2", token types 3 and 4) and read back, it splits
+    newlines, spaces and digits and matches added tokens whole exactly as the source does."""
+    from citer.pair_tokenizer import PORTABLE, load_tokenizer
+
+    tok, hf, fn = qwen_pipeline_gguf(tmp_path)
     ckpt = citer_gguf.read_gguf(str(fn))
     assert ckpt.metadata["tokenizer.ggml.pre"] == "qwen2" and "tokenizer.ggml.tokens" not in ckpt.metadata
     assert dict(ckpt.added_tokens) == {"<|endoftext|>": True, "<|im_start|>": True, "<|im_end|>": True, "<think>": False}
@@ -200,6 +208,34 @@ def test_qwen2_tokenizer_round_trips_through_gguf(tmp_path):
     prompt = texts[-1]
     out = engine.generate([prompt], SamplingParams(max_tokens=8, policy="slm", ignore_eos=True))[0]
     assert out.token_ids == hf_greedy(hf, tok(prompt).input_ids, 8)
+
+
+def test_tokens_a_gguf_reader_adds_are_taken_back(tmp_path, monkeypatch):
+    """transformers 5.17's GGUF reader makes "<s>"/"</s>" added special tokens of a Qwen2 file:
+    "</s>" in text then became one token past the vocabulary (and on Qwen2.5, whose vocabulary
+    holds "</s>" as a plain token, was matched whole). Such tokens, here added to whatever reader
+    is installed the way 5.17 adds them, together with a plain vocabulary token made special,
+    are taken back: the text splits as the source tokenizer (and llama.cpp) splits it."""
+    from transformers import PreTrainedTokenizerFast
+
+    from citer.pair_tokenizer import load_tokenizer
+
+    tok, _, fn = qwen_pipeline_gguf(tmp_path)
+    plain = next(t for t in ("pp", "ap", "pl") if t in tok.get_vocab() and t not in tok.get_added_vocab())
+    reader = PreTrainedTokenizerFast.from_pretrained.__func__
+
+    def like_5_17(cls, *args, **kwargs):
+        t = reader(cls, *args, **kwargs)
+        t.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "additional_special_tokens": [plain]})
+        return t
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "from_pretrained", classmethod(like_5_17))
+    ours = load_tokenizer(str(fn))
+    assert ours.get_added_vocab() == tok.get_added_vocab()
+    assert (ours.bos_token, ours.eos_token) == (tok.bos_token, tok.eos_token)
+    for text in ["Tom has 3 apples.</s><|endoftext|>", "<s>happy apples</s>", "<|im_start|>user\n<s>hi<think>"]:
+        assert ours(text).input_ids == tok(text).input_ids, text
+        assert ours.decode(tok(text).input_ids) == tok.decode(tok(text).input_ids)
 
 
 @NEEDS_NEW_GGUF_READER
@@ -317,15 +353,16 @@ def test_llama3_rope_factors_read_back():
 
 
 def test_added_tokens_survive_odd_files():
-    """A CONTROL/USER_DEFINED token that is not UTF-8, or a token_type array longer than the
+    """A CONTROL/USER_DEFINED/UNKNOWN token that is not UTF-8, or a token_type array longer than the
     vocabulary, must not stop a GGUF file loading (its weights need neither)."""
     from types import SimpleNamespace
 
     def field(values):  # gguf.ReaderField's layout: data indexes the parts holding each value
         return SimpleNamespace(parts=list(values), data=list(range(len(values))))
 
-    tokens = field([np.frombuffer(t, dtype=np.uint8) for t in (b"a", b"<|im_start|>", b"\xff<bad>", b"<think>")])
-    types = field([np.array([t], dtype=np.int32) for t in (1, 3, 3, 4, 3)])  # one type past the vocabulary
+    tokens = field([np.frombuffer(t, dtype=np.uint8) for t in (b"a", b"<|im_start|>", b"\xff<bad>", b"<think>", b"<unk>")])
+    types = field([np.array([t], dtype=np.int32) for t in (1, 3, 3, 4, 2, 3)])  # one type past the vocabulary
     got = citer_gguf._added_tokens({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types})
-    assert got == (("<|im_start|>", True), ("\ufffd<bad>", True), ("<think>", False))
+    # UNKNOWN (2) is special, as llama.cpp matches CONTROL, USER_DEFINED and UNKNOWN tokens whole
+    assert got == (("<|im_start|>", True), ("\ufffd<bad>", True), ("<think>", False), ("<unk>", True))
     assert citer_gguf._added_tokens({"tokenizer.ggml.tokens": tokens}) == ()

@@ -71,8 +71,9 @@ class GGUFCheckpoint:
     tensors: Dict[str, GGUFTensor]
     config: ModelConfig
     hf_rope: Optional[Dict[str, Any]]  # the HF rope_scaling dict (None: default rope)
-    # (token, special) for each token the file marks CONTROL (special) or USER_DEFINED: the
-    # tokens a tokenizer must match whole in text (the vocabulary itself is not kept)
+    # (token, special) for each token the file marks CONTROL or UNKNOWN (special) or USER_DEFINED:
+    # the tokens a tokenizer must match whole in text, as llama.cpp does (the vocabulary itself is
+    # not kept)
     added_tokens: Tuple[Tuple[str, bool], ...] = ()
 
     @property
@@ -159,8 +160,8 @@ def _read(fn: str) -> GGUFCheckpoint:
 
 
 def _added_tokens(fields) -> Tuple[Tuple[str, bool], ...]:
-    """(token, special) for the CONTROL and USER_DEFINED tokens, decoding only those strings
-    (a 152K-token vocabulary holds a few dozen)."""
+    """(token, special) for the CONTROL, UNKNOWN and USER_DEFINED tokens, decoding only those
+    strings (a 152K-token vocabulary holds a few dozen)."""
     from gguf import TokenType
 
     types, tokens = fields.get("tokenizer.ggml.token_type"), fields.get("tokenizer.ggml.tokens")
@@ -168,8 +169,9 @@ def _added_tokens(fields) -> Tuple[Tuple[str, bool], ...]:
         return ()
     kinds = np.concatenate([types.parts[i] for i in types.data])[:len(tokens.data)]
     # a token that is not UTF-8 cannot be matched in text anyway; it must not stop the weights loading
-    return tuple((bytes(tokens.parts[tokens.data[i]]).decode("utf-8", "replace"), bool(kinds[i] == TokenType.CONTROL))
-                 for i in np.nonzero((kinds == TokenType.CONTROL) | (kinds == TokenType.USER_DEFINED))[0])
+    special = (kinds == TokenType.CONTROL) | (kinds == TokenType.UNKNOWN)
+    return tuple((bytes(tokens.parts[tokens.data[i]]).decode("utf-8", "replace"), bool(special[i]))
+                 for i in np.nonzero(special | (kinds == TokenType.USER_DEFINED))[0])
 
 
 @functools.lru_cache(maxsize=None)

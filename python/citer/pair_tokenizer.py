@@ -58,15 +58,41 @@ def gguf_tokenizer(fn: str, checkpoint=None):
 
     folder, name = os.path.split(os.path.abspath(fn))
     tok = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
+    if ckpt.added_tokens:  # a file without token types says nothing of which tokens are whole
+        _drop_stray_tokens(tok, {t for t, _ in ckpt.added_tokens})
     _add_whole_tokens(tok, ckpt.added_tokens)
     _name_special_tokens(tok, ckpt.metadata)
     return tok
 
 
+SPECIAL_ATTRS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def _drop_stray_tokens(tok, whole: set) -> None:
+    """Take back the added tokens that the file does not mark whole. transformers' GGUF readers
+    add some of their own: 5.17 makes "<s>" and "</s>" added special tokens of a Qwen2 file (new
+    ids past the vocabulary, or Qwen2.5's plain BPE token "</s>" then matched whole), and the
+    Qwen2 reader adds <|im_start|>-style tokens whether or not the file has them. llama.cpp, and
+    the HF folder the file came from, split such text like any other."""
+    from tokenizers import Tokenizer
+
+    stray = {t.content for t in tok.added_tokens_decoder.values()} - whole
+    if not stray:
+        return
+    state = json.loads(tok.backend_tokenizer.to_str())
+    state["added_tokens"] = [t for t in state["added_tokens"] if t["content"] not in stray]
+    # tokenizers has no call that removes an added token; transformers 4 and 5 both keep their
+    # tokenizer in _tokenizer and read added tokens, lengths and ids from it
+    tok._tokenizer = Tokenizer.from_str(json.dumps(state))
+    for attr in SPECIAL_ATTRS:
+        if getattr(tok, attr) in stray:
+            setattr(tok, attr, None)  # _name_special_tokens names them from the file's ids
+
+
 def _name_special_tokens(tok, meta) -> None:
     """bos/eos/pad/unk as the file's ids name them. transformers 4.x leaves them unset and 5.17
     sets "<s>"/"</s>" on Qwen2 files; chat templates that print bos_token (Llama 3's) need them."""
-    for attr, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding"), ("unk_token", "unknown")):
+    for attr, key in zip(SPECIAL_ATTRS, ("bos", "eos", "padding", "unknown")):
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
         if i is not None and 0 <= int(i) < len(tok):
             setattr(tok, attr, tok.convert_ids_to_tokens(int(i)))
