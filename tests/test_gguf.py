@@ -210,32 +210,46 @@ def test_qwen2_tokenizer_round_trips_through_gguf(tmp_path):
     assert out.token_ids == hf_greedy(hf, tok(prompt).input_ids, 8)
 
 
-def test_tokens_a_gguf_reader_adds_are_taken_back(tmp_path, monkeypatch):
-    """transformers 5.17's GGUF reader makes "<s>"/"</s>" added special tokens of a Qwen2 file:
-    "</s>" in text then became one token past the vocabulary (and on Qwen2.5, whose vocabulary
-    holds "</s>" as a plain token, was matched whole). Such tokens, here added to whatever reader
-    is installed the way 5.17 adds them, together with a plain vocabulary token made special,
-    are taken back: the text splits as the source tokenizer (and llama.cpp) splits it."""
+@pytest.mark.parametrize("reader", ["5.17", "4.x"])
+def test_gguf_tokenizer_mends_what_transformers_readers_get_wrong(tmp_path, monkeypatch, reader):
+    """Whatever transformers is installed, the GGUF tokenizer splits text as the source tokenizer
+    (and llama.cpp) does. Two readers' faults are put on the installed one here:
+    - "5.17": it makes "<s>"/"</s>" added special tokens of a Qwen2 file: "</s>" in text became
+      one token past the vocabulary (on Qwen2.5, whose vocabulary holds "</s>" as a plain
+      token, that token matched whole); here a plain vocabulary token is made special too.
+      Tokens the file does not mark whole are taken back.
+    - "4.x": it leaves USER_DEFINED tokens (<think>) out, so they are cut into pieces, and
+      names no bos/eos/pad. They are added back and named from the file's ids."""
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     from citer.pair_tokenizer import load_tokenizer
 
     tok, _, fn = qwen_pipeline_gguf(tmp_path)
     plain = next(t for t in ("pp", "ap", "pl") if t in tok.get_vocab() and t not in tok.get_added_vocab())
-    reader = PreTrainedTokenizerFast.from_pretrained.__func__
+    real = PreTrainedTokenizerFast.from_pretrained.__func__
 
-    def like_5_17(cls, *args, **kwargs):
-        t = reader(cls, *args, **kwargs)
-        t.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "additional_special_tokens": [plain]})
+    def faulty(cls, *args, **kwargs):
+        t = real(cls, *args, **kwargs)
+        if reader == "5.17":
+            t.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "additional_special_tokens": [plain]})
+        else:
+            state = json.loads(t.backend_tokenizer.to_str())
+            state["added_tokens"] = [a for a in state["added_tokens"] if a["content"] != "<think>"]
+            t._tokenizer = Tokenizer.from_str(json.dumps(state))
+            t.bos_token = t.eos_token = t.pad_token = None
+            assert t("<think>").input_ids != tok("<think>").input_ids  # the fault is in place
         return t
 
-    monkeypatch.setattr(PreTrainedTokenizerFast, "from_pretrained", classmethod(like_5_17))
+    monkeypatch.setattr(PreTrainedTokenizerFast, "from_pretrained", classmethod(faulty))
     ours = load_tokenizer(str(fn))
     assert ours.get_added_vocab() == tok.get_added_vocab()
-    assert (ours.bos_token, ours.eos_token) == (tok.bos_token, tok.eos_token)
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (tok.bos_token, tok.eos_token, tok.pad_token)
     for text in ["Tom has 3 apples.</s><|endoftext|>", "<s>happy apples</s>", "<|im_start|>user\n<s>hi<think>"]:
         assert ours(text).input_ids == tok(text).input_ids, text
         assert ours.decode(tok(text).input_ids) == tok.decode(tok(text).input_ids)
+        assert (ours.decode(tok(text).input_ids, skip_special_tokens=True)
+                == tok.decode(tok(text).input_ids, skip_special_tokens=True))
 
 
 @NEEDS_NEW_GGUF_READER
