@@ -226,13 +226,15 @@ class EngineCore:
     def _llm_prefill(self, running: List[Sequence]) -> None:
         """A step without an LLM call: the LLM reads the prompts it has not read yet of the
         running requests that may call it (one batched prefill), so that their first call is
-        a short catch-up, not the whole prompt alone."""
+        a short catch-up, not the whole prompt alone. It stops one short of the prompt's end:
+        the catch-up's head needs the last committed position (the LLM's next token, or its
+        check of the first tentative one) among the positions it computes."""
         seqs = [s for s in running if s.policy.uses_llm and s.finish_reason is None
-                and s.num_computed["llm"] < s.num_prompt_tokens]
+                and s.num_computed["llm"] < s.num_prompt_tokens - 1]
         if not seqs:
             return
         n = len(seqs)
-        out = self.llm.run(seqs, HeadSpec([0.0] * n, [0] * n), ends=[s.num_prompt_tokens for s in seqs])
+        out = self.llm.run(seqs, HeadSpec([0.0] * n, [0] * n), ends=[s.num_prompt_tokens - 1 for s in seqs])
         for seq, span in zip(seqs, out.spans):
             seq.record_forward("llm", *span)
 

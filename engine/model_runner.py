@@ -73,6 +73,10 @@ class ModelRunner:
         if head_tokens is not None and all(n == 1 for n in head_tokens):
             head_tokens = None
         starts, ends = [s.num_computed[self.name] for s in seqs], ends or [len(s) for s in seqs]
+        short = [s.request_id for s, a, b, n in zip(seqs, starts, ends, head_tokens or [1] * len(seqs)) if b - a < n]
+        if short:  # the head would read another row: a position was computed ahead of its step
+            raise RuntimeError(f"{self.name}: the head needs positions this step does not compute "
+                               f"(requests {short[:3]}); a position was computed ahead of the step that needs it")
         split = (route is not None and not self.fused_head and spec.want_probs is None
                  and not (spec.router is not None and spec.router.head_signals))
         with self.timer.phase(self.name):

@@ -13,7 +13,7 @@ POLICIES = [dict(policy="slm"), dict(policy="llm"), dict(policy="router", thresh
             dict(policy="random", llm_fraction=0.3), dict(policy="confidence", confidence_threshold=0.6),
             dict(policy="speculative", num_draft_tokens=3)]
 DEFERRAL = [dict(max_llm_wait=2), dict(max_llm_wait=5, llm_batch_min=3), dict(max_llm_wait=100, llm_batch_min=100),
-            dict(max_llm_wait=3, llm_prefill="idle")]
+            dict(max_llm_wait=3, llm_prefill="idle"), dict(max_llm_wait=3, llm_batch_min=4, llm_prefill="idle")]
 
 
 @pytest.fixture(scope="module")
@@ -183,4 +183,26 @@ def test_idle_prefill_reads_prompts_once(pair, plain):
         n = len(g.prompt_token_ids) + len(g.token_ids)
         assert g.stats["llm_forward_tokens"] <= n + g.stats["llm_discarded_tokens"]
         assert g.stats["llm_forward_tokens"] >= r.stats["llm_forward_tokens"]  # the prompt, read early
+    assert_all_free(e)
+
+
+@pytest.mark.parametrize("params", [dict(policy="speculative", num_draft_tokens=3),
+                                    dict(policy="router", threshold=0.5, verify=True), dict(policy="llm")],
+                         ids=["speculative", "verify", "llm"])
+@pytest.mark.parametrize("deferral", [{}, dict(max_llm_wait=3, llm_batch_min=4)], ids=["now", "deferred"])
+def test_idle_prefill_leaves_the_catch_up_its_head_position(pair, plain, params, deferral):
+    """A request alone: its prompt is read in the steps before its first LLM call (drafting,
+    or parked), and the catch-up still computes the last prompt position, where the head
+    makes the LLM's first token or checks the first tentative one. (Reading the whole prompt
+    there once handed the head a neighbour's row: wrong tokens, or an IndexError.)"""
+    prompt = random_prompts(1, 6, 6, seed=11)[0]
+    sp = SamplingParams(max_tokens=10, ignore_eos=True, **params)
+    lazy = Engine(*pair, **KW, **deferral) if deferral else plain
+    e = Engine(*pair, llm_prefill="idle", **KW, **deferral)
+    ref, got = lazy.generate([prompt], sp)[0], e.generate([prompt], sp)[0]
+    assert (got.token_ids, got.from_llm) == (ref.token_ids, ref.from_llm)
+    assert got.stats["llm_forward_tokens"] == ref.stats["llm_forward_tokens"]  # the same positions, read earlier
+    if sp.policy != "router":  # these make the LLM's greedy tokens
+        assert got.token_ids == plain.generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True,
+                                                                         policy="llm"))[0].token_ids
     assert_all_free(e)
