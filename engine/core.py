@@ -39,7 +39,7 @@ from .policies import RoutingStep
 from .prefix import share_prefix
 from .profiler import attribute_time
 from .requests import Prompt
-from .scheduler import Scheduler
+from .scheduler import Scheduler, live_samples
 from .sequence import Sequence
 from .verify import verify
 
@@ -149,8 +149,9 @@ class EngineCore:
     def _prepare(self, running: List[Sequence]) -> None:
         """The n samples of a prompt share its prefix (computed once); KV slots for every token."""
         for seq in running:
-            if seq.group is not None and seq.index == 0 and seq.num_computed["slm"] == seq.num_computed["llm"] == 0:
-                share_prefix(seq.group, self.slm, self.llm, self.bm, self.config.block_size)
+            group = live_samples(seq)
+            if len(group) > 1 and seq is group[0] and seq.num_computed["slm"] == seq.num_computed["llm"] == 0:
+                share_prefix(group, self.slm, self.llm, self.bm, self.config.block_size)
         for seq in running:
             self.scheduler.ensure_slots(seq)
 

@@ -48,8 +48,10 @@ class Inbox:
             box.clear()
             box.extend(kept)
 
-    def release(self, owner: Hashable) -> None:
-        """A generate() or stream() is done: drop its inbox and its requests' ids."""
+    def release(self, owner: Hashable) -> List[str]:
+        """A generate() or stream() is done: drop its inbox and its requests' ids; -> those ids."""
         self.boxes.pop(owner, None)
-        for rid in [r for r, o in self.owner.items() if o == owner]:
+        rids = [r for r, o in self.owner.items() if o == owner]
+        for rid in rids:
             del self.owner[rid]
+        return rids

@@ -84,19 +84,31 @@ class Requests:
         self.inbox.put(event)
 
     def take(self, owner: Hashable) -> List[TokenEvent]:
-        return self.inbox.take(owner)
+        events = self.inbox.take(owner)
+        self._settle([ev.request_id for ev in events if ev.finish_reason is not None])
+        return events
 
     def release(self, owner: Hashable) -> None:
-        self.inbox.release(owner)
+        self._settle(self.inbox.release(owner))
+
+    def _settle(self, request_ids: List[str]) -> None:
+        """Forget the n>1 requests whose every sample has left the inbox (their owners took
+        the final events): their id is free again, and the table does not grow with every
+        such request a server ever ran."""
+        for rid in request_ids:
+            gid = rid.rsplit("#", 1)[0]
+            group = self.groups.get(gid)
+            if group is not None and rid in group and not any(c in self.inbox for c in group):
+                del self.groups[gid]
 
     def abort(self, request_id: str) -> Optional[RequestOutput]:
         """End a live request now and free its blocks; -> its output (None when it is not
         live: unknown, or already finished). A stream or generate that owns it gets a
         final "abort" event; the step API's own requests get none (the caller holds the
         output), and their events not yet taken are dropped."""
-        if request_id in self.groups:  # every sample; -> sample 0's output
+        if request_id in self.groups:  # every live sample; -> the first one's output
             outs = [self.abort(child) for child in self.groups.pop(request_id)]
-            return outs[0]
+            return next((o for o in outs if o is not None), None)
         seq = self.scheduler.get(request_id)
         if seq is None:
             return None
@@ -104,6 +116,7 @@ class Requests:
         out = self.output(seq)
         if self.inbox.owner.get(request_id) == STEP_API:
             self.inbox.drop(request_id)
+            self._settle([request_id])
         elif request_id in self.inbox:
             self.inbox.put(TokenEvent(request_id, None, "", False, None, "abort", out))
         return out

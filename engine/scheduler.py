@@ -59,13 +59,13 @@ class Scheduler:
         admitted_any = False
         while self.waiting:
             seq = self.waiting[0]
-            group = seq.group or [seq]
+            group = live_samples(seq)
             need = sum(self.config.blocks_for(s.max_len) for s in group)
             if (need > free or len(self.running) + len(group) > self.config.max_num_seqs
                     or (admitted_any and seq.num_prompt_tokens > budget)):
                 break
             for s in group:
-                self.waiting.popleft()
+                self.waiting.remove(s)  # consecutive from the head: the samples were queued together
                 s.handle = self.bm.create_sequence()
                 s.reserved_blocks = self.config.blocks_for(s.max_len)
                 self.running.append(s)
@@ -137,3 +137,9 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+
+def live_samples(seq: Sequence) -> List[Sequence]:
+    """The samples of seq's prompt (SamplingParams.n) not yet finished, in order; [seq] alone
+    when it has no siblings. A sample aborted while its group waited is gone from the queue."""
+    return [s for s in seq.group if s.finish_reason is None] if seq.group is not None else [seq]

@@ -63,6 +63,49 @@ def test_aborting_a_request_aborts_every_sample(engine):
     assert_all_free(engine)
 
 
+@pytest.mark.parametrize("gone", [0, 1])
+def test_a_sample_aborted_while_its_group_waits(engine, gone):
+    """Aborting one sample of an n=3 request before it is admitted: the other two run (sharing
+    the prompt's blocks among themselves) as they would have, the request queued behind them
+    runs, nothing is left running, every block comes back. (Admission once popped the queue's
+    head once per sample: the request behind was dropped, the aborted sample ran forever.)"""
+    prompt, sp = random_prompts(1, 11, 11, seed=4)[0], dict(max_tokens=5, policy="random", llm_fraction=0.3,
+                                                            ignore_eos=True)
+    ref = engine.generate([prompt], SamplingParams(n=3, seed=7, **sp))
+    rid = engine.add_request(prompt, SamplingParams(n=3, seed=7, **sp))
+    behind = engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, policy="slm", ignore_eos=True))
+    assert engine.abort(f"{rid}#{gone}").finish_reason == "abort"
+    outs = {}
+    for _ in range(20):
+        outs.update({ev.request_id: ev.output for ev in engine.step() if ev.output is not None})
+        if not engine.has_unfinished_requests():
+            break
+    assert not engine.has_unfinished_requests() and outs[behind].finish_reason == "length"
+    for i in {0, 1, 2} - {gone}:
+        assert outs[f"{rid}#{i}"].token_ids == ref[i].token_ids
+    assert_all_free(engine)
+
+
+def test_an_n_request_frees_its_id_when_it_is_done(engine):
+    """A finished n>1 request leaves nothing behind: its id can be used again (and aborted),
+    and a server's table of such requests does not grow with each one."""
+    sp = SamplingParams(n=2, max_tokens=2, temperature=1.0, policy="slm", ignore_eos=True)
+    engine.add_request([5, 6, 7], sp, request_id="x")
+    while engine.has_unfinished_requests():
+        engine.step()
+    rid = engine.add_request([5, 6, 7], SamplingParams(max_tokens=20, policy="slm", ignore_eos=True), request_id="x")
+    engine.step()
+    assert engine.abort(rid).finish_reason == "abort" and not engine.has_unfinished_requests()
+    for _ in range(3):
+        engine.generate([[5, 6, 7]], sp)
+    rid = engine.add_request([5, 6, 7], SamplingParams(n=2, max_tokens=20, policy="slm", ignore_eos=True))
+    engine.step()
+    assert engine.abort(f"{rid}#0").finish_reason == "abort"
+    assert engine.abort(rid).index == 1  # the samples still live; the first of them answers
+    assert engine.core.requests.groups == {}
+    assert_all_free(engine)
+
+
 @pytest.mark.parametrize("params", [dict(policy="slm"), dict(policy="llm"), dict(policy="random", llm_fraction=0.5,
                                                                                seed=2),
                                     dict(policy="speculative")])
