@@ -34,7 +34,8 @@ class Detokenizer:
 
     def update(self, seq: Sequence, upto: int, finishing: bool, stop_strings: bool = True) -> Tuple[str, bool]:
         """The output tokens up to position upto (committed ones) -> (text delta, hit a
-        stop string). stop_strings=False: not yet (a request under its min_tokens)."""
+        stop string). stop_strings=False: not yet (a request under its min_tokens: a stop
+        string that ends in the text of its first min_tokens tokens never stops it)."""
         if self.tokenizer is None:
             return "", False
         st = seq.detok
@@ -50,13 +51,11 @@ class Detokenizer:
         stops = seq.params.stop_list
         hit = None
         if stop_strings and stops:
-            longest = max(len(s) for s in stops)
-            start = max(st.searched - longest + 1, 0)  # a stop string may straddle the last search's end
-            for s in stops:
-                idx = st.full.find(s, start)
+            for s in stops:  # the matches that end in the new text (one may straddle the last search's end)
+                idx = st.full.find(s, max(st.searched - len(s) + 1, 0))
                 if idx != -1 and (hit is None or idx < hit[0]):
                     hit = (idx, s)
-            st.searched = len(st.full)
+        st.searched = len(st.full)  # text made under min_tokens is never searched (vLLM's rule too)
         if hit is not None:
             visible = st.full[:hit[0] + (len(hit[1]) if seq.params.include_stop_str_in_output else 0)]
         elif finishing:

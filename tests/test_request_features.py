@@ -144,6 +144,27 @@ def test_min_tokens_holds_back_the_stops(engine):
     assert spec.token_ids == llm.token_ids  # lossless with the ban too
 
 
+@pytest.mark.parametrize("min_tokens", [3, 6])
+def test_min_tokens_holds_back_stop_strings(engine, min_tokens):
+    """A stop string ending in the text of the first min_tokens tokens never stops the request
+    (vLLM's rule): the first match ending after it does, and cuts the text there. (The text
+    made under min_tokens was once searched when it ran out: the request stopped at once on
+    an early match, and the text lost its last token.)"""
+    base = engine.generate("abc", SamplingParams(max_tokens=24, policy="slm", ignore_eos=True))[0]
+    tok = engine.tokenizer
+    early = len(tok.decode(base.token_ids[:min_tokens]))
+    stop = base.text[0]  # in the early text, and maybe later
+    o = engine.generate("abc", SamplingParams(max_tokens=24, policy="slm", ignore_eos=True, stop=[stop],
+                                              min_tokens=min_tokens))[0]
+    later = base.text.find(stop, early - len(stop) + 1)
+    if later == -1:
+        assert (o.finish_reason, o.text, o.token_ids) == ("length", base.text, base.token_ids)
+    else:
+        assert o.finish_reason == "stop" and o.text == base.text[:later] and len(o.token_ids) > min_tokens - 1
+        assert o.token_ids == base.token_ids[:len(o.token_ids)]
+    assert_all_free(engine)
+
+
 def test_stop_string_in_output_and_special_tokens(engine):
     tok = engine.tokenizer
     base = engine.generate("abc", SamplingParams(max_tokens=24, policy="slm", ignore_eos=True))[0]
