@@ -109,6 +109,38 @@ def test_abort_is_a_no_op_on_unknown_ids(engines):
     run(a.check_health())
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_abort_ends_the_stream(engines, n):
+    """abort(id) ends the request's stream: a final "abort" delta for each sample still live
+    (the stream once waited forever, its blocks freed but no final delta sent)."""
+    a, _ = engines
+    params = SamplingParams(max_tokens=200, ignore_eos=True, n=n, temperature=1.0, seed=1)
+
+    async def consume():
+        deltas = []
+        async for d in a.generate(PROBLEMS[5].prompt, params, request_id="to-abort"):
+            deltas.append(d)
+            if len(deltas) == 2:
+                a.abort("to-abort")
+        return deltas
+
+    deltas = run(consume(), timeout=30)
+    ends = sorted((d.index, d.finish_reason) for d in deltas if d.finish_reason is not None)
+    assert ends == [(i, "abort") for i in range(n)] and all(d.output is not None for d in deltas if d.finish_reason)
+    assert settled(a)
+
+
+def test_ids_that_look_like_samples(engines):
+    """An n=1 request whose own id ends in "#<digits>" is sample 0 of itself."""
+    a, _ = engines
+
+    async def consume():
+        return [d async for d in a.generate(PROBLEMS[6].prompt, SamplingParams(max_tokens=4), request_id="job#7")]
+
+    deltas = run(consume())
+    assert {d.index for d in deltas} == {0} and {d.request_id for d in deltas} == {"job#7"}
+
+
 def test_add_requests_is_one_unit(engines):
     """Several prompts go in together or not at all; a consumer cancelled while they go in
     has them all aborted; token ids (tokenized elsewhere) are taken as they are."""

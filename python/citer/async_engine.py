@@ -139,8 +139,9 @@ class AsyncEngine:
             await stream.aclose()
 
     def abort(self, request_id: str) -> None:
-        """Abort a request before the next step (a no-op for unknown or finished ids)."""
-        self._submit(lambda: self.engine.abort(request_id))
+        """Abort a request before the next step; its stream ends with an "abort" delta for
+        each sample still live (a no-op for unknown or finished ids)."""
+        self._submit(lambda: self._abort(request_id))
 
     async def check_health(self) -> None:
         """Raise unless the engine thread is alive and serving."""
@@ -161,6 +162,13 @@ class AsyncEngine:
             self._submit(lambda: self._drop(rids))
         else:
             future.set_result(rids)
+
+    def _abort(self, request_id: str) -> None:
+        """On the engine thread: abort the request's live samples, and hand their consumer the
+        final events (the engine sends none for the requests this thread added)."""
+        samples = list(self.engine.core.requests.groups.get(request_id, [request_id]))
+        self._dispatch([TokenEvent(rid, None, "", False, None, "abort", out) for rid in samples
+                        if (out := self.engine.abort(rid)) is not None])
 
     def _drop(self, rids: List[str]) -> None:
         """On the engine thread: abort requests no consumer will read, and forget them."""
@@ -211,14 +219,15 @@ class AsyncEngine:
         for ev in events:
             by_request.setdefault(ev.request_id, []).append(ev)
         for rid, evs in by_request.items():
-            parent = rid.rsplit("#", 1)[0] if rid not in self._routes else rid
+            alone = rid in self._routes  # an n=1 request (whatever its id looks like), or a sample of one
+            parent = rid if alone else rid.rsplit("#", 1)[0]
             route = self._routes.get(parent)
             if route is None:
                 continue
             last = evs[-1]
             tokens = [e for e in evs if e.token_id is not None]
             delta = RequestDelta(
-                request_id=parent, index=last.output.index if last.output is not None else _index(rid),
+                request_id=parent, index=0 if alone else last.output.index if last.output is not None else _index(rid),
                 token_ids=[e.token_id for e in tokens], text="".join(e.text for e in evs),
                 from_llm=[e.from_llm for e in tokens], router_scores=[e.router_score for e in tokens],
                 logprobs=[e.logprob for e in tokens] if any(e.logprob is not None for e in tokens) else None,
