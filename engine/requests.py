@@ -9,14 +9,16 @@ from .sampling_params import SamplingParams
 Prompt = Union[str, Seq[int]]
 
 
-def prompt_token_ids(prompt: Prompt, index: int, tokenizer, vocab_limit: int, max_model_len: int) -> List[int]:
+def prompt_token_ids(prompt: Prompt, index: int, tokenizer, vocab_limit: int, max_model_len: int,
+                     add_special_tokens: bool = True) -> List[int]:
     """A text or token-id prompt -> its token ids, checked. Token ids may come as a list
-    or tuple of ints, or as a 1-D integer numpy array or torch tensor."""
+    or tuple of ints, or as a 1-D integer numpy array or torch tensor. add_special_tokens=False
+    for text a chat template rendered (it holds its own BOS, as apply_chat_template's ids do)."""
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError(f"prompt {index} is text, but the model folders have no tokenizer; "
                              "pass token ids instead")
-        ids = tokenizer(prompt).input_ids
+        ids = tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
     else:
         ids = _token_id_list(prompt, index)
         bad = [t for t in ids if not 0 <= t < vocab_limit]

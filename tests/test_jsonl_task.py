@@ -196,6 +196,28 @@ def test_chat_template_is_applied(tmp_path):
         "<user>Write")
 
 
+def test_chat_prompts_get_one_bos(tmp_path):
+    """A template that prints bos_token and a tokenizer that adds BOS: the prompt, tokenized
+    as the engine and the training pipeline tokenize it, starts with one BOS, and its ids are
+    apply_chat_template's."""
+    from tokenizers import processors
+
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    path = write(tmp_path, "d.jsonl", [{"prompt": "Write add(a, b).", "tests": "assert add(2, 3) == 5"}])
+    p = JsonlTask(eval_data=path, chat=True, tokenizer=tok).test_problems()[0]
+    msgs = [{"role": "user", "content": "Write add(a, b)."}]
+    want = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    assert tok(p.prompt).input_ids == list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert tok(p.prompt).input_ids[:2] != [bos, bos]
+
+
 # ---- the python-tests checker and its sandbox ------------------------------------------------------
 FAST = Limits(timeout=3, memory_mb=512, max_file_mb=4, max_output_bytes=1 << 20)
 MARK = f"{7000 + os.getpid() % 1000}.{uuid.uuid4().int % 1000}"  # a unique sleep length to find strays by

@@ -70,6 +70,35 @@ def test_chat_uses_the_template_and_streams(client, ref):
     assert chunks[-1].usage.completion_tokens == len(want.token_ids)
 
 
+def test_chat_prompts_get_one_bos():
+    """A chat template that prints bos_token (Llama 3's) and a tokenizer that adds BOS: the chat
+    prompt's ids are apply_chat_template's, one BOS (they once got two); a completion prompt
+    still gets the tokenizer's BOS."""
+    import threading
+    from types import SimpleNamespace
+
+    from tokenizers import processors
+
+    from citer.serve.app import _tokenize
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.convert_tokens_to_ids("<s>"))])
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    bos = tok.bos_token_id
+    assert tok("hi").input_ids[0] == bos and bos is not None
+    msgs = [{"role": "user", "content": "hi"}]
+    want = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    st = SimpleNamespace(tokenizer=tok, engine=SimpleNamespace(engine=SimpleNamespace(
+        vocab_limit=len(tok), config=SimpleNamespace(max_model_len=256))))
+    (chat,) = _tokenize(st, msgs, True, threading.Event())
+    assert chat == want and chat[:2] != [bos, bos]
+    assert _tokenize(st, ["hi"], False, threading.Event()) == [tok("hi").input_ids]
+
+
 def test_stop_strings_n_seeds_logprobs(client, ref):
     p = PROBLEMS[2].prompt
     r = client.completions.create(model="citer-demo", prompt=p, max_tokens=48, temperature=0, stop=["="])

@@ -193,7 +193,8 @@ def _tokenize(st: ServerState, items: list, chat: bool, stop: threading.Event) -
     for i, prompt in enumerate(items):
         if stop.is_set():
             break
-        ids.append(prompt_token_ids(prompt, i, st.tokenizer, engine.vocab_limit, engine.config.max_model_len))
+        ids.append(prompt_token_ids(prompt, i, st.tokenizer, engine.vocab_limit, engine.config.max_model_len,
+                                    add_special_tokens=not chat))  # a rendered template holds its BOS
     return ids
 
 

@@ -294,7 +294,8 @@ class JsonlTask(Task):
         if self.chat:
             msgs = ([{"role": "system", "content": self.system}] if self.system else []) + \
                    [{"role": "user", "content": prompt}]
-            prompt = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            prompt = _without_template_bos(self.tokenizer, self.tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=True))
         rid = rec.get("id")
         p = Problem(prompt=prompt, solution=rec.get("reference") or "", answer=answer, tests=rec.get("tests"),
                     stop=tuple(rec.get("stop") or ()),
@@ -465,3 +466,14 @@ def task_from_args(args, tokenizer=None, train: bool = True) -> JsonlTask:
                      extract=args.extract, chat=args.chat, tokenizer=tokenizer, system=args.system,
                      split_seed=args.split_seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                      require_reference=train, limits=Limits(timeout=args.check_timeout), workers=args.check_workers)
+
+
+def _without_template_bos(tokenizer, text: str) -> str:
+    """A rendered chat prompt without the BOS its template printed (Llama 3's prints
+    bos_token) when the tokenizer adds one itself: the prompt is tokenized with the
+    tokenizer's special tokens everywhere (generation, training, baselines), and would
+    otherwise start with two."""
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
+        return text[len(bos):]
+    return text
