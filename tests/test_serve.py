@@ -99,6 +99,21 @@ def test_chat_prompts_get_one_bos():
     assert _tokenize(st, ["hi"], False, threading.Event()) == [tok("hi").input_ids]
 
 
+def test_chat_logprob_bytes_are_the_tokens_own():
+    """A byte-level BPE token that holds part of a character (one of 好's three bytes) decodes
+    alone to U+FFFD; its `bytes` are its own byte, so a client can join them back."""
+    from citer.engine.outputs import TokenLogprob
+    from citer.research.tasks.bpe_tokenizer import train_tokenizer
+    from citer.serve.protocol import chat_logprobs
+
+    tok = train_tokenizer(["def add(a, b):\n    return a + b\n", "Tom has 3 apples."] * 10, vocab_size=300)
+    ids = tok("好 ok").input_ids
+    assert len(ids) > 3 and tok.decode(ids[:1]) == "\ufffd"  # the character is cut into bytes
+    content = chat_logprobs(tok, [TokenLogprob(i, -1.0, [(i, -1.0)]) for i in ids])["content"]
+    assert bytes(b for c in content for b in c["bytes"]).decode() == "好 ok"
+    assert content[0]["top_logprobs"][0]["bytes"] == content[0]["bytes"]
+
+
 def test_stop_strings_n_seeds_logprobs(client, ref):
     p = PROBLEMS[2].prompt
     r = client.completions.create(model="citer-demo", prompt=p, max_tokens=48, temperature=0, stop=["="])
@@ -115,6 +130,14 @@ def test_stop_strings_n_seeds_logprobs(client, ref):
         assert c.text == want.text
         assert c.logprobs.token_logprobs == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-5)
         assert all(len(top) == 2 for top in c.logprobs.top_logprobs)
+        assert c.logprobs.text_offset == [len("".join(c.logprobs.tokens[:i])) for i in range(len(c.logprobs.tokens))]
+    offsets = {}  # streamed: each choice's offsets run on across chunks (they once restarted at 0 in each)
+    for chunk in client.completions.create(model="citer-demo", prompt=p, max_tokens=12, n=3, seed=7, temperature=0.8,
+                                           logprobs=2, stream=True,
+                                           extra_body={"policy": "random", "llm_fraction": 0.3}):
+        for c in chunk.choices:
+            offsets.setdefault(c.index, []).extend(c.logprobs.text_offset if c.logprobs else [])
+    assert offsets == {c.index: c.logprobs.text_offset for c in r.choices}
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -133,6 +156,10 @@ def test_bad_requests_get_400s(client, kwargs, match):
 
 
 def test_bad_bodies_and_the_server_still_answers(server, client):
+    msgs = [{"role": "user", "content": "2 + 3?"}]  # a null max_completion_tokens is as if absent
+    r = httpx.post(server + "/v1/chat/completions", json={"model": "citer-demo", "messages": msgs, "max_tokens": 2,
+                                                          "max_completion_tokens": None, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
     r = httpx.post(server + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.post(server + "/v1/chat/completions", json={"model": "citer-demo", "messages": []})

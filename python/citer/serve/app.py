@@ -258,7 +258,7 @@ class EventStream(StreamingResponse):
 
 async def _sse(st: ServerState, rid: str, streams: List[AsyncIterator], n: int, chat: bool, include_usage: bool):
     kind = "chat.completion.chunk" if chat else "text_completion"
-    outputs = []
+    outputs, text_offsets = [], {}  # choice index -> where its next token's text starts
 
     def chunk(choices, **extra) -> str:
         return "data: " + json.dumps({"id": rid, "object": kind, "created": P.now(), "model": st.model_name,
@@ -276,7 +276,10 @@ async def _sse(st: ServerState, rid: str, streams: List[AsyncIterator], n: int, 
                 choice["logprobs"] = P.chat_logprobs(st.tokenizer, delta.logprobs)
             else:
                 choice["text"] = delta.text
-                choice["logprobs"] = P.completion_logprobs(st.tokenizer, delta.logprobs)
+                lp = P.completion_logprobs(st.tokenizer, delta.logprobs, text_offsets.get(choice["index"], 0))
+                if lp is not None and lp["tokens"]:
+                    text_offsets[choice["index"]] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                choice["logprobs"] = lp
             yield chunk([choice])
             if delta.output is not None:
                 st.metrics.on_output(delta.output)

@@ -4,8 +4,9 @@ Every choice and chunk carries citer's per-token provenance in an extension fiel
 `"citer": {"token_ids", "from_llm", "router_scores"}`, which OpenAI clients ignore;
 `usage` gains `llm_tokens`. Request bodies are read in requests.py.
 """
+import re
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 
 class BadRequest(ValueError):
@@ -49,13 +50,44 @@ def chat_logprobs(tokenizer, logprobs) -> Optional[dict]:
     if logprobs is None:
         return None
     entry = lambda t, v: {"token": _piece(tokenizer, t), "logprob": v,  # noqa: E731
-                          "bytes": list(_piece(tokenizer, t).encode())}
+                          "bytes": token_bytes(tokenizer, t)}
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
                         for lp in logprobs]}
 
 
 def _piece(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+
+
+def token_bytes(tokenizer, token_id: int) -> List[int]:
+    """The token's own UTF-8 bytes (OpenAI's `bytes`): a token holding part of a character
+    decodes alone to U+FFFD, so its bytes come from its vocabulary entry instead: a
+    SentencePiece byte-fallback piece (<0xE4>) or a byte-level BPE token (GPT-2's alphabet)."""
+    piece = _piece(tokenizer, token_id)
+    if "\ufffd" not in piece or tokenizer is None:
+        return list(piece.encode())
+    raw = tokenizer.convert_ids_to_tokens(token_id)
+    if (m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", raw)) is not None:
+        return [int(m.group(1), 16)]
+    if all(c in _BYTE_OF for c in raw):
+        return [_BYTE_OF[c] for c in raw]
+    return list(piece.encode())
+
+
+def _byte_level_alphabet() -> Dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the character that stands for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_level_alphabet()
 
 
 def usage(prompt_tokens: int, outputs) -> dict:

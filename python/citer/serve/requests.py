@@ -207,7 +207,8 @@ def _check_type(key: str, value: Any) -> None:
 def sampling_params(body: Dict[str, Any], logprobs) -> SamplingParams:
     """OpenAI defaults (temperature 1, max_tokens 16), vLLM / citer extras."""
     kw = {k: body[k] for k in ROUTING + EXTRAS if body.get(k) is not None}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")  # the newer name wins; null is as if absent
+    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
     try:
         return SamplingParams(max_tokens=16 if max_tokens is None else max_tokens,
                               temperature=1.0 if body.get("temperature") is None else body["temperature"],
