@@ -275,7 +275,9 @@ class EngineCore:
             token = seq.token_ids[t]
             early = seq.min_tokens_left(t + 1) > 0  # nothing but length ends it yet
             stop_id, length = self._ends(seq, token) and not early, t + 1 >= seq.max_len
-            delta, stop_str = self.detok.update(seq, t + 1, finishing=stop_id or length, stop_strings=not early)
+            # a stop token's own text (EOS, stop_token_ids) is left out unless asked for, as vLLM does
+            upto = t if stop_id and not seq.params.include_stop_str_in_output else t + 1
+            delta, stop_str = self.detok.update(seq, upto, finishing=stop_id or length, stop_strings=not early)
             seq.emitted = t + 1
             k = t - seq.num_prompt_tokens
             reason = "stop" if (stop_str or stop_id) else "length" if length else None

@@ -9,7 +9,8 @@ by the window, not by the output so far.
 The visible text only ever grows, so streamed deltas join to generate's text: while a
 request runs, the last (longest stop string - 1) characters are held back (a stop string
 may still be completing across tokens) and released when the request finishes. A stop
-string cuts the text before it (after it with include_stop_str_in_output). Stop strings
+string cuts the text before it (after it with include_stop_str_in_output), and so does a
+stop token (EOS, stop_token_ids): its own text is left out unless asked for. Stop strings
 are matched on the text as decoded with the request's skip_special_tokens (default
 True: special tokens such as <|im_end|> never appear in it, so a stop string naming one
 never fires; use stop_token_ids for those).

@@ -165,6 +165,34 @@ def test_min_tokens_holds_back_stop_strings(engine, min_tokens):
     assert_all_free(engine)
 
 
+def test_a_stop_tokens_text_is_left_out_unless_asked_for(engine):
+    """As vLLM: the token that stops a request (a stop_token_ids one, or EOS shown with
+    skip_special_tokens=False) stays in token_ids, its text only with include_stop_str_in_output."""
+    tok = engine.tokenizer
+    base = engine.generate("abc", SamplingParams(max_tokens=24, policy="slm", ignore_eos=True))[0]
+    stop = next(t for t in base.token_ids[2:] if tok.decode([t]).strip())  # one with text of its own
+    cut = engine.generate("abc", SamplingParams(max_tokens=24, policy="slm", ignore_eos=True, stop_token_ids=[stop]))[0]
+    n = base.token_ids.index(stop) + 1
+    assert cut.token_ids == base.token_ids[:n] and cut.finish_reason == "stop"
+    assert cut.text == tok.decode(base.token_ids[:n - 1])
+    kept = engine.generate("abc", SamplingParams(max_tokens=24, policy="slm", ignore_eos=True, stop_token_ids=[stop],
+                                                 include_stop_str_in_output=True))[0]
+    assert kept.token_ids == cut.token_ids and kept.text == tok.decode(base.token_ids[:n])
+    streamed = "".join(ev.text for ev in _events(engine, "abc", SamplingParams(
+        max_tokens=24, policy="slm", ignore_eos=True, stop_token_ids=[stop])))
+    assert streamed == cut.text
+    shown = SamplingParams(max_tokens=24, policy="slm", stop_token_ids=[stop], skip_special_tokens=False)
+    o = engine.generate("abc", shown)[0]
+    assert o.text == tok.decode(o.token_ids[:-1], skip_special_tokens=False)
+
+
+def _events(engine, prompt, params):
+    rid, events = engine.add_request(prompt, params), []
+    while engine.has_unfinished_requests():
+        events += [ev for ev in engine.step() if ev.request_id == rid]
+    return events
+
+
 def test_stop_string_in_output_and_special_tokens(engine):
     tok = engine.tokenizer
     base = engine.generate("abc", SamplingParams(max_tokens=24, policy="slm", ignore_eos=True))[0]
