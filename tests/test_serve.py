@@ -155,6 +155,22 @@ def test_bad_requests_get_400s(client, kwargs, match):
     assert info.value.status_code == 400 and info.value.body["type"] == "invalid_request_error"
 
 
+def test_chat_content_as_text_parts(client):
+    """Message content as a list of text parts (what OpenAI's clients may send) is the parts'
+    text joined; other parts, and top_logprobs without logprobs or out of range, get 400s that
+    name their field."""
+    ask = lambda content, **kw: client.chat.completions.create(  # noqa: E731
+        model="citer-demo", messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0, **kw)
+    as_parts = ask([{"type": "text", "text": "2 + 3?"}, {"type": "text", "text": "Be brief."}])
+    assert as_parts.choices[0].message.content == ask("2 + 3?\nBe brief.").choices[0].message.content
+    for content, kw, param in (([{"type": "image_url", "image_url": {"url": "x"}}], {}, "messages[0].content"),
+                               (7, {}, "messages[0].content"), ("hi", dict(top_logprobs=2), "top_logprobs"),
+                               ("hi", dict(logprobs=True, top_logprobs=10 ** 6), "top_logprobs")):
+        with pytest.raises(openai.BadRequestError) as info:
+            ask(content, **kw)
+        assert info.value.body["param"] == param and param.split(".")[-1] in info.value.body["message"]
+
+
 def test_bad_bodies_and_the_server_still_answers(server, client):
     msgs = [{"role": "user", "content": "2 + 3?"}]  # a null max_completion_tokens is as if absent
     r = httpx.post(server + "/v1/chat/completions", json={"model": "citer-demo", "messages": msgs, "max_tokens": 2,

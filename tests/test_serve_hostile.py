@@ -135,7 +135,9 @@ MSG = [{"role": "user", "content": "Tom has 4 beads. He finds 5 more. How many b
     ("/v1/completions", '{"model": "citer-demo", "prompt": "hi", "model": "other"}', "model"),
     ("/v1/completions", '{"prompt": "hi"} trailing', None),
     ("/v1/completions", '{"prompt": "hi",}', None),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text"}]}]}', "messages"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text"}]}]}', "messages[0].content"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user"}]}', "messages[0].content"),
+    ("/v1/chat/completions", '{"messages": [{"content": "hi"}]}', "messages"),
 ])
 def test_malformed_bodies_are_400s_naming_the_field(server, recovers, path, text, param):
     r = post(server, path, content=text.encode())

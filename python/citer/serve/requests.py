@@ -264,10 +264,10 @@ def chat_request(body: Dict[str, Any], limits: Limits, tokenizer) -> Tuple[List[
     _check_fields(body, CHAT_FIELDS, limits)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         raise BadRequest("messages must be a non-empty list of {role, content} objects with string content",
                          param="messages")
+    messages = [{**m, "content": _content_text(m.get("content"), i)} for i, m in enumerate(messages)]
     chars = sum(len(m["content"]) for m in messages)
     if chars > limits.max_prompt_chars:
         raise BadRequest(f"messages hold {chars} characters; this server takes at most {limits.max_prompt_chars} "
@@ -278,8 +278,32 @@ def chat_request(body: Dict[str, Any], limits: Limits, tokenizer) -> Tuple[List[
     lp = body.get("logprobs")
     if lp is not None and not isinstance(lp, bool):
         raise BadRequest(f"logprobs must be true or false, got {short(lp)}", param="logprobs", code="invalid_type")
-    logprobs = (body.get("top_logprobs") or 0) if lp else None
-    return messages, sampling_params(body, logprobs)
+    top = body.get("top_logprobs")
+    if top is not None and not lp:
+        raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    try:
+        return messages, sampling_params(body, (top or 0) if lp else None)
+    except BadRequest as e:
+        if e.param != "logprobs" or top is None:
+            raise
+        raise BadRequest(str(e).replace("logprobs", "top_logprobs", 1), param="top_logprobs") from None
+
+
+def _content_text(content, index: int) -> str:
+    """A message's content: a string, or a list of text parts ({"type": "text", "text": ...},
+    as OpenAI's clients send them), joined with newlines as vLLM joins them."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(isinstance(p, dict) for p in content):
+        kinds = {p.get("type") for p in content} - {"text"}
+        if kinds:
+            raise BadRequest(f"messages[{index}].content: only text parts are served here, got types "
+                             f"{short(sorted(map(str, kinds)))}", param=f"messages[{index}].content",
+                             code="unsupported_content")
+        if all(isinstance(p.get("text"), str) for p in content):
+            return "\n".join(p["text"] for p in content)
+    raise BadRequest(f"messages[{index}].content must be a string or a list of text parts, got {short(content)}",
+                     param=f"messages[{index}].content")
 
 
 def _finite(v) -> bool:
