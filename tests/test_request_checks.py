@@ -66,6 +66,10 @@ def test_integer_arrays_and_tensors_are_prompts(engine):
     assert engine.generate(torch.tensor([5, 6, 7]), p)[0].token_ids == ref  # one 1-D tensor: one prompt
     with pytest.raises(ValueError, match="prompts is None"):
         engine.generate(None, p)
+    with pytest.raises(TypeError, match="prompts must be .* got int"):
+        engine.generate(5, p)
+    with pytest.raises(TypeError, match="params must be SamplingParams or a list .* got dict"):
+        engine.generate([[5, 6, 7]], {"max_tokens": 3})
     assert_all_free(engine)
 
 

@@ -173,6 +173,9 @@ class Engine:
         if params is None or isinstance(params, SamplingParams):
             params_list = [params or SamplingParams()] * len(prompts)
         else:
+            if isinstance(params, dict) or not hasattr(params, "__iter__"):
+                raise TypeError(f"params must be SamplingParams or a list of them (one per prompt), "
+                                f"got {type(params).__name__}")
             params_list = list(params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
@@ -264,6 +267,9 @@ def _as_prompt_list(prompts) -> List[Prompt]:
         return [prompts]  # bytes: refused with its index by the request checks
     if hasattr(prompts, "shape") and hasattr(prompts, "dtype"):  # an array / tensor: one row per prompt
         return [prompts] if len(prompts.shape) == 1 else list(prompts)
+    if isinstance(prompts, dict) or not hasattr(prompts, "__iter__"):
+        raise TypeError(f"prompts must be a string, a list of token ids, or a list of those; "
+                        f"got {type(prompts).__name__}")
     prompts = list(prompts)
     if prompts and all(isinstance(t, (int, np.integer)) for t in prompts):
         return [prompts]  # one prompt of token ids
