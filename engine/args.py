@@ -90,10 +90,13 @@ class EngineArgs:
         if self.llm_prefill not in LLM_PREFILL:
             raise ValueError(f"llm_prefill must be one of {LLM_PREFILL}, got {self.llm_prefill!r}")
         m = self.kv_cache_memory
-        if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Real) or not m > 0):
+        if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Real) or not 0 < m < float("inf")):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {m!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if m is not None and self.num_blocks is not None:
+            raise ValueError(f"give num_blocks ({self.num_blocks}) or kv_cache_memory ({m!r}), not both: "
+                             "kv_cache_memory sizes the pool that num_blocks names")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         for name in ("enforce_eager", "profile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

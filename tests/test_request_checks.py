@@ -114,6 +114,45 @@ def test_incomplete_configs_name_the_field(tmp_path, hf_models, drop, match):
         Engine(slm, num_blocks=4)
 
 
+def test_broken_side_files_name_the_file(tmp_path, hf_models):
+    slm = _copy(hf_models["qwen2"][0], tmp_path / "slm")
+    with open(os.path.join(slm, "generation_config.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match=r"cannot read '.*generation_config\.json'"):
+        Engine(slm, num_blocks=4)
+    os.remove(os.path.join(slm, "generation_config.json"))
+    with open(os.path.join(slm, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}}, f)
+    with pytest.raises(ValueError, match=r"cannot read the shard index '.*index\.json'.*weight_map"):
+        Engine(slm, num_blocks=4)
+
+
+def test_a_tokenizer_bigger_than_the_embedding_is_named(tmp_path, hf_models):
+    """Text whose ids pass the embedding's rows once failed deep in F.embedding (IndexError)."""
+    slm = _copy(hf_models["qwen2"][0], tmp_path / "slm")
+    _edit_config(slm, vocab_size=64)  # the tokenizer has 99 tokens
+    with pytest.raises(ValueError, match="tokenizer of .* has token ids up to 98, but the model's embedding has 64"):
+        Engine(slm, num_blocks=4)
+
+
+def test_a_tied_config_with_its_own_lm_head(tmp_path, hf_models):
+    """tie_word_embeddings: true beside a stored lm_head.weight: transformers 5 uses the stored
+    head, 4 ties it; citer once tied it silently. A different head is refused, naming the
+    conflict; a stored copy of the embedding loads."""
+    from safetensors.torch import load_file, save_file
+
+    llm = _copy(hf_models["llama"][0], tmp_path / "llm")  # untied
+    _edit_config(llm, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="ties the lm_head .* holds its own lm_head.weight"):
+        Engine(llm, num_blocks=4)
+    fn = os.path.join(llm, "model.safetensors")
+    state = load_file(fn)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, fn)
+    out = Engine(llm, num_blocks=16, max_model_len=32).generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0]
+    assert len(out.token_ids) == 2
+
+
 @pytest.mark.parametrize("value,match", [(0, "kv_cache_memory must be a positive number of bytes, got 0"),
                                          (-5, "kv_cache_memory must be a positive"),
                                          (100, "kv_cache_memory of 100 bytes holds no KV block")])
@@ -121,3 +160,9 @@ def test_kv_cache_memory_is_checked(hf_models, value, match):
     with pytest.raises(ValueError, match=match):
         Engine(hf_models["qwen2"][0], kv_cache_memory=value)
     assert Engine(hf_models["qwen2"][0], kv_cache_memory=1e6, max_model_len=64).config.num_blocks >= 1
+    with pytest.raises(ValueError, match="kv_cache_memory must be a positive number of bytes, got inf"):
+        Engine(hf_models["qwen2"][0], kv_cache_memory=float("inf"))
+    with pytest.raises(ValueError, match="give num_blocks .* or kv_cache_memory .* not both"):
+        Engine(hf_models["qwen2"][0], kv_cache_memory=4096, num_blocks=1000)
+    with pytest.raises(ValueError, match="seed must be an int >= 0, got -5"):
+        Engine(hf_models["qwen2"][0], seed=-5)

@@ -27,8 +27,12 @@ def resolve_dtype(dtype) -> torch.dtype:
 def safetensors_files(path: str) -> list:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"cannot read the shard index {index!r} (a JSON object with a 'weight_map' of "
+                             f"weight name -> file): {type(e).__name__}: {e}") from None
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
             raise FileNotFoundError(f"shards listed in {index} are missing: {missing}")
@@ -103,12 +107,13 @@ def load_state(model: DecoderLM, tensors: Iterable[Tuple[str, torch.Tensor]]) ->
     once, with its shape, and every parameter filled."""
     cfg = model.cfg
     params: Dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
-    loaded = set()
+    loaded, stored_head = set(), None
     for hf_name, tensor in tensors:
         name = hf_name
         if name.startswith("model."):
             name = name[len("model."):]
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            stored_head = tensor  # the embedding's copy, or a conflict (checked below)
             continue
         if "rotary_emb" in name:
             continue
@@ -139,6 +144,13 @@ def load_state(model: DecoderLM, tensors: Iterable[Tuple[str, torch.Tensor]]) ->
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    emb = params.get("embed_tokens.weight")
+    if (stored_head is not None and emb is not None and stored_head.shape == emb.shape
+            and not torch.equal(stored_head.to(emb.dtype), emb)):
+        raise ValueError(
+            "config.json ties the lm_head to the embeddings (tie_word_embeddings: true), but the checkpoint "
+            "holds its own lm_head.weight, different from embed_tokens.weight; transformers 5 uses the stored "
+            "head and transformers 4 ties it: set tie_word_embeddings to false to use it, or drop lm_head.weight")
 
 
 def load_model(path: str, device="cpu", dtype="float32", max_positions: int = 4096, vocab_limit=None,

@@ -145,8 +145,15 @@ def _generation_eos(path: str) -> List[int]:
     fn = os.path.join(path, "generation_config.json")
     if not os.path.isfile(fn):
         return []
-    with open(fn) as f:
-        eos = json.load(f).get("eos_token_id")
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
+    try:
+        with open(fn) as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is None:
+            return []
+        eos = [eos] if isinstance(eos, int) else list(eos)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
+            raise TypeError(f"eos_token_id is {eos!r}")
+        return eos
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"cannot read {fn!r} (its eos_token_id: an int or a list of ints): "
+                         f"{type(e).__name__}: {e}") from None

@@ -139,15 +139,17 @@ def vocab_limit(slm_cfg, llm_cfg, tokenizer: Optional[object], slm_path: str, ll
     Qwen2-72B's 152064 padded embeddings) are allowed only with one shared tokenizer
     that fits in the smaller; tokens are then chosen among the shared ids.
     """
-    if llm_cfg is None or slm_cfg is None:
-        return (slm_cfg or llm_cfg).vocab_size
-    if slm_cfg.vocab_size == llm_cfg.vocab_size:
-        return slm_cfg.vocab_size
-    common = min(slm_cfg.vocab_size, llm_cfg.vocab_size)
-    if tokenizer is None or len(tokenizer) > common:
+    sizes = [c.vocab_size for c in (slm_cfg, llm_cfg) if c is not None]
+    common = min(sizes)
+    if len(set(sizes)) > 1 and (tokenizer is None or len(tokenizer) > common):
         raise ValueError(
             f"the SLM ({slm_path!r}) and LLM ({llm_path!r}) have different vocabularies "
             f"({slm_cfg.vocab_size} vs {llm_cfg.vocab_size} tokens) and no shared tokenizer that fits both; "
             "token-level routing needs one shared vocabulary"
         )
+    top = max(tokenizer.get_vocab().values(), default=-1) if tokenizer is not None else -1
+    if top >= common:
+        folder = slm_path if slm_cfg is not None else llm_path
+        raise ValueError(f"the tokenizer of {folder!r} has token ids up to {top}, but the model's embedding has "
+                         f"{common} rows (vocab_size): a tokenizer from another model?")
     return common
