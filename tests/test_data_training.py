@@ -69,6 +69,9 @@ def test_positions_equal_a_direct_teacher_forcing_and_are_cached(tmp_path, hf_mo
     monkeypatch.setattr(P, "_force", lambda *a, **k: pytest.fail("recomputed a cached chunk"))
     again = P.force_positions(forcer, seqs, starts, gold=True, cache=str(tmp_path / "c"), chunk=1)
     assert torch.equal(again.hidden, pos.hidden)
+    monkeypatch.setattr(P, "_force", real_force)  # another pair, same folder: its own positions, not these
+    other = P.force_positions(Forcer(slm, slm), seqs, starts, gold=True, cache=str(tmp_path / "c"), chunk=1)
+    assert torch.equal(other.slm_pred, other.llm_pred) and not torch.equal(other.llm_pred, pos.llm_pred)
     x, s, y, cases = P.labels_of(pos, "short-term")
     assert len(y) == 5 and cases["slm_right"] == int(y.sum())
 

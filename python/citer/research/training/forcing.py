@@ -11,6 +11,8 @@ probability of the next token (over the first vocab_limit ids, the vocabulary th
 shares, as the engine chooses tokens). The vocabulary-sized logits are computed a few
 hundred rows at a time and never kept.
 """
+import functools
+import hashlib
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -64,6 +66,18 @@ class Forcer:
         f.max_chunk_tokens, f.block_size, f.progress = max_chunk_tokens, 16, progress
         f.dtype = f.slm.norm.weight.dtype
         return f
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """What its forwards depend on, for cache keys: the dtype, the vocabulary limit and the
+        first values of every tensor of both models (another pair, or retrained weights, differ)."""
+        h = hashlib.sha1(f"{self.dtype} {self.vocab_limit}".encode())
+        for model in (self.slm, self.llm):
+            for name, t in (model.state_dict().items() if model is not None else ()):
+                h.update(name.encode())
+                h.update(t.detach().flatten()[:64].float().cpu().numpy().tobytes())
+            h.update(b"|")
+        return h.hexdigest()[:16]
 
     @torch.inference_mode()
     def run(self, seqs: List[List[int]], starts: Optional[List[int]] = None, slm: bool = True) -> List[Forced]:

@@ -74,7 +74,8 @@ def force_positions(forcer, seqs: List[List[int]], starts: List[int], gold: bool
         part_seqs, part_starts = seqs[c:c + chunk], starts[c:c + chunk]
         fn = None
         if cache:
-            key = hashlib.sha1(json.dumps([part_seqs, part_starts, gold]).encode()).hexdigest()[:16]
+            # the models too: a run with another pair (or retrained weights) into the same folder recomputes
+            key = hashlib.sha1(json.dumps([part_seqs, part_starts, gold, forcer.fingerprint]).encode()).hexdigest()[:16]
             fn = os.path.join(cache, f"{c // chunk:05d}-{key}.pt")
             if os.path.isfile(fn):
                 cached = torch.load(fn)
