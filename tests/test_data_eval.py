@@ -46,6 +46,11 @@ def test_evaluate_data_end_to_end_and_resume(engine, router_path, tmp_path, monk
     again = DE.evaluate_data(engine, task, problems, {"CITER": router_path}, out, max_tokens=6, shares=(0.1, 0.3),
                              verify_shares=(0.1,), oracle_ks=(1, 2), n_boot=50)
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in res["rows"]]
+    for kw, what in ((dict(max_tokens=4), "max_tokens 6 there, 4 now"), (dict(problems=problems[:-1]), "problems"),
+                     (dict(routers={"CITER": str(tmp_path)}), "router 'CITER' from")):  # not the same evaluation
+        args = {"problems": problems, "routers": {"CITER": router_path}, "max_tokens": 6, **kw}
+        with pytest.raises(ValueError, match=f"holds an evaluation with other settings .*{what}"):
+            DE.evaluate_data(engine, task, args["problems"], args["routers"], out, max_tokens=args["max_tokens"])
     monkeypatch.undo()
     timings = DE.time_methods(engine, task, problems, {"slm": dict(policy="slm"), "CITER": dict(
         policy="router", threshold=0.5, router_path=router_path)}, batch_sizes=(1, 4), repeats=1, max_tokens=6)

@@ -103,6 +103,29 @@ def _knobs(engine: Engine, task, problems, routers: Dict[str, str], shares: Sequ
     return knobs
 
 
+def _same_run(path: str, engine: Engine, problems: List, routers: Dict[str, str], max_tokens: int) -> None:
+    """A resumed evaluation must be the same one: the points in OUT are reused only for the same
+    problems, models, dtype and max_tokens, and each router name for the same folder (routers
+    may be added). The first run writes what it is; a run with other settings is refused."""
+    import hashlib
+
+    now = {"problems": hashlib.sha1(json.dumps([p.prompt for p in problems]).encode()).hexdigest()[:16],
+           "n_problems": len(problems), "slm": engine.paths["slm"], "llm": engine.paths["llm"],
+           "dtype": str(engine.args.dtype), "max_tokens": max_tokens, "routers": dict(routers)}
+    if os.path.isfile(path):
+        with open(path) as f:
+            was = json.load(f)
+        differ = [f"{k} {was.get(k)!r} there, {now[k]!r} now" for k in now if k != "routers" and was.get(k) != now[k]]
+        differ += [f"router {n!r} from {was['routers'][n]!r} there, {p!r} now" for n, p in routers.items()
+                   if was.get("routers", {}).get(n, p) != p]
+        if differ:
+            raise ValueError(f"{os.path.dirname(path)!r} holds an evaluation with other settings ({'; '.join(differ)}); "
+                             "its points would be reused: give another --out, or delete that folder")
+        now["routers"] = {**was.get("routers", {}), **routers}
+    with open(path, "w") as f:
+        json.dump(now, f, indent=1)
+
+
 def evaluate_data(engine: Engine, task, problems: List, routers: Dict[str, str], out: str, max_tokens: int = 192,
                   shares: Sequence[float] = TARGET_SHARES, query_router: Optional[str] = None,
                   oracle_ks: Sequence[int] = ORACLE_KS, verify_shares: Sequence[float] = (0.1, 0.2),
@@ -111,6 +134,7 @@ def evaluate_data(engine: Engine, task, problems: List, routers: Dict[str, str],
     """Every method on `problems`, points logged to out/points.jsonl; -> the result dict
     (rows with per-problem results, summary with paired bootstrap intervals)."""
     os.makedirs(out, exist_ok=True)
+    _same_run(os.path.join(out, "run.json"), engine, problems, routers, max_tokens)
     log = PointLog(os.path.join(out, "points.jsonl"))
     base = SamplingParams(max_tokens=max_tokens)
 
