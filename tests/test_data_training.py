@@ -105,11 +105,10 @@ def test_cli_train_router_with_data(tmp_path, hf_models):
     from citer.cli import main
 
     slm, llm = hf_models["qwen2"][0], hf_models["llama"][0]
-    data = _data(tmp_path)
+    data = _data(tmp_path, refs=False)  # prompts only: the default --labels auto trains on the LLM's trajectories
     out = str(tmp_path / "cli_router")
     main(["train-router", "--slm", slm, "--llm", llm, "--data", data, "--out", out, "--n-train", "10",
-          "--n-val", "3", "--labels", "llm-agreement", "--rounds", "1", "--max-len", "64", "--max-tokens", "8",
-          "--checker", "none"])
+          "--n-val", "3", "--rounds", "1", "--max-len", "64", "--max-tokens", "8", "--checker", "none"])
     assert os.path.isfile(os.path.join(out, "router_config.json"))
 
 
@@ -136,3 +135,12 @@ def test_baselines_on_data_and_their_eval(tmp_path, hf_models, router_path):
                  "--max-tokens", "6", "--max-model-len", "96", "--out", str(ev)]) == 0
     rows = json.loads((ev / "eval.json").read_text())["rows"]
     assert sum(r["method"] == "Co-LLM" for r in rows) == 2 and any(r["method"] == "query-level" for r in rows)
+    from citer.cli import _names_point
+
+    citer = next(r for r in rows if r["method"] == "CITER")  # --timing names a point as the table prints it
+    assert _names_point(f"CITER {citer['knob']:.4g}", citer) and _names_point(f"CITER {citer['knob']}", citer)
+    assert not _names_point("CITER 0.1234567", citer) and not _names_point("confidence 0.5", citer)
+    args = ["eval", "--eval-data", toy, "--checker", "exact", "--slm", slm, "--llm", llm, "--curves-only",
+            "--no-oracle", "--max-tokens", "6", "--out", str(tmp_path / "eval2")]
+    with pytest.raises(ValueError, match="none fits --max-model-len 8 with --max-tokens 6"):
+        main(args + ["--max-model-len", "8"])

@@ -39,11 +39,13 @@ def train_router_cmd(args) -> None:
     from citer.research.tasks.jsonl import task_from_args
     from citer.research.training.router_train import resolve_labels, train_router
 
-    if args.data:
-        task = task_from_args(args, tokenizer=args.slm, train=args.labels != "llm-agreement")
+    if args.data:  # references are required by the labels that use them ("auto": once it has chosen)
+        task = task_from_args(args, tokenizer=args.slm, train=args.labels not in ("llm-agreement", "auto"))
     else:
         task = get_task(args.task)
     labels, short_term = resolve_labels(args.labels, args.short_term, task)
+    if args.data and args.labels == "auto" and labels != "llm-agreement":
+        task = task_from_args(args, tokenizer=args.slm, train=True)  # every line's reference checked
     metrics = train_router(args.slm, args.llm, task, args.out, rounds=args.rounds, n_train=args.n_train,
                            n_val=args.n_val, short_term=short_term, seed=args.seed, features=args.features,
                            labels=labels, easy_keep=args.easy_keep, slack=args.slack, dtype=args.dtype,
@@ -62,8 +64,13 @@ def eval_data_cmd(args) -> None:
     task = task_from_args(args, tokenizer=args.slm, train=False)
     engine = Engine(args.slm, args.llm, args.router, dtype=args.dtype, max_model_len=args.max_model_len,
                     max_num_seqs=args.max_num_seqs, max_llm_wait=args.max_llm_wait, llm_batch_min=args.llm_batch_min)
-    problems = [p for p in task.test_problems(args.n)  # the prompts that fit with max_tokens new ones
+    test = task.test_problems(args.n)
+    problems = [p for p in test  # the prompts that fit with max_tokens new ones
                 if len(engine.tokenizer(p.prompt).input_ids) + args.max_tokens <= args.max_model_len]
+    if not problems:
+        raise ValueError(f"no test problems to evaluate: the test split has {len(test)}, and none fits "
+                         f"--max-model-len {args.max_model_len} with --max-tokens {args.max_tokens}" if test else
+                         "no test problems to evaluate: the test split is empty (more lines, or --test-fraction)")
     from citer.assets import router_path
 
     routers = {"CITER": router_path(args.router)} if args.router else {}  # shipped names -> folders
@@ -80,20 +87,43 @@ def eval_data_cmd(args) -> None:
                            oracle_ks=() if args.no_oracle else (1, 2, 4, 8), shares=tuple(args.shares), **extras)
     timings = None
     if args.timing:
-        pick = {}
+        pick, unmatched = {}, set(args.timing)
         for r in result["rows"]:
             name = r["method"] if r["knob"] is None else f"{r['method']} {r['knob']}"
-            if r["method"] in ("slm", "llm", "speculative") or name in args.timing:
+            asked = {a for a in args.timing if _names_point(a, r)}
+            unmatched -= asked
+            if r["method"] in ("slm", "llm", "speculative") or asked:
                 kw = {"slm": dict(policy="slm"), "llm": dict(policy="llm"),
                       "speculative": dict(policy="speculative", num_draft_tokens=4)}.get(r["method"])
                 if kw is None:
                     kw = _point_params(r, routers)
                 pick[name] = kw
+        if unmatched:
+            raise ValueError(f"--timing {sorted(unmatched)}: no such evaluated point; name one as the table does "
+                             f"('method knob'), e.g. {sorted(_table_name(r) for r in result['rows'])[:6]}")
         pick.setdefault("speculative", dict(policy="speculative", num_draft_tokens=4))  # timed without its point too
         timings = time_methods(engine, task, problems, pick, max_tokens=args.max_tokens)
     write_data_eval(result, args.out, f"{os.path.basename(args.eval_data or args.data)}: {len(problems)} problems",
                     timings)
     print(data_table(result, timings))
+
+
+def _table_name(row: dict) -> str:
+    return row["method"] if row["knob"] is None else f"{row['method']} {row['knob']:.4g}"
+
+
+def _names_point(asked: str, row: dict) -> bool:
+    """Does a --timing name pick this point: its method, and its knob as the table prints it
+    (4 significant digits) or in full?"""
+    if row["knob"] is None:
+        return asked == row["method"]
+    method, _, knob = asked.rpartition(" ")
+    if method != row["method"]:
+        return False
+    try:
+        return float(knob) == row["knob"] or knob == f"{row['knob']:.4g}"
+    except ValueError:
+        return False
 
 
 def _point_params(row: dict, routers: dict) -> dict:
@@ -119,10 +149,10 @@ def eval_cmd(args) -> None:
     sizes = dict(max_model_len=256, max_num_seqs=512, num_blocks=512 * 16)
     folders = {"router_s": args.router_s, "router_hidden": args.router_hidden, "baselines": args.baselines}
     if args.slm:
-        engine = Engine(args.slm, args.llm, args.router, **sizes)
+        engine = Engine(args.slm, args.llm, args.router, dtype=args.dtype, **sizes)
     else:  # an embedded pair (the one trained on this task), with whatever it ships beside its router
         pair = shipped(args.task)
-        engine = Engine(pair["slm"], pair["llm"], args.router or pair["router"], **sizes)
+        engine = Engine(pair["slm"], pair["llm"], args.router or pair["router"], dtype=args.dtype, **sizes)
         folders = {k: v if v is not None else pair.get(k) for k, v in folders.items()}
     routers = {name: folders[key] for name, key in (("CITER-S", "router_s"), ("CITER (hidden only)",
                                                                                "router_hidden")) if folders[key]}
