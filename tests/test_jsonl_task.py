@@ -52,6 +52,17 @@ def test_each_error_names_file_line_and_field(tmp_path, line, field, words):
         assert f"field {field!r}" in msg
 
 
+def test_bytes_that_are_not_utf8_or_not_gzip_are_named(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(JsonlError, match=r"latin1.jsonl:2: not UTF-8"):
+        JsonlTask(eval_data=str(path))
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_bytes(b'{"prompt": "not gzip"}\n')
+    with pytest.raises(ValueError, match=r"fake.jsonl.gz: cannot read it as gzip"):
+        JsonlTask(eval_data=str(fake))
+
+
 def test_missing_what_the_checker_or_training_needs(tmp_path):
     path = write(tmp_path, "d.jsonl", [{"prompt": "a", "answer": 1, "tests": "pass"}, {"prompt": "b", "tests": "pass"}])
     with pytest.raises(JsonlError, match=r"d.jsonl:2: field 'answer': missing"):

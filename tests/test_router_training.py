@@ -221,3 +221,21 @@ def test_pair_report_token_error_rates(setup, hf_models):
         assert 0.0 <= rates[m]["digit_error_rate"] <= 1.0 and 0.0 <= rates[m]["other_error_rate"] <= 1.0
     # random models are wrong almost everywhere
     assert rates["slm"]["other_error_rate"] > 0.5
+
+
+def test_recall_threshold_reaches_its_target_with_few_labels():
+    """Two positions labelled 0 and a target recall of 0.9: both go to the LLM (linear
+    interpolation put τ between them, and the router reached 0.5)."""
+    from citer.research.training.labels import LabelSet
+    from citer.research.training.router_train import recall_threshold
+
+    class FirstFeature(torch.nn.Module):
+        head_signals = False
+
+        def forward(self, x, s=None):
+            return x[:, 0]
+
+    labels = LabelSet()
+    labels.add(torch.tensor([[-3.0], [-1.0], [0.0], [1.0], [2.0], [3.0]]), torch.zeros(6, 5),
+               torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0]))
+    assert recall_threshold(FirstFeature(), labels, 0.9)["recall"] == 1.0

@@ -162,14 +162,28 @@ def normalize_prompt(prompt: str) -> str:
 
 
 # ---- reading -----------------------------------------------------------------------------
+def _lines(f, path: str):
+    """The file's lines (bytes); a file that is not what its name says (a .gz that is not
+    gzip) is named."""
+    try:
+        yield from f
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read it as {'gzip' if path.endswith('.gz') else 'a text file'}: "
+                         f"{type(e).__name__}: {e}") from None
+
+
 def read_jsonl(path: str) -> List[Tuple[int, dict]]:
     """-> [(line number, the checked record)] of a JSONL (or .jsonl.gz) file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such JSONL file: {path}")
     opener = gzip.open if path.endswith(".gz") else open
     out = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(_lines(f, path), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise JsonlError(path, lineno, None, f"not UTF-8 (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:

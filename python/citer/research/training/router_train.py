@@ -142,7 +142,13 @@ def train_router(slm: str, llm: str, task: Task, out: str, rounds: int = 2, n_tr
     rng = np.random.default_rng(seed + 777)
     train_p = task.train_problems(n_train, rng)
     val_p = task.validation_problems(n_val, rng)
-    engine = Engine(slm, llm, max_model_len=256, max_num_seqs=256, num_blocks=256 * 16, dtype=dtype)
+    engine = Engine(slm, llm, max_model_len=_model_len(slm, llm, max_len + max_tokens), max_num_seqs=256,
+                    num_blocks=256 * 16, dtype=dtype)
+    cap = min(max_len, engine.config.max_model_len)  # rollouts start inside prompt + reference
+    fits = lambda ps: [p for p in ps if len(engine.tokenizer(p.prompt + p.solution).input_ids) < cap]  # noqa: E731
+    train_p, val_p = fits(train_p), fits(val_p)
+    if not train_p or not val_p:
+        raise ValueError(f"no training or validation problem fits in {cap} tokens (prompt + reference; max_len)")
     forcer = Forcer(slm, llm, dtype=engine.args.dtype, vocab_limit=engine.core.vocab_limit)
     hidden = engine.slm_config.hidden_size
     metrics = {"task": task.name, "slm": slm, "llm": llm, "short_term": short_term, "features": features,
@@ -182,6 +188,13 @@ def train_router(slm: str, llm: str, task: Task, out: str, rounds: int = 2, n_tr
     print(f"router saved to {out}: default τ={choice['threshold']} (validation: {choice['accuracy']:.1%} at "
           f"{choice['llm_share']:.1%} LLM tokens; LLM {choice['llm_accuracy']:.1%}; {time.time() - t0:.0f} s)")
     return metrics
+
+
+def _model_len(slm: str, llm: Optional[str], want: int) -> int:
+    """want, or less where a model's max_position_embeddings is less."""
+    from citer.engine.models import load_model_config
+
+    return min([want] + [load_model_config(p).max_position_embeddings for p in (slm, llm) if p])
 
 
 def _round_metrics(r, train_l, val_l, fit, threshold) -> dict:
@@ -231,7 +244,8 @@ def train_on_positions(slm: str, llm: str, task: Task, out: str, rounds: int = 2
     scheme = "short-term" if short_term else "llm-agreement"
     rng = np.random.default_rng(seed + 777)
     train_p, val_p = task.train_problems(n_train, rng), task.validation_problems(n_val, rng)
-    engine = Engine(slm, llm, dtype=dtype, max_model_len=max_len + max_tokens, max_num_seqs=64)
+    engine = Engine(slm, llm, dtype=dtype, max_model_len=_model_len(slm, llm, max_len + max_tokens), max_num_seqs=64)
+    max_len = min(max_len, engine.config.max_model_len - 1)  # a prompt must leave room for a token
     forcer = Forcer.from_engine(engine)
     tok, hidden = engine.tokenizer, engine.slm_config.hidden_size
     cache = cache or os.path.join(out, "cache")
@@ -295,7 +309,8 @@ def train_on_positions(slm: str, llm: str, task: Task, out: str, rounds: int = 2
         folder = os.path.join(out, "final")
         save_router(fr.router, folder)
         engine.set_router(folder)
-        choice = choose_threshold(engine, task, val_p, max_tokens=max_tokens, slack=slack)
+        fit_val = [p for p in val_p if len(tok(p.prompt).input_ids) < max_len]  # as the rounds: what fits
+        choice = choose_threshold(engine, task, fit_val, max_tokens=max_tokens, slack=slack)
     elif target_share is not None:
         choice = share_threshold(router, val_l, target_share)
     else:
@@ -345,7 +360,9 @@ def recall_threshold(router, val: LabelSet, target_recall: float) -> dict:
     p = _scores(router, val)
     y = val.tensors()[2]
     neg = p[y == 0]
-    tau = float(torch.quantile(neg, target_recall)) + 1e-6 if len(neg) else 0.5
+    # "higher": a τ at or above target_recall of them (linear interpolation can land between two
+    # scores and, with few labelled positions, send the LLM far fewer than asked)
+    tau = float(torch.quantile(neg, target_recall, interpolation="higher")) + 1e-6 if len(neg) else 0.5
     return {"rule": "recall of validation positions labelled 0", "threshold": tau, "target_recall": target_recall,
             "recall": float((neg < tau).float().mean()) if len(neg) else None,
             "llm_share_of_positions": float((p < tau).float().mean()), "positions": len(p)}
