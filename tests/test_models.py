@@ -94,6 +94,36 @@ def test_missing_folder_and_config(tmp_path):
         load_model(str(tmp_path))
 
 
+@pytest.mark.parametrize("edit,refused", [
+    ({"hidden_act": "swish"}, None),  # transformers runs "swish" as SiLU
+    ({"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, "sliding-window attention"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config \\('fp8'\\)"),
+])
+def test_config_fields_read_as_transformers_reads_them(tmp_path, hf_models, edit, refused):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from citer import Engine, SamplingParams
+    from conftest import hf_greedy
+
+    path = str(tmp_path / "m")
+    shutil.copytree(hf_models["qwen2"][0], path)  # 2 layers
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(edit)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    if refused:
+        with pytest.raises(ValueError, match=refused):
+            load_model(path)
+        return
+    prompt = random_prompts(1, 20, 20, seed=2)[0]  # longer than the window
+    ours = Engine(path, num_blocks=16, max_model_len=64).generate([prompt], SamplingParams(
+        max_tokens=6, policy="slm", ignore_eos=True))[0].token_ids
+    assert ours == hf_greedy(AutoModelForCausalLM.from_pretrained(path).float().eval(), prompt, 6)
+
+
 def test_unsupported_architecture_lists_supported(tmp_path):
     from transformers import GPT2Config
 

@@ -84,6 +84,12 @@ def load_model_config(path: str, checkpoint=None) -> ModelConfig:
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise ValueError(f"unsupported architecture {archs or raw.get('model_type')!r} in {path}; "
                          f"citer supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+    quant = raw.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ValueError(f"{fn} has a quantization_config ({method!r}): citer loads float checkpoints "
+                         "(float32/float16/bfloat16 safetensors, or GGUF files); use the unquantized model "
+                         "(Engine(quantization='int8') quantizes it on load)")
     missing = [k for k in REQUIRED_FIELDS if k not in raw]  # transformers would fill in its class defaults
     if missing:
         raise ValueError(f"{fn} lacks {', '.join(repr(k) for k in missing)}: the model's shape must be given")
@@ -106,9 +112,9 @@ def from_hf_config(hf: PretrainedConfig, where: str = "<config>") -> ModelConfig
             f"unsupported architecture {archs or hf.model_type!r} in {where}; "
             f"citer supports {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    if getattr(hf, "hidden_act", "silu") != "silu":
+    if getattr(hf, "hidden_act", "silu") not in ("silu", "swish"):  # transformers' "swish" is SiLU
         raise ValueError(f"unsupported hidden_act {hf.hidden_act!r} in {where}; citer supports 'silu'")
-    if getattr(hf, "use_sliding_window", False):
+    if getattr(hf, "use_sliding_window", False):  # (transformers 4.5x and 5 disagree on which layers slide)
         raise ValueError(f"sliding-window attention (use_sliding_window=True) in {where} is not supported")
 
     rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
