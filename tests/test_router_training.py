@@ -239,3 +239,24 @@ def test_recall_threshold_reaches_its_target_with_few_labels():
     labels.add(torch.tensor([[-3.0], [-1.0], [0.0], [1.0], [2.0], [3.0]]), torch.zeros(6, 5),
                torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0]))
     assert recall_threshold(FirstFeature(), labels, 0.9)["recall"] == 1.0
+
+
+def test_rollouts_and_routed_runs_use_the_tasks_stop_strings(setup, router_path, monkeypatch):
+    """The label pipeline generates as evaluation does: with the task's per-problem stop
+    strings (a JSONL line's "stop"); the rollouts and round-2 runs once went without them."""
+    from dataclasses import replace
+
+    engine, forcer, task = setup
+    problems = task.problems[:2]
+    seen, real = [], engine.generate
+    monkeypatch.setattr(task, "sampling_params", lambda ps, params: [replace(params, stop=["sh"])] * len(ps))
+    monkeypatch.setattr(engine, "generate", lambda prompts, params, **kw: seen.append(params) or real(prompts, params,
+                                                                                                      **kw))
+    prefix = engine.tokenizer(problems[0].prompt).input_ids
+    L._rollouts(engine, task, [prefix], problems[:1], "slm", None, MAX)
+    engine.set_router(router_path)
+    try:
+        L.on_policy_labels(engine, forcer, task, problems, 0.5, max_tokens=MAX)
+    finally:
+        engine.set_router(None)
+    assert len(seen) >= 2 and all(isinstance(ps, list) and all(p.stop == ["sh"] for p in ps) for ps in seen)

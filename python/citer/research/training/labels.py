@@ -93,7 +93,7 @@ def _rollouts(engine: Engine, task: Task, prefixes: List[List[int]], problems: L
         return np.zeros(0, dtype=bool)
     tok = engine.tokenizer
     params = SamplingParams(max_tokens=max_tokens, policy=policy, threshold=threshold)
-    outs = engine.generate(prefixes, params)
+    outs = engine.generate(prefixes, task.sampling_params(problems, params))  # the task's stop strings, as in eval
     right = []
     for prefix, out, prob in zip(prefixes, outs, problems):
         text = tok.decode(prefix, skip_special_tokens=True) + out.text
@@ -161,8 +161,8 @@ def on_policy_labels(engine: Engine, forcer: Forcer, task: Task, problems: List[
                      labels: str = "gold") -> LabelSet:
     """Labels on trajectories the routed system itself produced (see the module doc)."""
     out = into if into is not None else LabelSet()
-    gens = engine.generate([p.prompt for p in problems],
-                           SamplingParams(max_tokens=max_tokens, policy="router", threshold=threshold))
+    gens = engine.generate([p.prompt for p in problems], task.sampling_params(
+        problems, SamplingParams(max_tokens=max_tokens, policy="router", threshold=threshold)))
     seqs = [g.prompt_token_ids + g.token_ids for g in gens]
     forced = forcer.run(seqs)
     agree_x, agree_s, branch_x, branch_s, slm_branch, llm_branch, branch_prob = [], [], [], [], [], [], []
