@@ -120,9 +120,13 @@ def test_baselines_train_load_and_route(hf_models, tmp_path):
     from citer.engine.models.router import load_router
 
     slm, llm = hf_models["qwen2"][0], hf_models["llama"][0]
-    info = train_baselines(slm, llm, ToyTask(), str(tmp_path), n_train=12, max_tokens=6)
+    info = train_baselines(slm, llm, ToyTask(), str(tmp_path), n_train=12, max_tokens=6, seed=3)
     assert 0 <= info["colm"]["weak_defer_share"] <= 1 and info["colm"]["nll"] <= info["colm"]["nll_weak_init"]
     qr = QueryRouter.load(str(tmp_path / "query"))
+    from citer.research.router_nets import load_router_mlp
+
+    for meta in (qr.meta, load_router_mlp(str(tmp_path / "colm"))[1]["meta"]):  # what evaluation's leakage check
+        assert (meta["n_train"], meta["seed"]) == (12, 3)  # redraws: the problems each was trained on
     colm = load_router(str(tmp_path / "colm"), 64)
     h = torch.randn(5, 64)
     with torch.no_grad():

@@ -196,11 +196,12 @@ def train_baselines(slm: str, llm: str, task: Task, out: str, n_train: int = 300
     info = {}
     if only in (None, "query"):
         query = train_query_router(engine, forcer, task, problems, max_tokens)
+        query.meta["seed"] = seed  # with n_train: its problems, for evaluation's leakage check (fresh_problems)
         query.save(os.path.join(out, "query"))
         info["query"] = query.meta
     if only in (None, "colm"):
         colm = train_colm_head(forcer, engine.tokenizer, problems, seed=seed)
-        save_colm_head(colm, os.path.join(out, "colm"), task=task.name, n_train=n_train)
+        save_colm_head(colm, os.path.join(out, "colm"), task=task.name, n_train=n_train, seed=seed)
         info["colm"] = colm.meta
     print(json.dumps(info))
     return info
@@ -224,16 +225,17 @@ def train_baselines_on_positions(slm: str, llm: str, task: Task, out: str, n_tra
     info = {}
     if only in (None, "colm"):
         colm = fit_colm_head(pos.hidden, pos.slm_logp, pos.llm_logp, seed=seed)
-        save_colm_head(colm, os.path.join(out, "colm"), task=task.name, n_train=len(seqs))
+        save_colm_head(colm, os.path.join(out, "colm"), task=task.name, n_train=n_train, seed=seed,
+                       n_sequences=len(seqs))  # n_train problems drawn (fresh_problems redraws them), these fit
         info["colm"] = colm.meta
     if only in (None, "query"):
         info["query"] = _query_on_positions(forcer, tok, task, pos, [with_ref[i].prompt for i in kept],
-                                            os.path.join(out, "query"))
+                                            os.path.join(out, "query"), dict(n_train=n_train, seed=seed))
     print(json.dumps(info))
     return info
 
 
-def _query_on_positions(forcer: Forcer, tok, task: Task, pos, prompts: List[str], out: str) -> dict:
+def _query_on_positions(forcer: Forcer, tok, task: Task, pos, prompts: List[str], out: str, drawn: dict) -> dict:
     """The query router's label here: the SLM agrees with the LLM on at least the median share
     of a query's reference positions (pos.seq indexes `prompts`)."""
     agree = torch.zeros(len(prompts))
@@ -242,7 +244,7 @@ def _query_on_positions(forcer: Forcer, tok, task: Task, pos, prompts: List[str]
     y = (rate >= rate.median()).float()
     x = prompt_features(forcer, tok, prompts)
     lin = _fit_logistic(x, y, epochs=60, desc="query router")
-    meta = {"task": task.name, "n_train": len(prompts), "label": "agreement rate >= median",
+    meta = {"task": task.name, **drawn, "n_prompts": len(prompts), "label": "agreement rate >= median",
             "median_agreement": float(rate.median())}
     QueryRouter(lin, meta).save(out)
     return meta

@@ -143,6 +143,10 @@ def evaluate(engine: Engine, task: Task, n: int, seed: int = EVAL_SEED, routers:
     metas = []
     for path in ([engine.paths["router"]] if engine.router is not None else []) + list(routers.values()):
         metas.append(load_router_mlp(path)[1].get("meta", {}))
+    if query_router:  # its training problems too
+        from citer.research.baselines import QueryRouter
+
+        metas.append(QueryRouter.load(query_router).meta)
     problems = fresh_problems(task, n, seed, metas)
     rows = sweep(engine, task, n, routers=routers, problems=problems, max_tokens=max_tokens)
     by = {r["method"]: r for r in rows if r["knob"] is None}
