@@ -40,6 +40,7 @@ def test_labels_follow_what_the_data_has(tmp_path, hf_models):
                              require_reference=False)
     assert resolve_labels("auto", False, with_refs) == ("gold", True)  # references, no checker: CITER-S
     assert resolve_labels("auto", False, prompts_only) == ("llm-agreement", False)
+    assert resolve_labels("gold", False, with_refs) == ("gold", True)  # no checker: CITER-S, as --labels' help says
     with pytest.raises(ValueError, match="no checker"):
         train_router(tok, hf_models["llama"][0], with_refs, str(tmp_path / "r"), labels="gold")
 

@@ -217,7 +217,10 @@ def _round_metrics(r, train_l, val_l, fit, threshold) -> dict:
 def resolve_labels(labels: str, short_term: bool, task: Task):
     """--labels auto: what the data allows -> (labels, short_term). Long-term CITER labels need
     references and a checker; references alone give the short-term (CITER-S) labels; prompts
-    alone give llm-agreement on the LLM's own trajectories."""
+    alone give llm-agreement on the LLM's own trajectories. --labels gold without a checker:
+    the short-term ones, as its help says."""
+    if labels == "gold":
+        return labels, short_term or not task.has_checker
     if labels != "auto":
         return labels, short_term
     probe = task.train_problems(1, np.random.default_rng(0))
