@@ -45,6 +45,25 @@ def test_labels_follow_what_the_data_has(tmp_path, hf_models):
         train_router(tok, hf_models["llama"][0], with_refs, str(tmp_path / "r"), labels="gold")
 
 
+def test_reference_ids_keep_the_prompts_own_ids():
+    """A prompt ending in spaces that its reference's first word would take one of (Qwen2's split
+    regex): the reference is the engine's prompt ids, then the reference's; elsewhere the joint
+    tokenization, unchanged."""
+    from citer.research.tasks import Problem
+    from citer.research.tasks.bpe_tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["def add(a, b):\n    return a + b\n", "Tom has 3 apples."] * 20, vocab_size=300)
+    cut = Problem("def add(a, b):\n    ", "return a + b\n", None)
+    assert tok(cut.prompt + cut.solution).input_ids[:len(tok(cut.prompt).input_ids)] != tok(cut.prompt).input_ids
+    full, start = P.reference_ids(tok, cut)
+    assert full[:start] == tok(cut.prompt).input_ids and full[-1] == tok.eos_token_id
+    assert tok.decode(full[:-1]) == cut.prompt + cut.solution
+    whole = Problem("Tom has", " 3 apples.", None)
+    full, start = P.reference_ids(tok, whole)
+    assert full == tok(whole.prompt + whole.solution).input_ids + [tok.eos_token_id]
+    assert start == len(tok(whole.prompt).input_ids)
+
+
 def test_positions_equal_a_direct_teacher_forcing_and_are_cached(tmp_path, hf_models, monkeypatch):
     slm, llm = hf_models["qwen2"][0], hf_models["llama"][0]
     forcer = Forcer(slm, llm)

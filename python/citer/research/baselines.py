@@ -31,6 +31,7 @@ from citer import Engine, SamplingParams
 from citer.research.router_nets import LinearRouter, save_router
 from citer.research.tasks import Problem, Task
 from citer.research.training.forcing import Forcer
+from citer.research.training.positions import reference_ids
 
 QUERY_ARCHITECTURE = "citer-query-router"
 # the deferral shares (of the training positions) at which `citer eval` sweeps the Co-LLM head,
@@ -122,8 +123,9 @@ def colm_positions(forcer: Forcer, tokenizer, problems: List[Problem]):
     log-probability of the gold next token."""
     seqs, starts = [], []
     for p in problems:
-        seqs.append(tokenizer(p.prompt + p.solution).input_ids + [tokenizer.eos_token_id])
-        starts.append(len(tokenizer(p.prompt).input_ids))
+        full, start = reference_ids(tokenizer, p)
+        seqs.append(full)
+        starts.append(start)
     hs, slm, llm = [], [], []
     for seq, start, f in zip(seqs, starts, forcer.run(seqs)):
         pos = torch.arange(start - 1, len(seq) - 1)

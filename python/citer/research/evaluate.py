@@ -190,12 +190,14 @@ def token_report(engine: Engine, forcer, task: Task, problems, routers: Dict[str
 
     from citer.engine.models.router import load_router
     from citer.research.token_metrics import auroc, recall_at_budgets
+    from citer.research.training.positions import reference_ids
 
     tok = engine.tokenizer
     seqs, starts = [], []
     for p in problems:
-        seqs.append(tok(p.prompt + p.solution).input_ids + [tok.eos_token_id])
-        starts.append(len(tok(p.prompt).input_ids))
+        full, start = reference_ids(tok, p)
+        seqs.append(full)
+        starts.append(start)
     h, sig, ok, agree = [], [], [], []
     for seq, start, f in zip(seqs, starts, forcer.run(seqs)):
         pos = torch.arange(start - 1, len(seq) - 1)

@@ -42,6 +42,7 @@ from citer import Engine, SamplingParams
 from citer.research.tasks import Problem, Task
 
 from .forcing import Forcer
+from .positions import reference_ids
 
 LABELS = ("gold", "llm-agreement")
 EASY_TOP_PROB = 0.99
@@ -113,10 +114,9 @@ def gold_labels(engine: Engine, forcer: Forcer, task: Task, problems: List[Probl
     tok = engine.tokenizer
     seqs, starts = [], []
     for p in problems:
-        prompt = tok(p.prompt).input_ids
-        full = tok(p.prompt + p.solution).input_ids + [tok.eos_token_id]
+        full, start = reference_ids(tok, p)
         seqs.append(full)
-        starts.append(len(prompt))
+        starts.append(start)
     forced = forcer.run(seqs)
     pending_x, pending_s, pending_prefix, pending_prob = [], [], [], []
     for seq, start, prob, f in zip(seqs, starts, problems, forced):

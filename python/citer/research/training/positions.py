@@ -48,16 +48,27 @@ class Positions:
         return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
 
 
+def reference_ids(tokenizer, problem) -> Tuple[List[int], int]:
+    """(prompt + reference + EOS token ids, where the reference starts). The prompt's ids are the
+    engine's (the prompt tokenized alone); the reference follows as tokenized together with the
+    prompt where that keeps the prompt's ids a prefix, else tokenized alone: a BPE merge across
+    the boundary would give the first reference tokens a context inference never has."""
+    prompt = tokenizer(problem.prompt).input_ids
+    full = tokenizer(problem.prompt + problem.solution).input_ids
+    if full[:len(prompt)] != prompt:
+        full = prompt + tokenizer(problem.solution, add_special_tokens=False).input_ids
+    return full + [tokenizer.eos_token_id], len(prompt)
+
+
 def sequences(tokenizer, problems, max_len: int) -> Tuple[List[List[int]], List[int], List[int]]:
     """(prompt + reference + EOS) token ids and each one's completion start, for the problems
     that fit max_len tokens; -> (sequences, starts, indices of the problems kept)."""
     seqs, starts, kept = [], [], []
     for i, p in enumerate(problems):
-        prompt = tokenizer(p.prompt).input_ids
-        full = tokenizer(p.prompt + p.solution).input_ids + [tokenizer.eos_token_id]
-        if len(full) <= max_len and len(full) > len(prompt):
+        full, start = reference_ids(tokenizer, p)
+        if len(full) <= max_len and len(full) > start:
             seqs.append(full)
-            starts.append(len(prompt))
+            starts.append(start)
             kept.append(i)
     return seqs, starts, kept
 
