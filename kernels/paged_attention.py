@@ -34,7 +34,8 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
     and other CPUs, take the reference."""
     group = q.shape[1] // k_cache.shape[2]
     if FAST_ATTENTION_ROWS and q.device.type == "cpu" and max_query_len * group <= FAST_ATTENTION_ROWS \
-            and q.dtype == k_cache.dtype and q.dtype in (torch.float32, torch.bfloat16) and q.shape[2] <= 256:
+            and q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in (torch.float32, torch.bfloat16) \
+            and q.shape[2] <= 256 and k_cache.is_contiguous() and v_cache.is_contiguous():
         return cpu_ext.ext.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, float(scale))
     return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len,
                                max_seq_len, num_splits)

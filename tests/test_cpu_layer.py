@@ -115,6 +115,37 @@ def test_projection_checks_its_arguments():
         cpu_ext.ext.Projection(torch.zeros(4, 4), None, None, 1000)
 
 
+def test_kernels_refuse_what_they_would_misread():
+    """The CPU kernels check what their pointer arithmetic assumes (a helper's fuzzing found
+    each of these read or written out of bounds): a bias or scale not [N], caches of another
+    head size or dtype, block-table entries past the cache, a v_cache of another dtype; the
+    attention wrapper takes the reference for strided caches, which the kernel cannot read."""
+    from citer.kernels.paged_attention import paged_attention_cpu, paged_attention_ref
+
+    x, w = torch.randn(3, 64), torch.randn(64, 64)
+    with pytest.raises(RuntimeError, match="bias \\[N\\]"):
+        cpu_ext.ext.linear(x, w, None, torch.zeros(3))
+    with pytest.raises(RuntimeError, match="scale \\[N\\]"):
+        cpu_ext.ext.linear(x, torch.zeros(64, 64, dtype=torch.int8), torch.ones(1), None)
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randn(4, 8, 2, 2, 16, generator=g)  # K and V interleaved in one buffer: strided views
+    k_cache, v_cache = buf[:, :, :, 0], buf[:, :, :, 1]
+    q = torch.randn(2, 4, 16, generator=g)
+    tables, lens, qsl = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32), torch.tensor([12, 9]), torch.tensor([0, 1, 2])
+    args = (tables, lens.int(), qsl.int(), 0.25, 1, 12)
+    assert torch.allclose(paged_attention_cpu(q, k_cache, v_cache, *args), paged_attention_ref(q, k_cache, v_cache,
+                                                                                                 *args), atol=1e-6)
+    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    with pytest.raises(RuntimeError, match="of q's D and dtype"):
+        cpu_ext.ext.paged_attention(q[..., :8].contiguous(), k_cache, v_cache, tables, lens.int(), qsl.int(), 0.25)
+    with pytest.raises(RuntimeError, match="past the cache's 4"):
+        cpu_ext.ext.paged_attention(q, k_cache, v_cache, torch.tensor([[2, 0], [1, 7]], dtype=torch.int32),
+                                    lens.int(), qsl.int(), 0.25)
+    key = torch.randn(1, 2, 16)
+    with pytest.raises(RuntimeError, match="contiguous caches"):
+        cpu_ext.ext.store_kvcache(key, key, k_cache, v_cache.bfloat16(), torch.tensor([3]))
+
+
 def _meta(max_query_len):
     z = torch.zeros(1, dtype=torch.int32)
     return AttentionMetadata(z.long(), z[None], z, z, max_query_len, 1)
