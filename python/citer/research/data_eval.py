@@ -119,8 +119,9 @@ def _same_run(path: str, engine: Engine, problems: List, routers: Dict[str, str]
         differ += [f"router {n!r} from {was['routers'][n]!r} there, {p!r} now" for n, p in routers.items()
                    if was.get("routers", {}).get(n, p) != p]
         if differ:
-            raise ValueError(f"{os.path.dirname(path)!r} holds an evaluation with other settings ({'; '.join(differ)}); "
-                             "its points would be reused: give another --out, or delete that folder")
+            raise ValueError(f"{os.path.dirname(path)!r} holds an evaluation with other settings "
+                             f"({'; '.join(differ)}); its points would be reused: give another --out, "
+                             "or delete that folder")
         now["routers"] = {**was.get("routers", {}), **routers}
     with open(path, "w") as f:
         json.dump(now, f, indent=1)
