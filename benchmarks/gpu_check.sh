@@ -73,7 +73,7 @@ fi
 for s in $sections; do
     case $s in
         tests) part tests 600 $PYTEST --durations=15 $KG $GG tests/test_kernels.py tests/test_engine_triton.py \
-                   tests/test_cuda_graph.py ;;
+                   tests/test_cuda_graph.py tests/test_models_gpu.py ;;
         kernels) part kernels 600 $PY benchmarks/kernel_bench.py ;;
         decode) part decode 600 $PY benchmarks/decode_gpu.py --json "$LOG/decode.json" ;;
         compare) part compare 600 $PY benchmarks/compare_policies.py --shapes gpu -n 500 --replay-n 24 \

@@ -58,6 +58,18 @@ def test_reference_ids_keep_the_prompts_own_ids():
     full, start = P.reference_ids(tok, cut)
     assert full[:start] == tok(cut.prompt).input_ids and full[-1] == tok.eos_token_id
     assert tok.decode(full[:-1]) == cut.prompt + cut.solution
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    spm = Tokenizer(models.BPE(unk_token="<unk>"))  # SentencePiece-style: the reference alone would gain a "▁"
+    spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    spm.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    spm.train_from_iterator(["Answer: 42 and 17 is 59. The answer is 42."] * 50,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    spm = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    answer = Problem("Answer: ", "42", None)
+    full, _ = P.reference_ids(spm, answer)
+    assert spm.decode(full[:-1]) == "Answer: 42" and full[:-1] == spm(answer.prompt + answer.solution).input_ids
     whole = Problem("Tom has", " 3 apples.", None)
     full, start = P.reference_ids(tok, whole)
     assert full == tok(whole.prompt + whole.solution).input_ids + [tok.eos_token_id]

@@ -163,6 +163,7 @@ def test_chat_content_as_text_parts(client):
         model="citer-demo", messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0, **kw)
     as_parts = ask([{"type": "text", "text": "2 + 3?"}, {"type": "text", "text": "Be brief."}])
     assert as_parts.choices[0].message.content == ask("2 + 3?\nBe brief.").choices[0].message.content
+    assert ask("hi", top_logprobs=0).choices[0].logprobs is None  # 0 asks for nothing: no logprobs needed (vLLM)
     for content, kw, param in (([{"type": "image_url", "image_url": {"url": "x"}}], {}, "messages[0].content"),
                                (7, {}, "messages[0].content"), ("hi", dict(top_logprobs=2), "top_logprobs"),
                                ("hi", dict(logprobs=True, top_logprobs=10 ** 6), "top_logprobs")):

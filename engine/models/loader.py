@@ -146,7 +146,7 @@ def load_state(model: DecoderLM, tensors: Iterable[Tuple[str, torch.Tensor]]) ->
         raise ValueError(f"checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     emb = params.get("embed_tokens.weight")
     if (stored_head is not None and emb is not None and stored_head.shape == emb.shape
-            and not torch.equal(stored_head.to(emb.dtype), emb)):
+            and not torch.equal(stored_head.to(device=emb.device, dtype=emb.dtype), emb)):
         raise ValueError(
             "config.json ties the lm_head to the embeddings (tie_word_embeddings: true), but the checkpoint "
             "holds its own lm_head.weight, different from embed_tokens.weight; transformers 5 uses the stored "

@@ -279,7 +279,7 @@ def chat_request(body: Dict[str, Any], limits: Limits, tokenizer) -> Tuple[List[
     if lp is not None and not isinstance(lp, bool):
         raise BadRequest(f"logprobs must be true or false, got {short(lp)}", param="logprobs", code="invalid_type")
     top = body.get("top_logprobs")
-    if top is not None and not lp:
+    if top is not None and top != 0 and not lp:  # as vLLM: 0 asks for nothing
         raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     try:
         return messages, sampling_params(body, (top or 0) if lp else None)

@@ -51,12 +51,15 @@ class Positions:
 def reference_ids(tokenizer, problem) -> Tuple[List[int], int]:
     """(prompt + reference + EOS token ids, where the reference starts). The prompt's ids are the
     engine's (the prompt tokenized alone); the reference follows as tokenized together with the
-    prompt where that keeps the prompt's ids a prefix, else tokenized alone: a BPE merge across
-    the boundary would give the first reference tokens a context inference never has."""
+    prompt where that keeps the prompt's ids a prefix, else tokenized alone where that spells
+    the same text: a BPE merge across the boundary would give the first reference tokens a
+    context inference never has."""
     prompt = tokenizer(problem.prompt).input_ids
     full = tokenizer(problem.prompt + problem.solution).input_ids
     if full[:len(prompt)] != prompt:
-        full = prompt + tokenizer(problem.solution, add_special_tokens=False).input_ids
+        apart = prompt + tokenizer(problem.solution, add_special_tokens=False).input_ids
+        if tokenizer.decode(apart) == tokenizer.decode(full):  # not where the reference alone gains a
+            full = apart  # leading space (SentencePiece's "▁"): the joint ids then, as before
     return full + [tokenizer.eos_token_id], len(prompt)
 
 

@@ -149,7 +149,8 @@ def train_router(slm: str, llm: str, task: Task, out: str, rounds: int = 2, n_tr
     train_p, val_p = fits(train_p), fits(val_p)
     if not train_p or not val_p:
         raise ValueError(f"no training or validation problem fits in {cap} tokens (prompt + reference; max_len)")
-    forcer = Forcer(slm, llm, dtype=engine.args.dtype, vocab_limit=engine.core.vocab_limit)
+    forcer = Forcer(slm, llm, dtype=engine.args.dtype, vocab_limit=engine.core.vocab_limit,
+                    max_positions=max(engine.config.max_model_len, 4096))
     hidden = engine.slm_config.hidden_size
     metrics = {"task": task.name, "slm": slm, "llm": llm, "short_term": short_term, "features": features,
                "labels": labels, "easy_keep": easy_keep, "n_train": n_train, "n_val": n_val, "seed": seed,
