@@ -177,9 +177,16 @@ class EngineCore:
                     self.scheduler.wait_for_llm(seq, now, parked=True)
             elif out.to_llm[j] and not defer[j]:
                 self.scheduler.wait_for_llm(seq, now, parked=True, score=score)  # the LLM makes this token
-            elif seq.policy.tentative and (seq.num_tentative or defer[j]) and self._would_end(seq, token):
-                # no unchecked SLM token may end a request: the LLM makes this one
+            elif seq.policy.tentative and (seq.num_tentative or defer[j]) and len(seq) + 1 >= seq.max_len:
+                # the request's last position, whatever the SLM chose: the LLM makes it (and checks the rest)
                 self.scheduler.wait_for_llm(seq, now, parked=True, score=score)
+            elif seq.policy.tentative and self._ends(seq, token):
+                # no unchecked SLM token may end a request: it stays tentative and the LLM checks it now,
+                # as a speculative draft. (Having the LLM make it instead ran the LLM only when a stop
+                # token was sampled, while verification assumes the SLM's whole distribution: sampled
+                # outputs came out short of stop tokens.)
+                self._keep_slm_token(seq, out, j, score)
+                self.scheduler.wait_for_llm(seq, now, parked=True)
             else:
                 self._keep_slm_token(seq, out, j, score)
                 if out.to_llm[j]:
@@ -247,10 +254,6 @@ class EngineCore:
     def _ends(self, seq: Sequence, token: int) -> bool:
         p = seq.params
         return (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids
-
-    def _would_end(self, seq: Sequence, token: int) -> bool:
-        """Appending token would end the request (stop id, or its length)."""
-        return self._ends(seq, token) or len(seq) + 1 >= seq.max_len
 
     def _banned(self, seq: Sequence) -> Tuple[int, ...]:
         """The ids a request under its min_tokens may not choose: those that would end it."""
