@@ -149,6 +149,11 @@ def test_missing_weights_and_bad_shapes(tmp_path, hf_models):
     save_file(bad, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="model.norm.weight.*shape"):
         load_model(str(tmp_path))
+    save_file(state, str(tmp_path / "model.safetensors"))
+    save_file({"model.norm.weight": state["model.norm.weight"]}, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ValueError, match="model.norm.weight' appears twice"):  # unindexed shards that overlap
+        load_model(str(tmp_path))
+    os.remove(tmp_path / "extra.safetensors")
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         load_model(str(tmp_path))

@@ -129,9 +129,12 @@ def load_state(model: DecoderLM, tensors: Iterable[Tuple[str, torch.Tensor]]) ->
         dst = params[target] if rows is None else params[target][rows[0]:rows[1]]
         if dst.shape != tensor.shape:
             raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+        key = target if rows is None else f"{target}[{rows[0]}]"
+        if key in loaded:  # two files holding it (unindexed shards): which one is meant is unknown
+            raise ValueError(f"weight {hf_name!r} appears twice in the checkpoint")
         with torch.no_grad():
             dst.copy_(tensor)
-        loaded.add(target if rows is None else f"{target}[{rows[0]}]")
+        loaded.add(key)
     expected = set()
     for pname, p in params.items():
         if pname == "lm_head.weight" and cfg.tie_word_embeddings:
