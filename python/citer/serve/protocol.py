@@ -4,6 +4,7 @@ Every choice and chunk carries citer's per-token provenance in an extension fiel
 `"citer": {"token_ids", "from_llm", "router_scores"}`, which OpenAI clients ignore;
 `usage` gains `llm_tokens`. Request bodies are read in requests.py.
 """
+import functools
 import re
 import time
 from typing import Dict, List, Optional
@@ -49,8 +50,10 @@ def completion_logprobs(tokenizer, logprobs, offset: int = 0) -> Optional[dict]:
 def chat_logprobs(tokenizer, logprobs) -> Optional[dict]:
     if logprobs is None:
         return None
-    entry = lambda t, v: {"token": _piece(tokenizer, t), "logprob": v,  # noqa: E731
-                          "bytes": token_bytes(tokenizer, t)}
+    def entry(t, v):
+        piece = _piece(tokenizer, t)
+        return {"token": piece, "logprob": v, "bytes": token_bytes(tokenizer, t, piece)}
+
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
                         for lp in logprobs]}
 
@@ -59,35 +62,27 @@ def _piece(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
 
 
-def token_bytes(tokenizer, token_id: int) -> List[int]:
-    """The token's own UTF-8 bytes (OpenAI's `bytes`): a token holding part of a character
-    decodes alone to U+FFFD, so its bytes come from its vocabulary entry instead: a
-    SentencePiece byte-fallback piece (<0xE4>) or a byte-level BPE token (GPT-2's alphabet)."""
-    piece = _piece(tokenizer, token_id)
+def token_bytes(tokenizer, token_id: int, piece: str) -> List[int]:
+    """The token's own UTF-8 bytes (OpenAI's `bytes`; piece: the token decoded alone). A token
+    holding part of a character decodes alone to U+FFFD, so its bytes come from its vocabulary
+    entry instead: a SentencePiece byte-fallback piece (<0xE4>) or a byte-level BPE token
+    (GPT-2's alphabet)."""
     if "\ufffd" not in piece or tokenizer is None:
         return list(piece.encode())
-    raw = tokenizer.convert_ids_to_tokens(token_id)
+    raw, byte_of = tokenizer.convert_ids_to_tokens(token_id), _byte_of()
     if (m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", raw)) is not None:
         return [int(m.group(1), 16)]
-    if all(c in _BYTE_OF for c in raw):
-        return [_BYTE_OF[c] for c in raw]
+    if all(c in byte_of for c in raw):
+        return [byte_of[c] for c in raw]
     return list(piece.encode())
 
 
-def _byte_level_alphabet() -> Dict[str, int]:
+@functools.lru_cache(maxsize=1)
+def _byte_of() -> Dict[str, int]:
     """GPT-2's byte-level BPE alphabet: the character that stands for each byte -> the byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-
-_BYTE_OF = _byte_level_alphabet()
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def usage(prompt_tokens: int, outputs) -> dict:

@@ -265,8 +265,7 @@ def chat_request(body: Dict[str, Any], limits: Limits, tokenizer) -> Tuple[List[
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-        raise BadRequest("messages must be a non-empty list of {role, content} objects with string content",
-                         param="messages")
+        raise BadRequest("messages must be a non-empty list of {role, content} objects", param="messages")
     messages = [{**m, "content": _content_text(m.get("content"), i)} for i, m in enumerate(messages)]
     chars = sum(len(m["content"]) for m in messages)
     if chars > limits.max_prompt_chars:
