@@ -31,7 +31,7 @@ from citer import Engine, SamplingParams
 from citer.research.router_nets import LinearRouter, save_router
 from citer.research.tasks import Problem, Task
 from citer.research.training.forcing import Forcer
-from citer.research.training.positions import reference_ids
+from citer.research.training.positions import reference_sequences
 
 QUERY_ARCHITECTURE = "citer-query-router"
 # the deferral shares (of the training positions) at which `citer eval` sweeps the Co-LLM head,
@@ -121,11 +121,7 @@ def colm_marginal_nll(keep_logit: torch.Tensor, slm_logp: torch.Tensor, llm_logp
 def colm_positions(forcer: Forcer, tokenizer, problems: List[Problem]):
     """Teacher-forced gold solutions -> (h [N, H], slm_logp [N], llm_logp [N]): each model's
     log-probability of the gold next token."""
-    seqs, starts = [], []
-    for p in problems:
-        full, start = reference_ids(tokenizer, p)
-        seqs.append(full)
-        starts.append(start)
+    seqs, starts = reference_sequences(tokenizer, problems)
     hs, slm, llm = [], [], []
     for seq, start, f in zip(seqs, starts, forcer.run(seqs)):
         pos = torch.arange(start - 1, len(seq) - 1)

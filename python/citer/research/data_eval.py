@@ -17,6 +17,7 @@ Every point's per-problem results go to OUT/points.jsonl as soon as it finishes,
 interrupted evaluation resumes where it stopped. Runs may use deferred LLM calls
 (max_llm_wait): in the parking mode they change when the LLM runs, never what it makes.
 """
+import hashlib
 import json
 import os
 import time
@@ -107,8 +108,6 @@ def _same_run(path: str, engine: Engine, problems: List, routers: Dict[str, str]
     """A resumed evaluation must be the same one: the points in OUT are reused only for the same
     problems, models, dtype and max_tokens, and each router name for the same folder (routers
     may be added). The first run writes what it is; a run with other settings is refused."""
-    import hashlib
-
     now = {"problems": hashlib.sha1(json.dumps([p.prompt for p in problems]).encode()).hexdigest()[:16],
            "n_problems": len(problems), "slm": engine.paths["slm"], "llm": engine.paths["llm"],
            "dtype": str(engine.args.dtype), "max_tokens": max_tokens, "routers": dict(routers)}

@@ -190,14 +190,10 @@ def token_report(engine: Engine, forcer, task: Task, problems, routers: Dict[str
 
     from citer.engine.models.router import load_router
     from citer.research.token_metrics import auroc, recall_at_budgets
-    from citer.research.training.positions import reference_ids
+    from citer.research.training.positions import reference_sequences
 
     tok = engine.tokenizer
-    seqs, starts = [], []
-    for p in problems:
-        full, start = reference_ids(tok, p)
-        seqs.append(full)
-        starts.append(start)
+    seqs, starts = reference_sequences(tok, problems)
     h, sig, ok, agree = [], [], [], []
     for seq, start, f in zip(seqs, starts, forcer.run(seqs)):
         pos = torch.arange(start - 1, len(seq) - 1)

@@ -42,7 +42,7 @@ from citer import Engine, SamplingParams
 from citer.research.tasks import Problem, Task
 
 from .forcing import Forcer
-from .positions import reference_ids
+from .positions import reference_sequences
 
 LABELS = ("gold", "llm-agreement")
 EASY_TOP_PROB = 0.99
@@ -112,11 +112,7 @@ def gold_labels(engine: Engine, forcer: Forcer, task: Task, problems: List[Probl
         raise ValueError(f"unknown labels {labels!r}; choose one of {LABELS}")
     out = into if into is not None else LabelSet()
     tok = engine.tokenizer
-    seqs, starts = [], []
-    for p in problems:
-        full, start = reference_ids(tok, p)
-        seqs.append(full)
-        starts.append(start)
+    seqs, starts = reference_sequences(tok, problems)
     forced = forcer.run(seqs)
     pending_x, pending_s, pending_prefix, pending_prob = [], [], [], []
     for seq, start, prob, f in zip(seqs, starts, problems, forced):

@@ -63,17 +63,18 @@ def reference_ids(tokenizer, problem) -> Tuple[List[int], int]:
     return full + [tokenizer.eos_token_id], len(prompt)
 
 
+def reference_sequences(tokenizer, problems) -> Tuple[List[List[int]], List[int]]:
+    """reference_ids of every problem -> (sequences, starts)."""
+    pairs = [reference_ids(tokenizer, p) for p in problems]
+    return [full for full, _ in pairs], [start for _, start in pairs]
+
+
 def sequences(tokenizer, problems, max_len: int) -> Tuple[List[List[int]], List[int], List[int]]:
     """(prompt + reference + EOS) token ids and each one's completion start, for the problems
     that fit max_len tokens; -> (sequences, starts, indices of the problems kept)."""
-    seqs, starts, kept = [], [], []
-    for i, p in enumerate(problems):
-        full, start = reference_ids(tokenizer, p)
-        if len(full) <= max_len and len(full) > start:
-            seqs.append(full)
-            starts.append(start)
-            kept.append(i)
-    return seqs, starts, kept
+    every, begins = reference_sequences(tokenizer, problems)
+    kept = [i for i, (full, start) in enumerate(zip(every, begins)) if start < len(full) <= max_len]
+    return [every[i] for i in kept], [begins[i] for i in kept], kept
 
 
 def force_positions(forcer, seqs: List[List[int]], starts: List[int], gold: bool, cache: Optional[str] = None,

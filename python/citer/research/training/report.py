@@ -13,15 +13,11 @@ from citer.research.evaluate import run_point
 from citer.research.tasks import get_task
 
 from .forcing import Forcer
-from .positions import reference_ids
+from .positions import reference_sequences
 
 
 def token_error_rates(forcer: Forcer, tok, problems) -> dict:
-    seqs, starts = [], []
-    for p in problems:
-        full, start = reference_ids(tok, p)
-        seqs.append(full)
-        starts.append(start)
+    seqs, starts = reference_sequences(tok, problems)
     counts = {m: {"digit": [0, 0], "other": [0, 0]} for m in ("slm", "llm")}  # [errors, tokens]
     for seq, start, f in zip(seqs, starts, forcer.run(seqs)):
         slm_pred, llm_pred = f.slm_pred, f.llm_pred
